@@ -1,0 +1,257 @@
+"""The ``bench`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from medssl_bench import __version__
+from medssl_bench.errors import BenchError, ConfigError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protocol", required=True, help="Protocol name, e.g. data-efficiency.")
+    p.add_argument("--task", required=True, help="Proxy task name, e.g. rotation3d (see `bench plugins`).")
+    p.add_argument("--backbone", help="Backbone name (default unet3d).")
+    p.add_argument("--dataset", help="Dataset name (default phantom3d, built in, no download).")
+    p.add_argument("--config", help="YAML file with sections run/task/backbone/dataset/protocol/"
+                   "pretrain/finetune.")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                   metavar="KEY=VALUE", help="Override a setting, e.g. --set pretrain.epochs=5 "
+                   "dataset.path=/data/x.npz protocol.fractions=[10,100].")
+    p.add_argument("--preset", choices=["quick", "paper"], default="quick",
+                   help="quick: a whole protocol in minutes on a CPU (default); paper: the papers' "
+                   "settings, for a GPU.")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda.")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default sqlite:///mlflow.db in the working directory).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench",
+        description="medssl-bench: does a self-supervised proxy task help your medical-imaging "
+        "task, and by how much? Pretrain, fine-tune on label fractions beside scratch, compare.",
+    )
+    parser.add_argument("--version", action="version", version=f"medssl-bench {__version__}")
+    parser.add_argument("--debug", action="store_true", help="Show tracebacks for errors.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="Run a protocol (pretrain, fine-tune, evaluate, log to MLflow).")
+    _add_run_arguments(run)
+    run.add_argument("--force", action="store_true",
+                     help="Redo pretraining and fine-tunes even when finished results exist.")
+    run.add_argument("--cache-dir", default=None,
+                     help="Where pretrained encoders are cached (default .medssl_bench/cache).")
+
+    val = sub.add_parser("validate", help="Check a run's plugins and configs without running it.")
+    _add_run_arguments(val)
+
+    plugins = sub.add_parser("plugins", help="List installed tasks, backbones, datasets, protocols.")
+    plugins.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+
+    schema = sub.add_parser("schema", help="Print the JSON schema of a plugin's Config.")
+    schema.add_argument("kind", choices=["task", "backbone", "dataset", "protocol", "pretrain",
+                                         "finetune"])
+    schema.add_argument("name", nargs="?", help="Plugin name (not needed for pretrain/finetune).")
+
+    board = sub.add_parser("leaderboard", help="Rank finished results from MLflow.")
+    board.add_argument("--protocol", help="Only this protocol.")
+    board.add_argument("--dataset", help="Only this dataset.")
+    board.add_argument("--task", help="Only this task (scratch is always kept).")
+    board.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
+    board.add_argument("--tracking-uri", default=None, help="MLflow tracking URI.")
+    return parser
+
+
+def _tracking_uri(args: argparse.Namespace) -> str:
+    from medssl_bench.tracking import DEFAULT_TRACKING_URI
+
+    return args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _resolve(args: argparse.Namespace):
+    from medssl_bench.config import parse_overrides
+    from medssl_bench.plugins import get_registry
+    from medssl_bench.spec import resolve_run
+
+    registry = get_registry()
+    run = resolve_run(
+        registry, args.protocol, args.task, args.backbone, args.dataset, args.preset,
+        args.config, parse_overrides(args.overrides),
+    )
+    return registry, run
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from medssl_bench.spec import instantiate
+
+    registry, run = _resolve(args)
+    instantiate(registry, run)
+    console.print_json(json.dumps(run.as_dict()))
+    console.print("[green]valid[/green]")
+    return 0
+
+
+class RichProgress:
+    """Bridges the engine's progress callbacks to a rich progress display."""
+
+    def __init__(self, progress) -> None:
+        self.progress = progress
+
+    def start(self, description: str, total: int):
+        return self.progress.add_task(description, total=total, info="")
+
+    def advance(self, handle, logs: dict[str, float]) -> None:
+        info = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+        self.progress.update(handle, advance=1, info=info)
+
+    def stop(self, handle) -> None:
+        self.progress.remove_task(handle)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from medssl_bench.device import configure_backend, resolve_device
+    from medssl_bench.engine import Progress as EngineProgress
+    from medssl_bench.protocol_runners import RunContext
+    from medssl_bench.spec import instantiate
+    from medssl_bench.tracking import Tracker
+
+    registry, run = _resolve(args)
+    plugins = instantiate(registry, run)
+    device = resolve_device(args.device)
+    configure_backend(device)
+    uri = _tracking_uri(args)
+    tracker = Tracker(uri)
+    cache_dir = Path(args.cache_dir or os.environ.get("BENCH_CACHE_DIR") or ".medssl_bench/cache")
+    console.print(
+        f"[bold]bench run[/bold] protocol={run.names['protocol']} (v{run.spec.version}) "
+        f"task={run.names['task']} backbone={run.names['backbone']} dataset={run.names['dataset']} "
+        f"preset={run.preset} device={device} tracking={uri}"
+    )
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"), console=console, transient=True,
+    ) as bar:
+        rich_progress = RichProgress(bar)
+        ctx = RunContext(
+            registry=registry, run=run, plugins=plugins, device=device, tracker=tracker,
+            cache_dir=cache_dir, force=args.force,
+            progress=EngineProgress(rich_progress.start, rich_progress.advance, rich_progress.stop),
+            echo=console.print,
+        )
+        plugins["protocol"].run(ctx)
+    counts: dict[str, int] = {}
+    for outcome in ctx.outcomes:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    console.print(
+        "Summary: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        + f". Results: `bench leaderboard --tracking-uri {uri}`; "
+        f"browse: `mlflow ui --backend-store-uri {uri}`."
+    )
+    failed = [o for o in ctx.outcomes if o.status == "failed"]
+    for o in failed:
+        err_console.print(f"[red]failed[/red] {o.what}: {o.detail}")
+    return 1 if failed else 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from medssl_bench.plugins import get_registry
+
+    registry = get_registry()
+    rows = [r.as_dict() for r in registry.records()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title="medssl-bench plugins")
+    for column in ("name", "kind", "distribution", "version", "status", "summary"):
+        table.add_column(column)
+    for r in rows:
+        status = "[green]ok[/green]" if r["status"] == "ok" else "[red]failed[/red]"
+        table.add_row(r["name"], r["kind"], r["distribution"], r["version"], status,
+                      r["summary"] or r["error"])
+    console.print(table)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from medssl_bench.engine import FinetuneConfig, PretrainConfig
+    from medssl_bench.plugins import get_registry
+
+    if args.kind in ("pretrain", "finetune"):
+        model: Any = PretrainConfig if args.kind == "pretrain" else FinetuneConfig
+    else:
+        if not args.name:
+            raise ConfigError(f"`bench schema {args.kind}` needs a plugin name, e.g. "
+                              f"`bench schema {args.kind} NAME`; `bench plugins` lists them.")
+        model = get_registry().get(args.kind, args.name).Config
+    print(json.dumps(model.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from medssl_bench import leaderboard
+    from medssl_bench.tracking import Tracker
+
+    tracker = Tracker(_tracking_uri(args))
+    results = leaderboard.collect(tracker)
+    if args.protocol:
+        results = [r for r in results if r["protocol"] == args.protocol]
+    if args.dataset:
+        results = [r for r in results if r["dataset"] == args.dataset]
+    if args.task:
+        results = [r for r in results if r["task"] in (args.task, "scratch")]
+    rows = leaderboard.aggregate(results)
+    if args.format == "json":
+        print(leaderboard.as_json(rows))
+    elif args.format == "csv":
+        print(leaderboard.as_csv(rows), end="")
+    elif args.format == "markdown":
+        print(leaderboard.as_markdown(rows), end="")
+    else:
+        if not rows:
+            console.print("No finished results yet. Run one: "
+                          "`bench run --protocol data-efficiency --task rotation3d`")
+            return 0
+        console.print(leaderboard.as_rich_table(rows))
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "validate": cmd_validate,
+    "plugins": cmd_plugins,
+    "schema": cmd_schema,
+    "leaderboard": cmd_leaderboard,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BenchError as exc:
+        if args.debug:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err_console.print("interrupted; finished results are kept, rerun the same command to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

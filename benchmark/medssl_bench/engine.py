@@ -1,0 +1,437 @@
+"""The training engine: pretrain an encoder with a proxy task, fine-tune it on labels,
+evaluate on a held-out split. Protocol runners compose these; they know nothing of MLflow
+(callbacks report metrics) so they can be tested and reused on their own."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import Dataset as TorchDataset
+
+from medssl_bench.config import PluginConfig
+from medssl_bench.device import autocast, make_generator, seed_everything, worker_init
+from medssl_bench.errors import DataError, TrainingError
+from medssl_bench.interfaces import Backbone, DatasetInfo, Encoder, ProxyTask
+from medssl_bench.metrics import classification_metrics, dice_per_case, segmentation_metrics
+from medssl_bench.weights import StateDicts, adapt_in_channels
+
+MetricCallback = Callable[[dict[str, float], int], None]
+
+
+class PretrainConfig(PluginConfig):
+    """Pretraining hyperparameters (Taleb et al. appendix: Adam, lr 1e-3 for 3D tasks)."""
+
+    epochs: int = Field(default=1000, ge=0, description="Pretraining epochs (reference configs: 1000).")
+    batch_size: int = Field(default=4, ge=1, description="Volumes per step before the task "
+                            "multiplies them (rotation copies, patches, ...).")
+    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate (appendix: 1e-3 in 3D, "
+                      "5e-4 in 2D self-supervised tasks).")
+    weight_decay: float = Field(default=0.0, ge=0, description="Adam weight decay.")
+    iterations_per_epoch: int | None = Field(
+        default=None, ge=1, description="Batches per epoch, sampled with replacement; "
+        "null means one pass over the unlabeled pool.")
+    grad_clip: float | None = Field(default=None, gt=0, description="Clip the gradient norm.")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
+    amp: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on the CPU).")
+
+
+class FinetuneConfig(PluginConfig):
+    """Fine-tuning hyperparameters (Taleb et al. appendix and reference configs)."""
+
+    epochs: int = Field(default=400, ge=1, description="Fine-tuning epochs (reference configs: 400).")
+    warmup_epochs: int = Field(default=25, ge=0, description="Epochs with the encoder frozen "
+                               "before everything trains (appendix: 25 for 3D segmentation, "
+                               "5 for 2D classification).")
+    freeze: Literal["warmup", "frozen", "none"] = Field(
+        default="warmup", description="warmup: frozen encoder for warmup_epochs, then all "
+        "trains (the paper); frozen: linear probe, encoder never trains; none: no warm-up.")
+    batch_size: int = Field(default=2, ge=1, description="Labeled volumes per step (configs: 2).")
+    lr: float = Field(default=1e-5, gt=0, description="Adam learning rate (appendix: 1e-5 for "
+                      "3D segmentation, 5e-5 for 2D classification; configs use 1e-3).")
+    weight_decay: float = Field(default=0.0, ge=0, description="Adam weight decay.")
+    loss: Literal["dice", "ce", "dice_ce"] = Field(
+        default="dice_ce", description="Segmentation loss: soft Dice (the Taleb code), "
+        "cross-entropy, or their sum. Classification always uses cross-entropy.")
+    iterations_per_epoch: int | None = Field(
+        default=None, ge=1, description="Batches per epoch, sampled with replacement; null means "
+        "one pass over the labeled subset, so small fractions get fewer steps (as in the papers).")
+    select: Literal["best_val", "last"] = Field(
+        default="best_val", description="Which weights are tested: the epoch with the best "
+        "validation metric, or the last epoch.")
+    grad_clip: float | None = Field(default=1.0, gt=0, description="Clip the gradient norm "
+                                    "(reference configs clip at 1).")
+    eval_batch_size: int = Field(default=4, ge=1, description="Volumes per evaluation batch.")
+    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
+    amp: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on the CPU).")
+    channel_adaptation: Literal["duplicate", "average"] = Field(
+        default="duplicate", description="How a pretrained first layer takes a different number "
+        "of input channels: duplicate its weights (Taleb et al. appendix) or average them.")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[slice, ...]]:
+    """Zero-pad the spatial dims of ``x`` up to multiples of ``multiple``; also return the
+    slices that crop an output of the padded size back."""
+    spatial = x.shape[2:]
+    target = [math.ceil(s / multiple) * multiple for s in spatial]
+    if list(spatial) == target:
+        return x, tuple(slice(None) for _ in spatial)
+    pads: list[int] = []
+    crops = []
+    for s, t in zip(reversed(spatial), reversed(target), strict=True):
+        before = (t - s) // 2
+        pads += [before, t - s - before]
+    for s, t in zip(spatial, target, strict=True):
+        before = (t - s) // 2
+        crops.append(slice(before, before + s))
+    return F.pad(x, pads), tuple(crops)
+
+
+def _loader(
+    dataset: TorchDataset,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    iterations: int | None,
+    num_workers: int,
+    pin_memory: bool,
+    drop_last: bool = False,
+) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if iterations is not None:
+        sampler = RandomSampler(
+            dataset, replacement=True, num_samples=iterations * batch_size, generator=generator
+        )
+        shuffle = False
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        generator=generator if shuffle else None,
+        num_workers=num_workers,
+        worker_init_fn=worker_init,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _check_finite(loss: Tensor, where: str, lr: float) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(
+            f"{where}: the loss became {loss.item()}. Training diverged; lower the learning rate "
+            f"(now {lr:g}, e.g. --set pretrain.lr=... or finetune.lr=...), enable grad_clip, or "
+            "check the input images for NaN values."
+        )
+
+
+@dataclass
+class Progress:
+    """Optional progress reporting; the CLI passes a rich-backed implementation."""
+
+    start: Callable[[str, int], Any] = lambda description, total: None
+    advance: Callable[[Any, dict[str, float]], None] = lambda handle, logs: None
+    stop: Callable[[Any], None] = lambda handle: None
+
+
+NO_PROGRESS = Progress()
+
+
+def _first_image(dataset: TorchDataset) -> Tensor:
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise DataError("A dataset split is empty; it needs at least one case.")
+    item = dataset[0]
+    return item[0] if isinstance(item, tuple | list) else item
+
+
+# --------------------------------------------------------------------------- pretraining
+
+
+@dataclass
+class PretrainResult:
+    weights: StateDicts
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def pretrain(
+    task: ProxyTask,
+    backbone: Backbone,
+    unlabeled: TorchDataset,
+    info: DatasetInfo,
+    cfg: PretrainConfig,
+    device: torch.device,
+    seed: int,
+    on_epoch: MetricCallback | None = None,
+    progress: Progress = NO_PROGRESS,
+    resume: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+) -> PretrainResult:
+    """Train ``backbone``'s encoder (and the task's heads) with ``task`` on ``unlabeled``.
+
+    Returns the weights that transfer (``encoder``, plus ``decoder`` when the task says so).
+    ``resume``/``on_checkpoint`` carry a full training state between epochs so an interrupted
+    pretraining continues where it stopped.
+    """
+    seed_everything(seed)
+    task.check_input(tuple(info.image_size), info.channels)
+    encoder = backbone.build_encoder(info.channels).to(device)
+    heads = task.build_heads(backbone, encoder).to(device)
+    params = [*encoder.parameters(), *heads.parameters()]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = make_generator(seed, device)
+    start_epoch, history = 0, []
+    if resume is not None:
+        encoder.load_state_dict(resume["encoder"])
+        heads.load_state_dict(resume["heads"])
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"].to(generator.get_state().device)
+                            if hasattr(resume["generator"], "to") else resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        start_epoch, history = resume["epoch"], list(resume["history"])
+    multiple = backbone.size_multiple()
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
+        loader = _loader(unlabeled, cfg.batch_size, seed + epoch, True, cfg.iterations_per_epoch,
+                         cfg.num_workers, device.type == "cuda", drop_last=False)
+        handle = progress.start(f"pretrain {task.name} epoch {epoch + 1}/{cfg.epochs}", len(loader))
+        encoder.train()
+        heads.train()
+        sums: dict[str, float] = {}
+        steps = 0
+        for images in loader:
+            images = images.to(device, non_blocking=True)
+            images, _ = pad_to_multiple(images, multiple)
+            with autocast(device, cfg.amp):
+                batch = task.make_batch(images, generator)
+                loss, logs = task.compute_loss(encoder, heads, batch)
+            _check_finite(loss, f"Pretraining {task.name!r} (epoch {epoch + 1}, step {steps + 1})",
+                          cfg.lr)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            logs = {"loss": loss.item(), **logs}
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            steps += 1
+            progress.advance(handle, logs)
+        progress.stop(handle)
+        epoch_logs = {f"pretrain_{k}": v / max(steps, 1) for k, v in sums.items()}
+        history.append(epoch_logs)
+        if on_epoch:
+            on_epoch(epoch_logs, epoch)
+        if on_checkpoint:
+            on_checkpoint({
+                "epoch": epoch + 1, "history": history,
+                "encoder": encoder.state_dict(), "heads": heads.state_dict(),
+                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            })
+    weights: StateDicts = {"encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}}
+    if "decoder" in task.transfers and "decoder" in heads:
+        weights["decoder"] = {k: v.detach().cpu() for k, v in heads["decoder"].state_dict().items()}
+    return PretrainResult(weights, history, time.perf_counter() - t0)
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+
+class DownstreamModel(nn.Module):
+    """Encoder plus a segmentation decoder or a classification head."""
+
+    def __init__(self, encoder: Encoder, head: nn.Module, multiple: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.multiple = multiple
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, crop = pad_to_multiple(x, self.multiple)
+        out = self.head(self.encoder(x))
+        return out[(slice(None), slice(None), *crop)] if out.dim() > 2 else out
+
+
+def build_downstream(
+    backbone: Backbone,
+    info: DatasetInfo,
+    pretrained: StateDicts | None,
+    cfg: FinetuneConfig,
+) -> DownstreamModel:
+    """The fine-tuning model, initialised from ``pretrained`` weights where given.
+
+    A pretrained ``decoder`` (Models Genesis) is loaded into the segmentation decoder except
+    for its output layer, whose class count differs.
+    """
+    encoder = backbone.build_encoder(info.channels)
+    if info.kind == "segmentation":
+        head = backbone.build_decoder(encoder, info.num_classes, skip_connections=True)
+    else:
+        head = backbone.build_classifier(encoder, info.num_classes)
+    if pretrained is not None:
+        state = adapt_in_channels(
+            pretrained["encoder"], encoder.stem_weight_key, info.channels, cfg.channel_adaptation
+        )
+        encoder.load_state_dict(state)
+        if "decoder" in pretrained and info.kind == "segmentation":
+            own = head.state_dict()
+            usable = {k: v for k, v in pretrained["decoder"].items()
+                      if k in own and own[k].shape == v.shape}
+            own.update(usable)
+            head.load_state_dict(own)
+    return DownstreamModel(encoder, head, backbone.size_multiple())
+
+
+def segmentation_loss(logits: Tensor, target: Tensor, kind: str) -> Tensor:
+    logits = logits.float()
+    terms = []
+    if kind in ("ce", "dice_ce"):
+        terms.append(F.cross_entropy(logits, target))
+    if kind in ("dice", "dice_ce"):
+        probs = logits.softmax(1)
+        onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1).float()
+        dims = (0, *range(2, logits.dim()))
+        inter = (probs * onehot).sum(dims)
+        denom = probs.sum(dims) + onehot.sum(dims)
+        dice = (2 * inter + 1e-5) / (denom + 1e-5)
+        terms.append(1 - dice[1:].mean())
+    return sum(terms)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, dataset: TorchDataset, info: DatasetInfo, device: torch.device,
+    batch_size: int = 4, amp: bool = True,
+) -> dict[str, float]:
+    """The dataset's metrics for ``model`` on ``dataset`` (whole images, no augmentation)."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    dice, scores, labels = [], [], []
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = model(images).float()
+        if info.kind == "segmentation":
+            dice.append(dice_per_case(logits.argmax(1).cpu(), targets, info.num_classes))
+        else:
+            scores.append(logits.softmax(1).cpu().numpy())
+            labels.append(targets.numpy())
+    if info.kind == "segmentation":
+        return segmentation_metrics(torch.cat(dice), info.class_names)
+    return classification_metrics(np.concatenate(scores), np.concatenate(labels))
+
+
+@dataclass
+class FinetuneResult:
+    test_metrics: dict[str, float]
+    val_history: list[dict[str, float]]
+    best_epoch: int
+    seconds: float
+    weights: dict[str, Tensor]
+
+
+def finetune(
+    backbone: Backbone,
+    info: DatasetInfo,
+    train: TorchDataset,
+    val: TorchDataset,
+    test: TorchDataset,
+    pretrained: StateDicts | None,
+    cfg: FinetuneConfig,
+    device: torch.device,
+    seed: int,
+    on_epoch: MetricCallback | None = None,
+    progress: Progress = NO_PROGRESS,
+    label: str = "fine-tune",
+) -> FinetuneResult:
+    """Fine-tune on ``train``, pick weights on ``val``, report metrics on ``test``."""
+    seed_everything(seed)
+    model = build_downstream(backbone, info, pretrained, cfg).to(device)
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    freeze_epochs = {"warmup": cfg.warmup_epochs if pretrained is not None else 0,
+                     "frozen": cfg.epochs, "none": 0}[cfg.freeze]
+    main = info.main_metric
+    best_score, best_epoch, best_state = -math.inf, -1, None
+    history: list[dict[str, float]] = []
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        frozen = epoch < freeze_epochs
+        for p in model.encoder.parameters():
+            p.requires_grad_(not frozen)
+        model.train()
+        if frozen:
+            model.encoder.eval()  # keep normalisation statistics fixed too
+        loader = _loader(train, cfg.batch_size, seed * 1000 + epoch, True, cfg.iterations_per_epoch,
+                         cfg.num_workers, device.type == "cuda")
+        handle = progress.start(f"{label} epoch {epoch + 1}/{cfg.epochs}"
+                                + (" (encoder frozen)" if frozen else ""), len(loader))
+        losses = []
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            with autocast(device, cfg.amp):
+                logits = model(images)
+            if info.kind == "segmentation":
+                loss = segmentation_loss(logits, targets, cfg.loss)
+            else:
+                loss = F.cross_entropy(logits.float(), targets)
+            _check_finite(loss, f"Fine-tuning {label} (epoch {epoch + 1})", cfg.lr)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            losses.append(loss.item())
+            progress.advance(handle, {"loss": loss.item()})
+        progress.stop(handle)
+        val_metrics = evaluate(model, val, info, device, cfg.eval_batch_size, cfg.amp)
+        record = {"train_loss": float(np.mean(losses)) if losses else math.nan,
+                  **{f"val_{k}": v for k, v in val_metrics.items()}}
+        history.append(record)
+        if on_epoch:
+            on_epoch(record, epoch)
+        score = val_metrics.get(main, math.nan)
+        score = -math.inf if math.isnan(score) else score
+        if cfg.select == "last" or best_state is None or score > best_score:
+            best_score, best_epoch = score, epoch
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    test_metrics = evaluate(model, test, info, device, cfg.eval_batch_size, cfg.amp)
+    return FinetuneResult(test_metrics, history, best_epoch, time.perf_counter() - t0, best_state)
+
+
+def label_subset(n_train: int, fraction: float, seed: int) -> list[int]:
+    """Indices of the labeled training cases used at ``fraction`` (0 < fraction <= 1).
+
+    One permutation per seed; a fraction takes its first ``ceil(fraction * n)`` entries (at
+    least one), so subsets are nested (5 % inside 10 % inside ...) and identical for every
+    task, the scratch baseline included.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction {fraction} outside (0, 1]")
+    permutation = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed)).tolist()
+    count = max(1, math.ceil(round(fraction * n_train, 6)))
+    return sorted(permutation[:count])
+
+
+def subset(dataset: TorchDataset, indices: Sequence[int]) -> Subset:
+    return Subset(dataset, list(indices))

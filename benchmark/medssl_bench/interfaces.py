@@ -1,0 +1,214 @@
+"""The plugin contract: base classes for proxy tasks, backbones, datasets and protocols.
+
+A plugin class sets ``name`` (unique within its kind), a docstring (its one-line summary is
+shown by ``bench plugins``), a nested pydantic ``Config`` derived from
+:class:`medssl_bench.config.PluginConfig` and, optionally, ``presets``: named partial
+configs (``quick`` for a 2-core CPU in minutes, ``paper`` for the papers' settings).
+Instances are built from a validated config: ``TaskClass(TaskClass.Config(...))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset as TorchDataset
+
+from medssl_bench.config import PluginConfig
+
+PluginKind = Literal["task", "backbone", "dataset", "protocol"]
+DownstreamKind = Literal["segmentation", "classification"]
+
+
+class Plugin:
+    """Common to every plugin kind: a name, a validated config and presets."""
+
+    kind: ClassVar[PluginKind]
+    name: ClassVar[str]
+    Config: ClassVar[type[PluginConfig]] = PluginConfig
+    #: Named partial configs, e.g. ``{"quick": {...}, "paper": {...}}``.
+    presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    def __init__(self, config: PluginConfig | None = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the class docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+
+
+# --------------------------------------------------------------------------- backbones
+
+
+class Encoder(nn.Module):
+    """The transferable part of a network: image in, multi-scale features out.
+
+    Subclasses set ``in_channels``, ``feature_channels`` (one entry per scale, highest
+    resolution first) and ``stem_weight_key`` (the state-dict key of the first layer's
+    weight, whose input-channel dimension is adapted when channel counts differ).
+    """
+
+    in_channels: int
+    feature_channels: list[int]
+    stem_weight_key: str
+    spatial_dims: int
+
+    def forward(self, x: Tensor) -> list[Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Global-average-pooled deepest features, shape ``(B, feature_channels[-1])``."""
+        deepest = self(x)[-1]
+        return deepest.flatten(2).mean(-1)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.feature_channels[-1]
+
+
+class Backbone(Plugin):
+    """A family of networks: builds encoders, segmentation decoders and classifier heads."""
+
+    kind: ClassVar[PluginKind] = "backbone"
+    spatial_dims: ClassVar[int]
+
+    def build_encoder(self, in_channels: int) -> Encoder:
+        raise NotImplementedError
+
+    def build_decoder(
+        self, encoder: Encoder, out_channels: int, skip_connections: bool = True
+    ) -> nn.Module:
+        """A decoder mapping ``encoder(x)`` back to ``out_channels`` maps at ``x``'s size.
+
+        ``skip_connections=False`` gives the plain encoder-decoder Parts2Whole pretrains.
+        """
+        raise NotImplementedError
+
+    def build_classifier(self, encoder: Encoder, num_classes: int) -> nn.Module:
+        """A head mapping ``encoder(x)`` to ``(B, num_classes)`` logits."""
+        raise NotImplementedError
+
+    def size_multiple(self) -> int:
+        """Every spatial input size must be a multiple of this (e.g. 2**(levels-1))."""
+        return 1
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class ProxyTask(Plugin):
+    """A self-supervised pretraining task.
+
+    The engine calls, per step::
+
+        batch = task.make_batch(images, generator)      # on images.device, torch ops only
+        loss, logs = task.compute_loss(encoder, heads, batch)
+
+    ``images`` is a ``(B, C, *spatial)`` float tensor scaled to [0, 1]. ``generator`` is a
+    ``torch.Generator`` on the same device; all randomness must come from it so the same
+    seed gives the same batches.
+    """
+
+    kind: ClassVar[PluginKind] = "task"
+    spatial_dims: ClassVar[int]
+    #: What pretraining produces for fine-tuning: the encoder alone, or encoder and decoder
+    #: (Models Genesis, whose segmentation fine-tuning starts from the pretrained decoder).
+    transfers: ClassVar[tuple[str, ...]] = ("encoder",)
+    #: False only for the scratch baseline.
+    pretrains: ClassVar[bool] = True
+
+    def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
+        """The task-specific modules trained beside the encoder (dropped after pretraining,
+        except a ``decoder`` entry when ``"decoder"`` is in :attr:`transfers`)."""
+        raise NotImplementedError
+
+    def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """Turn unlabeled images into proxy inputs and targets, on ``images.device``."""
+        raise NotImplementedError
+
+    def compute_loss(
+        self, encoder: Encoder, heads: nn.ModuleDict, batch: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, float]]:
+        """The loss to minimise and scalar logs (e.g. ``{"acc": 0.7}``)."""
+        raise NotImplementedError
+
+    def check_input(self, image_shape: tuple[int, ...], channels: int) -> None:
+        """Raise :class:`medssl_bench.errors.ConfigError` if the images cannot be used."""
+        if len(image_shape) != self.spatial_dims:
+            from medssl_bench.errors import ConfigError
+
+            raise ConfigError(
+                f"Task {self.name!r} needs {self.spatial_dims}D images, but the dataset gives "
+                f"shape {tuple(image_shape)}. Pick a {len(image_shape)}D task or dataset."
+            )
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the engine needs to know about a dataset's downstream task."""
+
+    kind: DownstreamKind
+    num_classes: int
+    channels: int
+    image_size: tuple[int, ...]
+    class_names: tuple[str, ...]
+    #: Metric names the evaluator reports; ``main_metric`` is the one protocols rank by.
+    metrics: tuple[str, ...]
+    main_metric: str
+    #: For segmentation: which classes are foreground (Dice is averaged over these).
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.image_size)
+
+
+@dataclass
+class DataSplits:
+    """A loaded dataset.
+
+    ``unlabeled`` yields image tensors ``(C, *spatial)``; ``train``/``val``/``test`` yield
+    ``(image, target)`` where target is a ``(*spatial)`` long label map (segmentation) or a
+    long class index (classification). ``split_hash`` identifies the exact split.
+    """
+
+    info: DatasetInfo
+    unlabeled: TorchDataset
+    train: TorchDataset
+    val: TorchDataset
+    test: TorchDataset
+    split_hash: str
+    #: Case identifiers of the labeled train split, in order (for recorded label subsets).
+    train_ids: list[str] = field(default_factory=list)
+
+
+class Dataset(Plugin):
+    """A source of unlabeled and labeled images with a fixed, hashed split."""
+
+    kind: ClassVar[PluginKind] = "dataset"
+    spatial_dims: ClassVar[int]
+
+    def load(self) -> DataSplits:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+class Protocol(Plugin):
+    """An evaluation protocol: how pretraining and fine-tuning runs are combined.
+
+    ``Config`` validates the ``protocol`` section of the spec (``protocols/NAME.yaml``).
+    """
+
+    kind: ClassVar[PluginKind] = "protocol"
+
+    def run(self, context: Any) -> Any:
+        raise NotImplementedError

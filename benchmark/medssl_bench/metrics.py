@@ -1,0 +1,57 @@
+"""Downstream metrics: Dice for segmentation, AUC and accuracy for classification (as the
+MedMNIST evaluator computes them)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import Tensor
+
+
+def dice_per_case(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """Dice of each foreground class per case, shape ``(N, num_classes - 1)``.
+
+    A class absent from both prediction and reference scores 1 (nothing to find, nothing
+    found), so lesion-free cases reward not hallucinating a lesion.
+    """
+    n = pred.shape[0]
+    pred = pred.reshape(n, -1)
+    target = target.reshape(n, -1)
+    scores = []
+    for c in range(1, num_classes):
+        p, t = pred == c, target == c
+        inter = (p & t).sum(1).float()
+        total = p.sum(1).float() + t.sum(1).float()
+        scores.append(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)))
+    return torch.stack(scores, dim=1)
+
+
+def segmentation_metrics(dice: Tensor, class_names: tuple[str, ...]) -> dict[str, float]:
+    """``dice_<class>`` per foreground class and ``dice_mean`` from per-case scores."""
+    per_class = dice.mean(0)
+    out = {f"dice_{name}": float(v) for name, v in zip(class_names[1:], per_class, strict=True)}
+    out["dice_mean"] = float(per_class.mean())
+    return out
+
+
+def classification_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """AUC (binary: positive-class score; multi-class: mean one-vs-rest) and accuracy.
+
+    ``scores`` are class probabilities ``(N, K)``. AUC is NaN when the labels hold a single
+    class (it is undefined there).
+    """
+    labels = labels.astype(int)
+    k = scores.shape[1]
+    acc = float((scores.argmax(1) == labels).mean())
+    try:
+        if k == 2:
+            auc = float(roc_auc_score(labels, scores[:, 1]))
+        else:
+            aucs = [roc_auc_score(labels == i, scores[:, i]) for i in range(k)]
+            auc = float(np.mean(aucs))
+    except ValueError:
+        auc = math.nan
+    return {"auc": auc, "acc": acc}

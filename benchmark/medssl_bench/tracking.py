@@ -1,0 +1,194 @@
+"""MLflow tracking: one experiment per protocol, a parent run per pretraining (or scratch
+group), a child run per fine-tune; run keys let reruns skip finished work.
+
+We use ``MlflowClient`` directly (no global active run) so a failed fine-tune can be closed
+as FAILED while the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from medssl_bench.config import flatten
+from medssl_bench.errors import BenchError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EXPERIMENT_PREFIX = "medssl-bench/"
+TAG_KIND = "medssl_bench.kind"
+TAG_KEY = "medssl_bench.run_key"
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="mlflow")
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+
+def git_sha() -> str | None:
+    """The checkout's commit when medssl-bench runs from a git repository."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+            timeout=5, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment_tags(device: str) -> dict[str, str]:
+    import torch
+
+    from medssl_bench import __version__
+
+    tags = {
+        "medssl_bench.version": __version__,
+        "torch.version": torch.__version__,
+        "python.version": sys.version.split()[0],
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        tags["device.name"] = torch.cuda.get_device_name()
+    sha = git_sha()
+    if sha:
+        tags["git.sha"] = sha
+    return tags
+
+
+class Tracker:
+    """A thin layer over ``MlflowClient`` for the runs a protocol creates."""
+
+    def __init__(self, uri: str = DEFAULT_TRACKING_URI) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        _quiet_mlflow()
+
+        self.uri = uri
+        self.mlflow = mlflow
+        try:
+            mlflow.set_tracking_uri(uri)
+            self.client = MlflowClient(tracking_uri=uri)
+            self.client.search_experiments(max_results=1)
+        except Exception as exc:
+            raise BenchError(
+                f"Cannot open the MLflow tracking store {uri!r}: {type(exc).__name__}: {exc}. "
+                "Check --tracking-uri (default sqlite:///mlflow.db in the working directory)."
+            ) from None
+
+    # ------------------------------------------------------------------ experiments
+    def experiment_id(self, protocol: str) -> str:
+        name = EXPERIMENT_PREFIX + protocol
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        artifact_location = None
+        if self.uri.startswith("sqlite:"):
+            db = Path(self.uri.split(":///", 1)[-1])
+            artifact_location = (db.resolve().parent / "mlartifacts").as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:  # another process created it meanwhile
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def experiments(self) -> list[Any]:
+        return [
+            e for e in self.client.search_experiments()
+            if e.name.startswith(EXPERIMENT_PREFIX)
+        ]
+
+    # ------------------------------------------------------------------ runs
+    def find(self, experiment_id: str, key: str, status: str = "FINISHED") -> Any | None:
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TAG_KEY}` = '{key}' and attributes.status = '{status}'",
+            max_results=1,
+        )
+        return runs[0] if runs else None
+
+    def start(
+        self,
+        experiment_id: str,
+        name: str,
+        key: str,
+        kind: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+        parent_id: str | None = None,
+    ) -> str:
+        from mlflow.entities import Param
+
+        all_tags = {TAG_KEY: key, TAG_KIND: kind, **{k: str(v) for k, v in tags.items()}}
+        if parent_id:
+            all_tags["mlflow.parentRunId"] = parent_id
+        run = self.client.create_run(experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        flat = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(params).items())]
+        for i in range(0, len(flat), 100):
+            self.client.log_batch(run_id, params=flat[i : i + 100], synchronous=True)
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if v is not None and v == v  # MLflow rejects NaN in some stores: skip it
+        ]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch, synchronous=True)
+
+    def log_json(self, run_id: str, data: Any, artifact_file: str) -> None:
+        self.client.log_text(run_id, json.dumps(data, indent=2, default=str), artifact_file)
+
+    def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_bytes_file(self, run_id: str, name: str, data: bytes) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / name
+            target.write_bytes(data)
+            self.client.log_artifact(run_id, str(target))
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v)[:5000])
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+    def finetune_runs(self, experiment_ids: list[str] | None = None) -> list[Any]:
+        """Every finished fine-tune run (paged through)."""
+        ids = experiment_ids or [e.experiment_id for e in self.experiments()]
+        if not ids:
+            return []
+        runs: list[Any] = []
+        token = None
+        while True:
+            page = self.client.search_runs(
+                ids,
+                filter_string=f"tags.`{TAG_KIND}` = 'finetune' and attributes.status = 'FINISHED'",
+                max_results=1000,
+                page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs

@@ -1,0 +1,10 @@
+"""Built-in backbones of medssl-bench."""
+
+from medssl_bench.hookspecs import hookimpl
+
+
+@hookimpl
+def bench_register_backbones(register):
+    from medssl_bench_backbones.unet3d import UNet3D
+
+    register(UNet3D)

@@ -1,0 +1,12 @@
+"""Built-in proxy tasks of medssl-bench (and the ``scratch`` baseline)."""
+
+from medssl_bench.hookspecs import hookimpl
+
+
+@hookimpl
+def bench_register_tasks(register):
+    from medssl_bench_tasks.rotation import Rotation3D
+    from medssl_bench_tasks.scratch import Scratch
+
+    register(Scratch)
+    register(Rotation3D)

@@ -1,0 +1,20 @@
+"""The from-scratch baseline."""
+
+from __future__ import annotations
+
+from medssl_bench.config import PluginConfig
+from medssl_bench.interfaces import ProxyTask
+
+
+class Scratch(ProxyTask):
+    """No pretraining: the encoder starts from random weights (the baseline every protocol runs)."""
+
+    name = "scratch"
+    spatial_dims = 3
+    pretrains = False
+
+    class Config(PluginConfig):
+        pass
+
+    def check_input(self, image_shape, channels) -> None:
+        """Scratch works with any number of spatial dimensions."""
