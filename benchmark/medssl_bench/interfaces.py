@@ -120,6 +120,10 @@ class ProxyTask(Plugin):
     transfers: ClassVar[tuple[str, ...]] = ("encoder",)
     #: False only for the scratch baseline.
     pretrains: ClassVar[bool] = True
+    #: The input size the task's paper used; benchmarks time batch construction at it.
+    paper_input_size: ClassVar[tuple[int, ...]] = (128, 128, 128)
+    #: The smallest spatial input the task can work with (contract tests use it).
+    min_input_size: ClassVar[tuple[int, ...]] = (16, 16, 16)
 
     def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
         """The task-specific modules trained beside the encoder (dropped after pretraining,

@@ -7,10 +7,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from medssl_bench.config import PluginConfig
-from medssl_bench.interfaces import Backbone, Encoder
 from pydantic import Field
 from torch import Tensor, nn
+
+from medssl_bench.config import PluginConfig
+from medssl_bench.interfaces import Backbone, Encoder
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

@@ -8,11 +8,11 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
+
 from medssl_bench.config import PluginConfig
 from medssl_bench.errors import DataError
 from medssl_bench.interfaces import Dataset, DatasetInfo, DataSplits
-from pydantic import Field
-
 from medssl_bench_datasets.common import ArrayCases
 
 SPLITS = ("train", "val", "test")

@@ -14,12 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
-from medssl_bench.config import PluginConfig
-from medssl_bench.interfaces import Dataset, DatasetInfo, DataSplits
 from pydantic import Field
 from torch import Tensor
 from torch.nn import functional as F
 
+from medssl_bench.config import PluginConfig
+from medssl_bench.interfaces import Dataset, DatasetInfo, DataSplits
 from medssl_bench_datasets.common import LazyCases, derive_seed, stable_hash
 
 # Tissue indices and their base intensity in the first channel (a CT soft-tissue window).

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from medssl_bench.config import PluginConfig
-from medssl_bench.errors import ConfigError
-from medssl_bench.interfaces import Backbone, Encoder, ProxyTask
 from pydantic import Field
 from torch import Tensor, nn
 
+from medssl_bench.config import PluginConfig
+from medssl_bench.errors import ConfigError
+from medssl_bench.interfaces import Backbone, Encoder, ProxyTask
 from medssl_bench_tasks.common import MLPHead, classification_loss, randint
 
 #: The 10 classes of the reference code (preprocess_rotation.py): (k, spatial axes) for

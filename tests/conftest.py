@@ -1,0 +1,30 @@
+"""Shared fixtures: a registry without third-party autoload, tiny plugins, tiny images."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("BENCH_DISABLE_PLUGIN_AUTOLOAD", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def registry():
+    from medssl_bench.plugins import build_registry
+
+    return build_registry(autoload=False)
+
+
+@pytest.fixture
+def tiny_backbone(registry):
+    """A narrow 3-level U-Net: fast enough for per-plugin contract tests."""
+    cls = registry.get("backbone", "unet3d")
+    return cls(cls.Config(filters=[8, 16, 32], width=1.0))
+
+
+@pytest.fixture
+def cpu_generator():
+    return torch.Generator().manual_seed(0)
