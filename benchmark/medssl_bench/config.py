@@ -35,9 +35,15 @@ class PluginConfig(BaseModel):
 def parse_value(text: str) -> Any:
     """Parse an override value as YAML (``5``, ``1e-3``, ``[5,10]``, ``true``, ``abc``)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

@@ -21,10 +21,10 @@ from torch.utils.data import Dataset as TorchDataset
 
 from medssl_bench.config import PluginConfig
 from medssl_bench.device import autocast, make_generator, seed_everything, worker_init
-from medssl_bench.errors import DataError, TrainingError
+from medssl_bench.errors import ConfigError, DataError, TrainingError
 from medssl_bench.interfaces import Backbone, DatasetInfo, Encoder, ProxyTask
 from medssl_bench.metrics import classification_metrics, dice_per_case, segmentation_metrics
-from medssl_bench.weights import StateDicts, adapt_in_channels
+from medssl_bench.weights import StateDicts, adapt_state_in_channels
 
 MetricCallback = Callable[[dict[str, float], int], None]
 
@@ -285,10 +285,17 @@ def build_downstream(
     else:
         head = backbone.build_classifier(encoder, info.num_classes)
     if pretrained is not None:
-        state = adapt_in_channels(
-            pretrained["encoder"], encoder.stem_weight_key, info.channels, cfg.channel_adaptation
+        state = adapt_state_in_channels(
+            pretrained["encoder"], encoder.state_dict(), info.channels, cfg.channel_adaptation
         )
-        encoder.load_state_dict(state)
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"The pretrained encoder does not fit backbone {backbone.name!r} as configured "
+                f"now ({str(exc).splitlines()[-1].strip()}). Pretrain and fine-tune with the same "
+                "backbone settings."
+            ) from None
         if "decoder" in pretrained and info.kind == "segmentation":
             own = head.state_dict()
             usable = {k: v for k, v in pretrained["decoder"].items()

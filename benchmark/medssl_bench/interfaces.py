@@ -47,9 +47,10 @@ class Plugin:
 class Encoder(nn.Module):
     """The transferable part of a network: image in, multi-scale features out.
 
-    Subclasses set ``in_channels``, ``feature_channels`` (one entry per scale, highest
-    resolution first) and ``stem_weight_key`` (the state-dict key of the first layer's
-    weight, whose input-channel dimension is adapted when channel counts differ).
+    Subclasses set ``in_channels`` and ``feature_channels`` (one entry per scale, highest
+    resolution first). When pretraining and fine-tuning channel counts differ, every
+    input-facing weight is adapted (see :func:`medssl_bench.weights.adapt_state_in_channels`);
+    ``stem_weight_key`` names the first layer's weight for documentation and tests.
     """
 
     in_channels: int

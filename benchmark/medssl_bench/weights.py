@@ -73,3 +73,30 @@ def adapt_in_channels(
         mean = weight.mean(dim=1, keepdim=True) * have / in_channels
         new = mean.expand(-1, in_channels, *weight.shape[2:]).clone()
     return {**state, key: new}
+
+
+def adapt_state_in_channels(
+    pretrained: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    in_channels: int,
+    mode: Literal["duplicate", "average"] = "duplicate",
+) -> dict[str, torch.Tensor]:
+    """Adapt every input-facing weight of ``pretrained`` to ``in_channels`` inputs.
+
+    A tensor is input-facing when its shape differs from the target model's only in
+    dimension 1, where the target has ``in_channels`` (a stem conv, or a residual block's
+    1x1 projection of the input). Any other mismatch means a different architecture and is
+    left for ``load_state_dict`` to report.
+    """
+    out = dict(pretrained)
+    for key, weight in pretrained.items():
+        want = target.get(key)
+        if (
+            want is not None
+            and weight.dim() >= 2
+            and weight.shape != want.shape
+            and want.shape[1] == in_channels
+            and weight.shape[:1] + weight.shape[2:] == want.shape[:1] + want.shape[2:]
+        ):
+            out = adapt_in_channels(out, key, in_channels, mode)
+    return out

@@ -1,0 +1,124 @@
+"""Engine pieces: label subsets, weights, channel adaptation, NaN handling, transfer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medssl_bench.engine import (
+    FinetuneConfig,
+    PretrainConfig,
+    build_downstream,
+    finetune,
+    label_subset,
+    pad_to_multiple,
+    pretrain,
+)
+from medssl_bench.errors import DataError, TrainingError
+from medssl_bench.weights import adapt_in_channels, load_weights, save_weights
+
+
+def test_label_subsets_nested_nonempty_deterministic():
+    fractions = [0.05, 0.1, 0.25, 0.5, 1.0]
+    for seed in range(3):
+        subsets = [set(label_subset(30, f, seed)) for f in fractions]
+        assert all(len(s) >= 1 for s in subsets)
+        assert all(a <= b for a, b in zip(subsets, subsets[1:], strict=False))
+        assert subsets[-1] == set(range(30))
+        assert [len(s) for s in subsets] == [2, 3, 8, 15, 30]
+    assert label_subset(30, 0.25, 0) == label_subset(30, 0.25, 0)
+    assert label_subset(30, 0.25, 0) != label_subset(30, 0.25, 1)
+    assert label_subset(3, 0.05, 0) and len(label_subset(3, 0.05, 0)) == 1
+    with pytest.raises(ValueError):
+        label_subset(10, 0, 0)
+
+
+def test_weights_roundtrip_and_corrupt_file(tmp_path):
+    parts = {"encoder": {"a.weight": torch.randn(3, 2)}, "decoder": {"b": torch.arange(4)}}
+    path = save_weights(parts, tmp_path / "w.safetensors", {"note": "x"})
+    back = load_weights(path)
+    torch.testing.assert_close(back["encoder"]["a.weight"], parts["encoder"]["a.weight"])
+    torch.testing.assert_close(back["decoder"]["b"], parts["decoder"]["b"])
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(DataError, match="cannot be read"):
+        load_weights(path)
+
+
+def test_adapt_in_channels():
+    w = torch.randn(4, 2, 3, 3, 3)
+    dup = adapt_in_channels({"k": w}, "k", 4, "duplicate")["k"]
+    assert dup.shape == (4, 4, 3, 3, 3)
+    torch.testing.assert_close(dup[:, 2], w[:, 0])
+    torch.testing.assert_close(dup[:, 3], w[:, 1])
+    avg = adapt_in_channels({"k": w}, "k", 3, "average")["k"]
+    # identical inputs on every channel give the same response as before
+    torch.testing.assert_close(avg.sum(1), w.sum(1))
+    assert adapt_in_channels({"k": w}, "k", 2)["k"] is w
+
+
+def test_pad_to_multiple_roundtrip():
+    x = torch.randn(1, 1, 28, 30, 32)
+    padded, crop = pad_to_multiple(x, 16)
+    assert padded.shape[2:] == (32, 32, 32)
+    torch.testing.assert_close(padded[(slice(None), slice(None), *crop)], x)
+
+
+def _tiny(registry, **dataset):
+    ds_cls = registry.get("dataset", "phantom3d")
+    cfg = dict(size=16, n_unlabeled=4, n_train=4, n_val=2, n_test=2) | dataset
+    data = ds_cls(ds_cls.Config(**cfg)).load()
+    bb_cls = registry.get("backbone", "unet3d")
+    return data, bb_cls(bb_cls.Config(filters=[4, 8]))
+
+
+def test_nan_loss_stops_with_clear_message(registry, monkeypatch):
+    data, backbone = _tiny(registry)
+    task = registry.get("task", "rotation3d")()
+    monkeypatch.setattr(type(task), "compute_loss",
+                        lambda self, e, h, b: (torch.tensor(float("nan"), requires_grad=True), {}))
+    with pytest.raises(TrainingError, match=r"rotation3d.*epoch 1, step 1.*learning rate"):
+        pretrain(task, backbone, data.unlabeled, data.info, PretrainConfig(epochs=1),
+                 torch.device("cpu"), 0)
+
+
+def test_pretrained_encoder_transfers_with_channel_adaptation(registry):
+    data1, backbone = _tiny(registry, channels=1)
+    data2, _ = _tiny(registry, channels=2)
+    task = registry.get("task", "rotation3d")(registry.get("task", "rotation3d").Config(hidden=8))
+    result = pretrain(task, backbone, data1.unlabeled, data1.info,
+                      PretrainConfig(epochs=1, batch_size=2), torch.device("cpu"), 0)
+    assert set(result.weights) == {"encoder"}
+    model = build_downstream(backbone, data2.info, result.weights, FinetuneConfig())
+    stem = model.encoder.state_dict()[model.encoder.stem_weight_key]
+    pre = result.weights["encoder"][model.encoder.stem_weight_key]
+    assert stem.shape[1] == 2
+    torch.testing.assert_close(stem[:, 0], pre[:, 0])
+    torch.testing.assert_close(stem[:, 1], pre[:, 0])
+    key = "blocks.1.body.0.weight"
+    torch.testing.assert_close(model.encoder.state_dict()[key], result.weights["encoder"][key])
+
+
+def test_warmup_freezes_encoder_then_trains(registry):
+    data, backbone = _tiny(registry)
+    encoder = backbone.build_encoder(1)
+    pretrained = {"encoder": {k: v.clone() for k, v in encoder.state_dict().items()}}
+    common = dict(epochs=2, lr=1e-2, iterations_per_epoch=2, select="last")
+    frozen = finetune(backbone, data.info, data.train, data.val, data.test, pretrained,
+                      FinetuneConfig(freeze="frozen", **common), torch.device("cpu"), 0)
+    thawed = finetune(backbone, data.info, data.train, data.val, data.test, pretrained,
+                      FinetuneConfig(freeze="warmup", warmup_epochs=1, **common),
+                      torch.device("cpu"), 0)
+    key = "encoder.blocks.0.body.0.weight"
+    torch.testing.assert_close(frozen.weights[key], pretrained["encoder"]["blocks.0.body.0.weight"])
+    assert not torch.equal(thawed.weights[key], pretrained["encoder"]["blocks.0.body.0.weight"])
+    assert "dice_mean" in frozen.test_metrics and len(frozen.val_history) == 2
+
+
+def test_finetune_learns_segmentation(registry):
+    """A few dozen steps on the phantom beat the untrained model clearly."""
+    data, backbone = _tiny(registry, size=32, n_train=6)
+    bb = type(backbone)(type(backbone).Config(filters=[8, 16, 32]))
+    result = finetune(bb, data.info, data.train, data.train, data.train, None,
+                      FinetuneConfig(epochs=6, lr=3e-3, iterations_per_epoch=6, loss="dice_ce"),
+                      torch.device("cpu"), 0)
+    assert result.test_metrics["dice_organ"] > 0.3, result.test_metrics
