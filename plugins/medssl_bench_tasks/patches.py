@@ -1,0 +1,155 @@
+"""Jittered patch grids for the patch-based proxy tasks (relative patch location, jigsaw).
+
+An image of spatial size ``S`` is cut into an ``n x ... x n`` grid of cells of side
+``S // n``; from each cell a patch of side ``cell - jitter`` is cropped at a random offset
+``0..jitter`` (Taleb et al. 2020: cell 42, patch 39 at 128^3, jitter 3). The random gaps stop
+the network from solving the task by continuing edges and textures across patch borders.
+
+Everything is written for any number of spatial dims (2D and 3D tasks share it) and works
+on whole batches at once with torch indexing on the images' device: the patches are gathered
+from a sliding-window *view* of the batch (``Tensor.unfold``), so the only memory traffic is
+the single copy of the selected patches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from medssl_bench.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PatchGrid:
+    """The geometry of a jittered patch grid over an image of a given spatial size."""
+
+    grid: int
+    jitter: int
+    cell: tuple[int, ...]
+    patch: tuple[int, ...]
+
+    @classmethod
+    def for_size(cls, spatial_size: Sequence[int], grid: int, jitter: int) -> PatchGrid:
+        """Geometry for ``spatial_size``; raises :class:`ConfigError` if no patch fits."""
+        cell = tuple(int(s) // grid for s in spatial_size)
+        patch = tuple(c - jitter for c in cell)
+        if min(patch) < 1:
+            raise ConfigError(
+                f"A {grid}-per-side patch grid with jitter {jitter} leaves no room for patches in "
+                f"images of size {tuple(spatial_size)} (cells of {cell}). Use larger images, a "
+                f"smaller grid or a smaller jitter."
+            )
+        return cls(grid=grid, jitter=jitter, cell=cell, patch=patch)
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.cell)
+
+    @property
+    def num_cells(self) -> int:
+        return self.grid**self.spatial_dims
+
+    @property
+    def centre(self) -> int:
+        """Row-major index of the centre cell (odd grids only; 13 for a 3x3x3 grid)."""
+        return self.num_cells // 2
+
+    def cell_coords(self, device: torch.device | str | None = None) -> Tensor:
+        """``(num_cells, spatial_dims)`` grid coordinates of every cell, row-major order."""
+        axes = [torch.arange(self.grid, device=device)] * self.spatial_dims
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, self.spatial_dims)
+
+    def random_starts(self, cells: Tensor, generator: torch.Generator) -> Tensor:
+        """Corner voxel of a jittered patch in each of ``cells``.
+
+        ``cells`` is a ``(B, K)`` long tensor of row-major cell indices; the result is
+        ``(B, K, spatial_dims)``: the cell's corner plus an offset drawn from ``0..jitter``
+        per axis, independently for every patch and sample.
+        """
+        device = cells.device
+        offsets = torch.randint(
+            self.jitter + 1, (*cells.shape, self.spatial_dims), generator=generator, device=device
+        )
+        cell = torch.tensor(self.cell, device=device)
+        return self.cell_coords(device)[cells] * cell + offsets
+
+
+def extract_patches(images: Tensor, starts: Tensor, patch: Sequence[int]) -> Tensor:
+    """Crop ``patch``-sized boxes at ``starts`` from every image, without a Python loop.
+
+    ``images`` is ``(B, C, *spatial)``, ``starts`` is ``(B, K, spatial_dims)`` (the first voxel
+    of each box); returns ``(B, K, C, *patch)``. The batch is viewed as every possible window
+    (``unfold`` per spatial axis, no copy) and the wanted windows are picked with one advanced
+    index, so cost is one gather of the output on whatever device the images are on.
+    """
+    dims = images.dim() - 2
+    if starts.shape[-1] != dims or len(patch) != dims:
+        raise ValueError(
+            f"starts {tuple(starts.shape)} and patch {tuple(patch)} do not match "
+            f"{dims} spatial dims of images {tuple(images.shape)}"
+        )
+    windows = images
+    for axis, size in enumerate(patch):
+        windows = windows.unfold(2 + axis, int(size), 1)
+    # (B, C, *window_starts, *patch) -> (B, *window_starts, C, *patch)
+    windows = windows.movedim(1, 1 + dims)
+    batch = torch.arange(images.shape[0], device=images.device).view(-1, 1)
+    return windows[(batch, *starts.unbind(-1))]
+
+
+def extract_grid_patches(
+    images: Tensor,
+    grid: int,
+    jitter: int,
+    generator: torch.Generator,
+    cells: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Jittered patches of the given grid ``cells`` (default: all, row-major) of each image.
+
+    ``cells`` is ``(B, K)`` or ``(K,)`` (the same cells for every image). Returns the patches
+    ``(B, K, C, *patch)`` and their corners ``(B, K, spatial_dims)``, from which a caller or a
+    test can recompute every patch.
+    """
+    geometry = PatchGrid.for_size(images.shape[2:], grid, jitter)
+    batch = images.shape[0]
+    if cells is None:
+        cells = torch.arange(geometry.num_cells, device=images.device)
+    if cells.dim() == 1:
+        cells = cells.expand(batch, -1)
+    starts = geometry.random_starts(cells.to(images.device), generator)
+    return extract_patches(images, starts, geometry.patch), starts
+
+
+class PatchEmbedder(torch.nn.Module):
+    """Shared encoder -> global pooling -> Linear to the per-patch embedding (64 in Taleb et
+    al.'s appendix), for a batch of patches ``(N, C, *patch)``.
+
+    Patches are smaller than the images the backbone was built for (7^3 at 32^3, 39^3 at
+    128^3), so they are zero-padded symmetrically to the backbone's ``size_multiple``: either
+    to the next multiple (``"multiple"``, what the backbone contract promises to accept) or
+    only up to one multiple (``"minimum"``, enough for a pooling U-Net, which floors odd sizes
+    as the reference Keras code did with its 39^3 patches).
+    """
+
+    def __init__(self, in_features: int, embed_dim: int, size_multiple: int, padding: str) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(in_features, embed_dim)
+        self.size_multiple = int(size_multiple)
+        self.padding = padding
+
+    def pad(self, patches: Tensor) -> Tensor:
+        m = self.size_multiple
+        if m <= 1:
+            return patches
+        pads: list[int] = []
+        for size in reversed(patches.shape[2:]):
+            target = -(-size // m) * m if self.padding == "multiple" else max(size, m)
+            extra = target - size
+            pads += [extra // 2, extra - extra // 2]
+        return torch.nn.functional.pad(patches, pads) if any(pads) else patches
+
+    def forward(self, encoder: torch.nn.Module, patches: Tensor) -> Tensor:
+        return self.proj(encoder.embed(self.pad(patches)))
