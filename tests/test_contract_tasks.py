@@ -24,7 +24,8 @@ def _backbone(task_cls):
         return cls(cls.Config(filters=[8, 16, 32], width=1.0))
     candidates = [n for n in REGISTRY.names("backbone")
                   if REGISTRY.get("backbone", n).spatial_dims == task_cls.spatial_dims]
-    return REGISTRY.get("backbone", candidates[0])()
+    cls = REGISTRY.get("backbone", candidates[0])
+    return cls(cls.Config(**cls.presets.get("quick", {})))  # the CPU-sized variant
 
 
 @pytest.mark.parametrize("name", TASKS)

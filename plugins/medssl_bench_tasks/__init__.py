@@ -7,10 +7,12 @@ from medssl_bench.hookspecs import hookimpl
 def bench_register_tasks(register):
     from medssl_bench_tasks.jigsaw import Jigsaw3D
     from medssl_bench_tasks.rotation import Rotation3D
+    from medssl_bench_tasks.rotation2d import Rotation2D
     from medssl_bench_tasks.rpl import RelativePatchLocation3D
     from medssl_bench_tasks.scratch import Scratch
 
     register(Scratch)
     register(Rotation3D)
+    register(Rotation2D)
     register(RelativePatchLocation3D)
     register(Jigsaw3D)
