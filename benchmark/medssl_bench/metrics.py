@@ -1,13 +1,15 @@
 """Downstream metrics: Dice for segmentation, AUC and accuracy for classification (as the
-MedMNIST evaluator computes them)."""
+MedMNIST evaluator computes them), and quadratic weighted kappa for ordinal grades
+(diabetic retinopathy, the Kaggle/APTOS metric)."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import cohen_kappa_score, roc_auc_score
 from torch import Tensor
 
 
@@ -54,4 +56,17 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, 
             auc = float(np.mean(aucs))
     except ValueError:
         auc = math.nan
-    return {"auc": auc, "acc": acc}
+    return {"auc": auc, "acc": acc, "kappa": quadratic_kappa(scores.argmax(1), labels, k)}
+
+
+def quadratic_kappa(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
+    """Quadratic weighted Cohen's kappa (scikit-learn) of predicted against true classes.
+
+    Reported for every classification dataset (it equals plain kappa for two classes);
+    ordinal-grade datasets rank by it. NaN when it is undefined (one class everywhere).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns (and returns NaN) when undefined
+        value = cohen_kappa_score(labels.astype(int), pred.astype(int),
+                                  labels=list(range(num_classes)), weights="quadratic")
+    return float(value)
