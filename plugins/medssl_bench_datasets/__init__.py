@@ -10,3 +10,12 @@ def bench_register_datasets(register):
 
     register(Phantom3D)
     register(MedMNIST3D)
+    from medssl_bench_datasets.brats import BraTS
+    from medssl_bench_datasets.luna16 import LUNA16
+    from medssl_bench_datasets.msd import MSD
+    from medssl_bench_datasets.nifti_folder import NiftiFolder
+
+    register(MSD)
+    register(BraTS)
+    register(LUNA16)
+    register(NiftiFolder)
