@@ -24,6 +24,13 @@ from medssl_bench.device import autocast, make_generator, seed_everything, worke
 from medssl_bench.errors import ConfigError, DataError, TrainingError
 from medssl_bench.interfaces import Backbone, DatasetInfo, Encoder, ProxyTask
 from medssl_bench.metrics import classification_metrics, dice_per_case, segmentation_metrics
+from medssl_bench.volumetric import (
+    needs_patches,
+    random_patches,
+    region_dice,
+    region_metrics,
+    sliding_window_logits,
+)
 from medssl_bench.weights import StateDicts, adapt_state_in_channels
 
 MetricCallback = Callable[[dict[str, float], int], None]
@@ -326,21 +333,37 @@ def evaluate(
     model: nn.Module, dataset: TorchDataset, info: DatasetInfo, device: torch.device,
     batch_size: int = 4, amp: bool = True,
 ) -> dict[str, float]:
-    """The dataset's metrics for ``model`` on ``dataset`` (whole images, no augmentation)."""
+    """The dataset's metrics for ``model`` on ``dataset`` (whole images, no augmentation).
+
+    Volumes larger than ``info.extra["patch_size"]`` are predicted by sliding windows; with
+    ``info.extra["regions"]`` region Dice is added (see :mod:`medssl_bench.volumetric`).
+    """
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     dice, scores, labels = [], [], []
+    patch = info.extra.get("patch_size") if info.kind == "segmentation" else None
+    regions = info.extra.get("regions") if info.kind == "segmentation" else None
+    region_scores = []
     for images, targets in loader:
-        images = images.to(device, non_blocking=True)
-        with autocast(device, amp):
-            logits = model(images).float()
+        if needs_patches(images.shape[2:], patch):
+            logits = sliding_window_logits(model, images, patch, info.extra.get("patch_overlap", 0),
+                                           device, batch_size, amp)
+        else:
+            images = images.to(device, non_blocking=True)
+            with autocast(device, amp):
+                logits = model(images).float()
         if info.kind == "segmentation":
             dice.append(dice_per_case(logits.argmax(1).cpu(), targets, info.num_classes))
+            if regions:
+                region_scores.append(region_dice(logits.argmax(1).cpu(), targets, regions))
         else:
             scores.append(logits.softmax(1).cpu().numpy())
             labels.append(targets.numpy())
     if info.kind == "segmentation":
-        return segmentation_metrics(torch.cat(dice), info.class_names)
+        metrics = segmentation_metrics(torch.cat(dice), info.class_names)
+        if regions:
+            metrics.update(region_metrics(torch.cat(region_scores), regions))
+        return metrics
     return classification_metrics(np.concatenate(scores), np.concatenate(labels))
 
 
@@ -378,6 +401,8 @@ def finetune(
     main = info.main_metric
     best_score, best_epoch, best_state = -math.inf, -1, None
     history: list[dict[str, float]] = []
+    patch = info.extra.get("patch_size") if info.kind == "segmentation" else None
+    patch_generator = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
         frozen = epoch < freeze_epochs
@@ -392,6 +417,8 @@ def finetune(
                                 + (" (encoder frozen)" if frozen else ""), len(loader))
         losses = []
         for images, targets in loader:
+            if patch:  # volumes larger than the model's input: one random patch per case
+                images, targets = random_patches(images, targets, patch, patch_generator)
             images = images.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
             with autocast(device, cfg.amp):
