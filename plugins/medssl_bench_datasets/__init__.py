@@ -10,6 +10,9 @@ def bench_register_datasets(register):
 
     register(Phantom3D)
     register(MedMNIST3D)
+    from medssl_bench_datasets.phantom2d import Phantom2D
+
+    register(Phantom2D)
     from medssl_bench_datasets.brats import BraTS
     from medssl_bench_datasets.luna16 import LUNA16
     from medssl_bench_datasets.msd import MSD
