@@ -11,7 +11,7 @@ from typing import Any
 
 from rich.console import Console
 
-from medssl_bench import __version__
+from medssl_bench import __version__, data_check
 from medssl_bench.errors import BenchError, ConfigError
 
 console = Console()
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--task", help="Only this task (scratch is always kept).")
     board.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     board.add_argument("--tracking-uri", default=None, help="MLflow tracking URI.")
+    data_check.add_parser(sub)
     return parser
 
 
@@ -236,6 +237,7 @@ COMMANDS = {
     "plugins": cmd_plugins,
     "schema": cmd_schema,
     "leaderboard": cmd_leaderboard,
+    "data": lambda args: data_check.run(args, console),
 }
 
 
