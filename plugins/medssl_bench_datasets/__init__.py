@@ -10,9 +10,13 @@ def bench_register_datasets(register):
 
     register(Phantom3D)
     register(MedMNIST3D)
+    from medssl_bench_datasets.fundus import Fundus
     from medssl_bench_datasets.phantom2d import Phantom2D
+    from medssl_bench_datasets.slices import Slices
 
     register(Phantom2D)
+    register(Fundus)
+    register(Slices)
     from medssl_bench_datasets.brats import BraTS
     from medssl_bench_datasets.luna16 import LUNA16
     from medssl_bench_datasets.msd import MSD
