@@ -1,8 +1,9 @@
 """Protocol specs (``protocols/*.yaml``) and the resolution of a run's configuration.
 
 Precedence, lowest first: each plugin's Config defaults (the papers' values) < the spec's
-sections < the preset (the spec's ``presets.NAME`` and each plugin's ``presets[NAME]``) <
-the ``--config`` file < ``--set`` overrides.
+sections < the spec's ``dims2`` sections (2D datasets only) < the preset (the spec's
+``presets.NAME`` and each plugin's ``presets[NAME]``) < the ``--config`` file < ``--set``
+overrides.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +42,10 @@ class ProtocolSpec(BaseModel):
     pretrain: dict[str, Any] = Field(default_factory=dict, description="Pretraining defaults.")
     finetune: dict[str, Any] = Field(default_factory=dict, description="Fine-tuning defaults.")
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Named presets.")
+    dims2: dict[Literal["protocol", "pretrain", "finetune"], dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Settings merged over protocol/pretrain/finetune when the dataset is 2D "
+        "(Taleb et al. appendix: other learning rates and warm-up for 2D); presets still win.")
     source: str = Field(default="", description="Where the spec was read from.")
 
 
@@ -144,6 +149,8 @@ def resolve_run(
         values: dict[str, Any] = {}
         if section in ("protocol", "pretrain", "finetune"):
             values = deep_merge(values, getattr(spec, section))
+            if getattr(classes["dataset"], "spatial_dims", 3) == 2:
+                values = deep_merge(values, spec.dims2.get(section, {}))
         if section in classes and preset:
             values = deep_merge(values, classes[section].presets.get(preset, {}))
         values = deep_merge(values, spec_preset.get(section, {}))
