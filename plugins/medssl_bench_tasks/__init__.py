@@ -5,6 +5,8 @@ from medssl_bench.hookspecs import hookimpl
 
 @hookimpl
 def bench_register_tasks(register):
+    from medssl_bench_tasks.cpc import CPC3D
+    from medssl_bench_tasks.exemplar import Exemplar3D
     from medssl_bench_tasks.jigsaw import Jigsaw3D
     from medssl_bench_tasks.rotation import Rotation3D
     from medssl_bench_tasks.rotation2d import Rotation2D
@@ -16,3 +18,5 @@ def bench_register_tasks(register):
     register(Rotation2D)
     register(RelativePatchLocation3D)
     register(Jigsaw3D)
+    register(CPC3D)
+    register(Exemplar3D)

@@ -1,0 +1,321 @@
+"""3D Contrastive Predictive Coding (Taleb et al. 2020, section 3.1, Fig. 1a; appendix).
+
+A volume is cut into an n x n x n grid of equally sized, overlapping patches (grid axes x, y,
+z follow the tensor's D, H, W). Every patch goes through the shared encoder and a linear
+layer to a 64-d patch embedding z (appendix: "each extracted patch is represented using an
+embedding vector of size 64"). For a centre patch (x, y, z) a GRU reads its inverted-pyramid
+context, top row first: the (2d+1)^2 patches of row x-d, ..., the 3x3 patches of row x-1,
+then the patch itself (d = 1 gives the reference's 10 terms; borders are mirrored as in the
+reference). Its final state is the context vector c of size 1024 (appendix: "code size
+1024"), and one linear predictor per step l maps c to an estimate of z at (x+l, y, z).
+
+Reconciling the appendix's two sizes: the reference code's patch latent is Dense(1024) and its
+GRU has 256 units (``embed_dim`` 64 is unused there). We read 1024 as the context code and 64
+as the patch latent that is predicted; ``patch_embedding=1024, code_size=256`` gives the
+reference sizes.
+
+Every patch is encoded once per step; contexts, targets and negatives are index tensors into
+the encoded patches (the reference copies each patch into every example that uses it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from medssl_bench.config import PluginConfig
+from medssl_bench.errors import ConfigError
+from medssl_bench.interfaces import Backbone, Encoder, ProxyTask
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Where the patches lie along each spatial axis."""
+
+    n: int
+    patch: tuple[int, ...]
+    stride: tuple[int, ...]
+    start: tuple[int, ...]
+
+
+def grid_geometry(shape: tuple[int, ...], n: int, overlap: float) -> Grid:
+    """``n`` patches per axis, neighbours sharing ``overlap`` of a patch, centred in the
+    image. 128^3 with n=7, overlap 0.5 gives 32^3 patches at stride 16; n=4, overlap 0 gives
+    the reference's disjoint 32^3 patches."""
+    patch, stride, start = [], [], []
+    for size in shape:
+        p = int(size / (1 + (n - 1) * (1 - overlap)))
+        s = max(1, round(p * (1 - overlap))) if n > 1 else p
+        while p > 1 and p + (n - 1) * s > size:
+            p -= 1
+        if p < 1:
+            raise ConfigError(f"cpc3d: an axis of {size} voxels cannot hold {n} patches; lower "
+                              "task.patches_per_side.")
+        patch.append(p)
+        stride.append(s)
+        start.append((size - p - (n - 1) * s) // 2)
+    return Grid(n, tuple(patch), tuple(stride), tuple(start))
+
+
+def extract_patches(images: Tensor, grid: Grid) -> Tensor:
+    """All grid patches as a view (no copy): ``(B, n, n, n, C, px, py, pz)``."""
+    x = images
+    for axis in range(3):
+        length = grid.patch[axis] + (grid.n - 1) * grid.stride[axis]
+        x = x.narrow(2 + axis, grid.start[axis], length)
+    for axis in range(3):
+        x = x.unfold(2 + axis, grid.patch[axis], grid.stride[axis])
+    return x.permute(0, 2, 3, 4, 1, 5, 6, 7)
+
+
+def _mirror(index: int, n: int) -> int:
+    """Reflect an out-of-grid index back inside (the reference's ``mirror=True``)."""
+    if index < 0:
+        index = -index
+    if index >= n:
+        index = 2 * (n - 1) - index
+    return min(max(index, 0), n - 1)
+
+
+@lru_cache(maxsize=64)
+def pyramid_context(
+    n: int, depth: int, steps: int, centre_rows: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Grid coordinates of the CPC examples of one volume.
+
+    Returns ``centres (Q, 3)``, ``context (Q, T, 3)`` and ``targets (Q, steps, 3)``. The
+    context of centre (x, y, z) lists, top row first, the (2k+1)^2 patches of row x-k for
+    k = depth..1 (y-major, mirrored at the grid border), then the centre itself, so
+    ``T = 1 + sum_k (2k+1)^2``. Targets are (x+1, y, z), ..., (x+steps, y, z). Centre rows
+    are every row with ``depth`` rows above and ``steps`` below (``all``; the paper's loss
+    sums over every i, j, k), or only row n//2 - 1 (``middle``; the reference).
+    """
+    if centre_rows == "middle":
+        rows = [n // 2 - 1]
+    else:
+        rows = list(range(depth, n - steps))
+    rows = [x for x in rows if x - depth >= 0 and x + steps <= n - 1]
+    if not rows:
+        raise ConfigError(
+            f"cpc3d: a grid of {n} patches per side has no row with {depth} context row(s) above "
+            f"and {steps} prediction row(s) below; raise task.patches_per_side or lower "
+            "task.context_depth / task.predict_steps."
+        )
+    centres, context, targets = [], [], []
+    for x in rows:
+        for y in range(n):
+            for z in range(n):
+                terms = []
+                for k in range(depth, 0, -1):
+                    for dy in range(-k, k + 1):
+                        for dz in range(-k, k + 1):
+                            terms.append((x - k, _mirror(y + dy, n), _mirror(z + dz, n)))
+                terms.append((x, y, z))
+                centres.append((x, y, z))
+                context.append(terms)
+                targets.append([(x + step, y, z) for step in range(1, steps + 1)])
+    return torch.tensor(centres), torch.tensor(context), torch.tensor(targets)
+
+
+def flat_index(coords: Tensor, n: int) -> Tensor:
+    """Grid coordinates ``(..., 3)`` to positions in the flattened ``n^3`` grid."""
+    return (coords[..., 0] * n + coords[..., 1]) * n + coords[..., 2]
+
+
+class CPC3D(ProxyTask):
+    """3D Contrastive Predictive Coding over an inverted-pyramid context of patches."""
+
+    name = "cpc3d"
+    spatial_dims = 3
+    paper_input_size = (128, 128, 128)
+    min_input_size = (32, 32, 32)
+
+    class Config(PluginConfig):
+        patches_per_side: int = Field(
+            default=7, ge=3, description="Patches per axis. 7 with half-patch overlap gives "
+            "32^3 patches at 128^3 (the paper's overlapping patches; the same 7 per side as "
+            "the reference's 2D CPC); the reference 3D code uses 4 without overlap.")
+        overlap: float = Field(
+            default=0.5, ge=0, lt=1, description="Fraction of a patch shared with its "
+            "neighbour. The paper says overlapping without an amount; 0.5 follows the "
+            "reference's 2D CPC; 0 is the reference's 3D grid.")
+        context_depth: int = Field(
+            default=1, ge=1, description="Rows of the inverted pyramid above the centre "
+            "patch; row x-k contributes (2k+1)^2 patches. 1 gives the 10 terms of the "
+            "reference and Fig. 1a (centre + 3x3 above).")
+        predict_steps: int = Field(
+            default=2, ge=1, description="Rows below the centre whose latents are predicted, "
+            "one linear predictor each (Fig. 1a: z_{i+1}, z_{i+2}; reference: rows 2 and 3).")
+        centre_rows: Literal["all", "middle"] = Field(
+            default="all", description="all: every row with a full context above and targets "
+            "below is a centre (the paper's loss sums over all positions); middle: only row "
+            "n//2-1, as the reference code.")
+        patch_embedding: int = Field(
+            default=64, ge=1, description="Size of the patch latent z that is predicted "
+            "(appendix: patch embedding 64; the reference's Dense(code_size)=1024).")
+        code_size: int = Field(
+            default=1024, ge=1, description="Size of the GRU context vector c (appendix: "
+            "code size 1024; the reference's GRU has 256 units).")
+        loss: Literal["infonce", "binary"] = Field(
+            default="infonce", description="infonce: N-way classification of the true latent "
+            "among negatives (the paper, Eq. 1); binary: the reference's 1:1 pairs, "
+            "sigmoid of the mean dot product with binary cross-entropy.")
+        num_negatives: int = Field(
+            default=127, ge=1, description="InfoNCE negatives per prediction, drawn at random "
+            "from the other patches of the batch (other positions of the same volume and "
+            "patches of other volumes; the paper draws them at random without a count).")
+        augment: bool = Field(
+            default=False, description="The reference code's augmentation: random 95% crop "
+            "of the volume zero-padded back, per patch a random 7/8 crop zero-padded back and "
+            "a flip along x with p=0.5. The paper describes none, so it is off by default.")
+
+    def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
+        c = self.config
+        self._min_patch = backbone.size_multiple()
+        return nn.ModuleDict({
+            "patch": nn.Linear(encoder.embed_dim, c.patch_embedding),
+            "context": nn.GRU(c.patch_embedding, c.code_size, batch_first=True),
+            # one linear predictor per step, stored as one layer with steps * dim outputs
+            "predict": nn.Linear(c.code_size, c.predict_steps * c.patch_embedding),
+        })
+
+    def check_input(self, image_shape, channels) -> None:
+        super().check_input(image_shape, channels)
+        c = self.config
+        grid_geometry(tuple(image_shape), c.patches_per_side, c.overlap)
+        pyramid_context(c.patches_per_side, c.context_depth, c.predict_steps, c.centre_rows)
+
+    def grid(self, shape: tuple[int, ...]) -> Grid:
+        grid = grid_geometry(shape, self.config.patches_per_side, self.config.overlap)
+        need = getattr(self, "_min_patch", 1)
+        if min(grid.patch) < need:
+            raise ConfigError(
+                f"cpc3d: patches of {grid.patch} voxels are smaller than the {need} voxels the "
+                f"backbone's encoder pools down to; use larger images, fewer "
+                f"task.patches_per_side, or a backbone with fewer levels."
+            )
+        return grid
+
+    # ------------------------------------------------------------------ batches
+
+    def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        c = self.config
+        b, n, device = images.shape[0], c.patches_per_side, images.device
+        grid = self.grid(tuple(images.shape[2:]))
+        if c.augment:
+            patches = augmented_patches(images, grid, generator)
+        else:
+            patches = extract_patches(images, grid)
+        centres, context, targets = (
+            t.to(device) for t in pyramid_context(n, c.context_depth, c.predict_steps,
+                                                  c.centre_rows))
+        per_volume = n**3
+        offset = (torch.arange(b, device=device) * per_volume).view(b, 1, 1)
+        context_index = (flat_index(context, n).unsqueeze(0) + offset).flatten(0, 1)
+        target_index = (flat_index(targets, n).unsqueeze(0) + offset).flatten(0, 1)
+        queries = target_index.shape[0]
+        if c.loss == "infonce":
+            total = b * per_volume
+            draw = torch.randint(0, total - 1, (queries, c.predict_steps, c.num_negatives),
+                                 generator=generator, device=device)
+            negative_index = draw + (draw >= target_index.unsqueeze(-1)).long()
+        else:
+            # a random other (volume, y, z) column, same target rows (reference)
+            columns = b * n * n
+            own = (torch.arange(b, device=device).view(b, 1) * n * n
+                   + (centres[:, 1] * n + centres[:, 2]).view(1, -1)).flatten()
+            draw = torch.randint(0, columns - 1, (queries,), generator=generator, device=device)
+            other = draw + (draw >= own).long()
+            vol, col = other // (n * n), other % (n * n)
+            rows = targets[:, :, 0].repeat(b, 1)
+            negative_index = (vol.view(-1, 1) * per_volume + rows * n * n + col.view(-1, 1))
+        return {"patches": patches, "context_index": context_index,
+                "target_index": target_index, "negative_index": negative_index}
+
+    # ------------------------------------------------------------------ loss
+
+    def compute_loss(self, encoder, heads, batch):
+        c = self.config
+        patches = batch["patches"]
+        flat = patches.reshape(-1, *patches.shape[4:])
+        z = heads["patch"](encoder.embed(flat))  # (P, dim)
+        _, state = heads["context"](z[batch["context_index"]])
+        preds = heads["predict"](state[-1]).view(-1, c.predict_steps, c.patch_embedding)
+        scores = torch.einsum("qsd,pd->qsp", preds.float(), z.float())  # against every patch
+        positive = scores.gather(2, batch["target_index"].unsqueeze(-1))
+        if c.loss == "infonce":
+            negative = scores.gather(2, batch["negative_index"])
+            logits = torch.cat([positive, negative], 2).flatten(0, 1)
+            labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+            loss = F.cross_entropy(logits, labels)
+            with torch.no_grad():
+                acc = (logits.argmax(1) == 0).float().mean().item()
+            return loss, {"acc": acc}
+        negative = scores.gather(2, batch["negative_index"].unsqueeze(-1))
+        # mean over steps of the mean elementwise product, as the reference's CPCLayer
+        pos_logit = positive.squeeze(-1).mean(1) / c.patch_embedding
+        neg_logit = negative.squeeze(-1).mean(1) / c.patch_embedding
+        logits = torch.cat([pos_logit, neg_logit])
+        labels = torch.cat([torch.ones_like(pos_logit), torch.zeros_like(neg_logit)])
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        with torch.no_grad():
+            acc = ((logits > 0).float() == labels).float().mean().item()
+        return loss, {"acc": acc}
+
+
+def augmented_patches(images: Tensor, grid: Grid, generator: torch.Generator,
+                      volume_crop: float = 0.95, patch_crop: float = 7 / 8) -> Tensor:
+    """The reference's CPC augmentation in one gather: a random ``volume_crop`` crop of each
+    volume zero-padded back to size, then per patch a random ``patch_crop`` crop zero-padded
+    back (centred) and a flip along x with p=0.5. Both crops are shifts plus zero frames, so
+    each output patch is a window of the (padded) volume at a shifted start, masked; flipped
+    patches are windows of the x-flipped volume. Returns ``(B, n, n, n, C, px, py, pz)``."""
+    b, ch = images.shape[:2]
+    n, device = grid.n, images.device
+    shape = images.shape[2:]
+    starts, masks = [], []
+    flip = torch.rand(b, n, n, n, generator=generator, device=device) < 0.5
+    margins = []
+    for axis in range(3):
+        size, p = shape[axis], grid.patch[axis]
+        crop_v, crop_p = int(volume_crop * size), int(patch_crop * p)
+        margins.append((size - crop_v) + (p - crop_p) + 1)
+    padded = F.pad(images, [m for m in reversed(margins) for _ in range(2)])
+    for axis in range(3):
+        size, p, m = shape[axis], grid.patch[axis], margins[axis]
+        crop_v, crop_p = int(volume_crop * size), int(patch_crop * p)
+        pad_v, pad_p = (size - crop_v) // 2, (p - crop_p) // 2
+        shift_v = torch.randint(0, size - crop_v + 1, (b,), generator=generator,
+                                device=device) - pad_v
+        shift_p = torch.randint(0, p - crop_p + 1, (b, n, n, n), generator=generator,
+                                device=device) - pad_p
+        origin = grid.start[axis] + torch.arange(n, device=device) * grid.stride[axis]
+        view = [1, 1, 1, 1]
+        view[1 + axis] = n
+        origin = origin.view(view)
+        start = origin + shift_p + shift_v.view(b, 1, 1, 1) + m  # in padded coordinates
+        i = torch.arange(p, device=device)
+        in_patch = (i >= pad_p) & (i < pad_p + crop_p)
+        position = (origin + shift_p).unsqueeze(-1) + i  # in cropped-volume coordinates
+        mask = in_patch & (position >= pad_v) & (position < pad_v + crop_v)
+        if axis == 0:
+            start = torch.where(flip, padded.shape[2] - p - start, start)
+            mask = torch.where(flip.unsqueeze(-1), mask.flip(-1), mask)
+        starts.append(start)
+        masks.append(mask)
+    source = torch.cat([padded, padded.flip(2)])
+    windows = source.unfold(2, grid.patch[0], 1).unfold(3, grid.patch[1], 1)
+    windows = windows.unfold(4, grid.patch[2], 1)
+    volume = torch.arange(b, device=device).view(b, 1, 1, 1) + b * flip.long()
+    out = windows[volume, :, starts[0], starts[1], starts[2]]
+    mask = (masks[0][..., :, None, None] & masks[1][..., None, :, None]
+            & masks[2][..., None, None, :])
+    return out.mul_(mask.unsqueeze(4).to(out.dtype))
+
+
