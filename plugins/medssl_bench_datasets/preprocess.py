@@ -99,12 +99,31 @@ def is_junk(path: Path) -> bool:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def _read_nifti(file: Path) -> tuple[torch.Tensor, np.ndarray]:
+    """NIfTI through nibabel alone: torchio falls back to SimpleITK when nibabel fails, and
+    SimpleITK zero-fills a truncated .nii.gz without a word."""
+    import nibabel as nib
+
+    image = nib.load(str(file), mmap=False)
+    data = np.asarray(image.get_fdata(dtype=np.float32))
+    if data.ndim == 5 and data.shape[3] == 1:  # (X, Y, Z, 1, C)
+        data = data[:, :, :, 0]
+    if data.ndim == 4:  # (X, Y, Z, C): MSD multi-modality tasks
+        data = data.transpose(3, 0, 1, 2)
+    elif data.ndim == 3:
+        data = data[np.newaxis]
+    return torch.from_numpy(np.ascontiguousarray(data)), np.asarray(image.affine, dtype=np.float64)
 
 
 def read_volume(path: str, what: str) -> tuple[torch.Tensor, np.ndarray]:
-    """``(data (C, X, Y, Z) float32, affine 4x4)`` of a NIfTI/NRRD/MHA file, or a DataError."""
+    """``(data (C, X, Y, Z) float32, affine 4x4)`` of a NIfTI/NRRD/MHA file, or a DataError.
+
+    Non-NIfTI files are read by torchio (SimpleITK), whose affine is RAS like nibabel's.
+    """
     import torchio as tio  # imported here: 1 s that `bench plugins` should not pay
 
     file = Path(path)
@@ -113,13 +132,16 @@ def read_volume(path: str, what: str) -> tuple[torch.Tensor, np.ndarray]:
     if file.stat().st_size == 0:
         raise DataError(f"{path}: the {what} file is empty (0 bytes); copy or download it again.")
     try:
-        image = tio.ScalarImage(file)
-        data = image.data.float()
-        affine = np.asarray(image.affine, dtype=np.float64)
+        if file.name.lower().endswith((".nii", ".nii.gz")):
+            data, affine = _read_nifti(file)
+        else:
+            image = tio.ScalarImage(file)
+            data = image.data.float()
+            affine = np.asarray(image.affine, dtype=np.float64)
     except Exception as exc:  # nibabel, SimpleITK, gzip and zlib all raise their own types
         raise DataError(
-            f"{path}: the {what} cannot be read ({_short(exc)}). The file is corrupt, truncated "
-            "or not a NIfTI/NRRD/MHA volume; copy or download it again."
+            f"{path}: the {what} cannot be read; the file is corrupt, truncated or not a "
+            f"NIfTI/NRRD/MHA volume ({_short(exc)}). Copy or download it again."
         ) from None
     if data.ndim != 4 or min(data.shape[1:]) < 1:
         raise DataError(f"{path}: the {what} has shape {tuple(data.shape)}; expected a 3D volume.")
