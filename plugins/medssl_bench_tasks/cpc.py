@@ -224,14 +224,14 @@ class CPC3D(ProxyTask):
             total = b * per_volume
             draw = torch.randint(0, total - 1, (queries, c.predict_steps, c.num_negatives),
                                  generator=generator, device=device)
-            negative_index = draw + (draw >= target_index.unsqueeze(-1)).long()
+            negative_index = draw.add_(draw >= target_index.unsqueeze(-1))  # skip the positive
         else:
             # a random other (volume, y, z) column, same target rows (reference)
             columns = b * n * n
             own = (torch.arange(b, device=device).view(b, 1) * n * n
                    + (centres[:, 1] * n + centres[:, 2]).view(1, -1)).flatten()
             draw = torch.randint(0, columns - 1, (queries,), generator=generator, device=device)
-            other = draw + (draw >= own).long()
+            other = draw.add_(draw >= own)  # skip the own column
             vol, col = other // (n * n), other % (n * n)
             rows = targets[:, :, 0].repeat(b, 1)
             negative_index = (vol.view(-1, 1) * per_volume + rows * n * n + col.view(-1, 1))
