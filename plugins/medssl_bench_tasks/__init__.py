@@ -7,7 +7,9 @@ from medssl_bench.hookspecs import hookimpl
 def bench_register_tasks(register):
     from medssl_bench_tasks.cpc import CPC3D
     from medssl_bench_tasks.exemplar import Exemplar3D
+    from medssl_bench_tasks.genesis import Genesis3D
     from medssl_bench_tasks.jigsaw import Jigsaw3D
+    from medssl_bench_tasks.parts2whole import Parts2Whole3D
     from medssl_bench_tasks.rotation import Rotation3D
     from medssl_bench_tasks.rotation2d import Rotation2D
     from medssl_bench_tasks.rpl import RelativePatchLocation3D
@@ -20,3 +22,5 @@ def bench_register_tasks(register):
     register(Jigsaw3D)
     register(CPC3D)
     register(Exemplar3D)
+    register(Genesis3D)
+    register(Parts2Whole3D)
