@@ -232,3 +232,21 @@ def test_tiny_model_overfits_a_few_volumes(index, tiny_backbone):
         optimizer.step()
         losses.append(loss.item())
     assert min(losses[-5:]) < 0.3 * losses[0], losses
+
+
+def test_random_sets_are_distinct_even_for_small_puzzles():
+    perms = random_permutations(720, 6, seed=0)  # every permutation of 6 items
+    assert len({tuple(p) for p in perms}) == 720
+    with pytest.raises(ValueError, match="only 720"):
+        random_permutations(721, 6, seed=0)
+
+
+def test_patch_padding_suits_the_backbone():
+    from medssl_bench_tasks.patches import PatchEmbedder
+
+    patches = torch.ones(2, 1, 7, 9, 39)
+    multiple = PatchEmbedder(8, 4, 16, "multiple").pad(patches)
+    assert multiple.shape[2:] == (32, 32, 48)  # >= 2 multiples, then the next multiple
+    assert multiple.sum() == patches.sum()  # zero padding only
+    assert PatchEmbedder(8, 4, 16, "minimum").pad(patches).shape[2:] == (32, 32, 39)
+    assert PatchEmbedder(8, 4, 1, "multiple").pad(patches).shape[2:] == (7, 9, 39)

@@ -11,6 +11,7 @@ option.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -33,9 +34,19 @@ _ALGORITHM_VERSION = 1
 
 
 def random_permutations(count: int, items: int, seed: int) -> np.ndarray:
-    """``count`` uniformly random permutations of ``items`` (the reference code's set)."""
+    """``count`` distinct uniformly random permutations of ``items`` (the reference code's
+    set; duplicates, likely for small puzzles, would make two classes indistinguishable)."""
+    if count > math.factorial(items):
+        raise ValueError(f"{items} items have only {math.factorial(items)} permutations, "
+                         f"fewer than {count}")
     rng = np.random.default_rng(seed)
-    return np.argsort(rng.random((count, items)), axis=1).astype(np.int64)
+    perms = np.argsort(rng.random((count, items)), axis=1)
+    while True:
+        _, first = np.unique(perms, axis=0, return_index=True)
+        if len(first) >= count:
+            return perms[np.sort(first)[:count]].astype(np.int64)
+        extra = np.argsort(rng.random((count, items)), axis=1)
+        perms = np.concatenate([perms[np.sort(first)], extra])
 
 
 def hamming_permutations(count: int, items: int, candidates: int, seed: int) -> np.ndarray:

@@ -148,10 +148,11 @@ class PatchEmbedder(torch.nn.Module):
     al.'s appendix), for a batch of patches ``(N, C, *patch)``.
 
     Patches are smaller than the images the backbone was built for (7^3 at 32^3, 39^3 at
-    128^3), so they are zero-padded symmetrically to the backbone's ``size_multiple``: either
-    to the next multiple (``"multiple"``, what the backbone contract promises to accept) or
-    only up to one multiple (``"minimum"``, enough for a pooling U-Net, which floors odd sizes
-    as the reference Keras code did with its 39^3 patches).
+    128^3), so they are zero-padded symmetrically: to at least two ``size_multiple``s per
+    side, so the deepest level keeps more than one voxel (instance norm fails on a single
+    voxel), and either to the next multiple (``"multiple"``, what the backbone contract
+    promises to accept) or no further (``"minimum"``, enough for a pooling U-Net, which floors
+    odd sizes as the reference Keras code did with its 39^3 patches).
     """
 
     def __init__(self, in_features: int, embed_dim: int, size_multiple: int, padding: str) -> None:
@@ -162,11 +163,9 @@ class PatchEmbedder(torch.nn.Module):
 
     def pad(self, patches: Tensor) -> Tensor:
         m = self.size_multiple
-        if m <= 1:
-            return patches
         pads: list[int] = []
         for size in reversed(patches.shape[2:]):
-            target = -(-size // m) * m if self.padding == "multiple" else max(size, m)
+            target = max(-(-size // m) * m if self.padding == "multiple" else size, 2 * m)
             extra = target - size
             pads += [extra // 2, extra - extra // 2]
         return torch.nn.functional.pad(patches, pads) if any(pads) else patches
