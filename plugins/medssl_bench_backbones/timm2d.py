@@ -177,7 +177,9 @@ class Timm2D(Backbone):
 
     def build_encoder(self, in_channels: int) -> Timm2DEncoder:
         cfg = self.config
-        return Timm2DEncoder(cfg.model, in_channels, cfg.out_indices, cfg.model_kwargs)
+        encoder = Timm2DEncoder(cfg.model, in_channels, cfg.out_indices, cfg.model_kwargs)
+        self._multiple = max(encoder.reductions)  # spares size_multiple() a throw-away build
+        return encoder
 
     def build_decoder(
         self, encoder: Encoder, out_channels: int, skip_connections: bool = True

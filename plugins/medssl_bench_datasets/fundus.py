@@ -192,12 +192,13 @@ def stratified_order(ids: list[str], labels: list[int], seed: int) -> list[int]:
 
 
 def systematic(order: list[int], fraction: float) -> tuple[list[int], list[int]]:
-    """Take every (1/fraction)-th entry of ``order`` (so per-grade shares are kept):
-    (taken, rest)."""
-    taken, rest = [], []
-    for position, index in enumerate(order):
-        hit = int((position + 1) * fraction) > int(position * fraction)
-        (taken if hit else rest).append(index)
+    """Take ``round(fraction * n)`` (at least one) evenly spaced entries of ``order``, so
+    per-grade shares are kept: (taken, rest)."""
+    n = len(order)
+    count = min(n, max(1, round(fraction * n)))
+    positions = {int((i + 0.5) * n / count) for i in range(count)} if n else set()
+    taken = [index for p, index in enumerate(order) if p in positions]
+    rest = [index for p, index in enumerate(order) if p not in positions]
     return taken, rest
 
 
