@@ -14,8 +14,8 @@ from rich.console import Console
 from medssl_bench import __version__, data_check
 from medssl_bench.errors import BenchError, ConfigError
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:

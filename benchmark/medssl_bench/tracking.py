@@ -67,6 +67,15 @@ def environment_tags(device: str) -> dict[str, str]:
     return tags
 
 
+def absolute_uri(uri: str) -> str:
+    """``sqlite:///mlflow.db`` relative to the working directory, made absolute (MLflow caches
+    stores by URI, so a relative one would follow the first directory it was opened in)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
 class Tracker:
     """A thin layer over ``MlflowClient`` for the runs a protocol creates."""
 
@@ -75,11 +84,10 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         _quiet_mlflow()
-
+        uri = absolute_uri(uri)
         self.uri = uri
         self.mlflow = mlflow
         try:
-            mlflow.set_tracking_uri(uri)
             self.client = MlflowClient(tracking_uri=uri)
             self.client.search_experiments(max_results=1)
         except Exception as exc:
@@ -96,7 +104,7 @@ class Tracker:
             return exp.experiment_id
         artifact_location = None
         if self.uri.startswith("sqlite:"):
-            db = Path(self.uri.split(":///", 1)[-1])
+            db = Path(self.uri[len("sqlite:///"):])
             artifact_location = (db.resolve().parent / "mlartifacts").as_uri()
         try:
             return self.client.create_experiment(name, artifact_location=artifact_location)
