@@ -68,6 +68,11 @@ class Timm2DEncoder(Encoder):
         self.stem_weight_key = "model." + first_conv_key(self.model, in_channels)
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        if x.dim() != 4:
+            raise ConfigError(
+                f"Backbone 'timm2d' takes 2D images (B, C, H, W) but got shape {tuple(x.shape)}; "
+                "use a 3D backbone such as unet3d for volumes, or the slices dataset adapter."
+            )
         return list(self.model(x))
 
 
