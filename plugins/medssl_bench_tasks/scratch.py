@@ -10,7 +10,7 @@ class Scratch(ProxyTask):
     """No pretraining: the encoder starts from random weights (the baseline every protocol runs)."""
 
     name = "scratch"
-    spatial_dims = 3
+    spatial_dims = 3  # nominal: check_input accepts any dims, so 2D protocols use it too
     pretrains = False
 
     class Config(PluginConfig):
