@@ -157,7 +157,7 @@ class Genesis3D(ProxyTask):
                                           cfg.decreasing_rate, gate)
         kinds = [k for k in ("inner", "outer") if f"{k}_cutout" in chosen]
         if kinds:
-            mask = self.cutout_mask(batch, spatial, kinds, generator, device)[:, None]
+            mask = self.cutout_mask(batch, spatial, kinds, generator, device)[0][:, None]
             mask = mask.expand_as(x)
             # U[0,1) noise only where masked (the reference fills cutouts with uniform noise).
             noise = rand((int(mask.sum()),), generator, device).to(x.dtype)
@@ -166,9 +166,11 @@ class Genesis3D(ProxyTask):
 
     def cutout_mask(
         self, batch: int, spatial: tuple[int, ...], kinds: list[str], generator, device
-    ) -> Tensor:
-        """``(B, D, H, W)`` voxels replaced by noise: per sample, with ``paint_rate`` an inner
-        (share ``inner_rate`` when both are in play) or else an outer cutout."""
+    ) -> tuple[Tensor, Tensor]:
+        """``(B, D, H, W)`` voxels replaced by noise, and per sample which cutout made them
+        (0 none, 1 inner, 2 outer): with ``paint_rate`` a cutout, inner with share
+        ``inner_rate`` when both are in play, else outer; one choice per sample, so the two
+        never both apply."""
         cfg = self.config
         paint = rand((batch,), generator, device) < cfg.paint_rate
         share = cfg.inner_rate if len(kinds) == 2 else float(kinds == ["inner"])
@@ -190,7 +192,8 @@ class Genesis3D(ProxyTask):
             picked.append(torch.where(sel, part_in, part_out))
         windows = box_mask(*picked, spatial)
         masked = torch.where(inner[:, None, None, None], windows, ~windows)
-        return masked & paint[:, None, None, None]
+        kind = torch.where(paint, torch.where(inner, 1, 2), 0)
+        return masked & paint[:, None, None, None], kind
 
     def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         with torch.autocast(images.device.type, enabled=False):
