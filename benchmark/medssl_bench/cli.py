@@ -20,9 +20,13 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", required=True, help="Protocol name, e.g. data-efficiency.")
-    p.add_argument("--task", required=True, help="Proxy task name, e.g. rotation3d (see `bench plugins`).")
+    p.add_argument("--task", required=True, help="Proxy task name, e.g. rotation3d (see `bench "
+                   "plugins`); several as rotation3d,jigsaw3d, or all (every pretraining task of "
+                   "the dataset's dims). Each pretrains once; scratch runs once.")
     p.add_argument("--backbone", help="Backbone name (default unet3d).")
     p.add_argument("--dataset", help="Dataset name (default phantom3d, built in, no download).")
+    p.add_argument("--pretrain-dataset", help="transfer protocol: the dataset whose unlabeled pool "
+                   "pretraining reads (configure it with --set pretrain_dataset.key=value).")
     p.add_argument("--config", help="YAML file with sections run/task/backbone/dataset/protocol/"
                    "pretrain/finetune.")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
@@ -33,7 +37,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    "settings, for a GPU.")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda.")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow tracking URI (default sqlite:///mlflow.db in the working directory).")
+                   help="MLflow tracking URI (default sqlite:///mlflow.db in the working directory; "
+                   "a few parallel sweeps may share it, many writers want an MLflow server: "
+                   "http://host:5000).")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +74,24 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--protocol", help="Only this protocol.")
     board.add_argument("--dataset", help="Only this dataset.")
     board.add_argument("--task", help="Only this task (scratch is always kept).")
+    board.add_argument("--spec-version", type=int, help="Only results of this spec version.")
     board.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
+    board.add_argument("--summary", action="store_true", help="JSON: an object with rows, "
+                       "mean_ranks, annotation_saving and published instead of a list of rows.")
     board.add_argument("--tracking-uri", default=None, help="MLflow tracking URI.")
+
+    report = sub.add_parser("report", help="Plots (data-efficiency and convergence curves) and "
+                            "a JSON/Markdown summary, written to a folder and logged to MLflow.")
+    report.add_argument("--out", default="bench-report", help="Output folder (default bench-report).")
+    report.add_argument("--protocol", help="Only this protocol.")
+    report.add_argument("--dataset", help="Only this dataset.")
+    report.add_argument("--task", help="Only these tasks (comma-separated; scratch is kept).")
+    report.add_argument("--spec-version", type=int, help="Only results of this spec version.")
+    report.add_argument("--target", type=float, help="Convergence target share of scratch's final "
+                        "score (default: the protocol's, 0.95).")
+    report.add_argument("--error-bars", choices=["std", "ci"], default="std")
+    report.add_argument("--no-mlflow", action="store_true", help="Do not log the report to MLflow.")
+    report.add_argument("--tracking-uri", default=None, help="MLflow tracking URI.")
     data_check.add_parser(sub)
     return parser
 
@@ -88,7 +110,7 @@ def _resolve(args: argparse.Namespace):
     registry = get_registry()
     run = resolve_run(
         registry, args.protocol, args.task, args.backbone, args.dataset, args.preset,
-        args.config, parse_overrides(args.overrides),
+        args.config, parse_overrides(args.overrides), args.pretrain_dataset,
     )
     return registry, run
 
@@ -138,7 +160,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cache_dir = Path(args.cache_dir or os.environ.get("BENCH_CACHE_DIR") or ".medssl_bench/cache")
     console.print(
         f"[bold]bench run[/bold] protocol={run.names['protocol']} (v{run.spec.version}) "
-        f"task={run.names['task']} backbone={run.names['backbone']} dataset={run.names['dataset']} "
+        f"task={','.join(run.task_names)} backbone={run.names['backbone']} "
+        f"dataset={run.names['dataset']} "
+        + (f"pretrain_dataset={run.names['pretrain_dataset']} " if "pretrain_dataset" in run.names
+           else "") +
         f"preset={run.preset} device={device} tracking={uri}"
     )
     with Progress(
@@ -156,6 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     counts: dict[str, int] = {}
     for outcome in ctx.outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    console.print(_summary_table(ctx.outcomes))
     console.print(
         "Summary: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         + f". Results: `bench leaderboard --tracking-uri {uri}`; "
@@ -165,6 +191,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     for o in failed:
         err_console.print(f"[red]failed[/red] {o.what}: {o.detail}")
     return 1 if failed else 0
+
+
+def _summary_table(outcomes: list[Any]):
+    """Per task and stage: how many units ran, were reused, failed or were skipped."""
+    from rich.table import Table
+
+    statuses = ("ran", "reused", "failed", "skipped")
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for o in outcomes:
+        row = counts.setdefault((o.task or "?", o.stage), dict.fromkeys(statuses, 0))
+        row[o.status] = row.get(o.status, 0) + 1
+    table = Table(title="Sweep summary")
+    for c in ("task", "stage", *statuses):
+        table.add_column(c, justify="left" if c in ("task", "stage") else "right")
+    for (task, stage), row in counts.items():
+        table.add_row(task, stage, *(f"[red]{row[s]}[/red]" if s == "failed" and row[s]
+                                     else str(row[s]) for s in statuses))
+    return table
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -208,16 +252,16 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from medssl_bench.tracking import Tracker
 
     tracker = Tracker(_tracking_uri(args))
-    results = leaderboard.collect(tracker)
-    if args.protocol:
-        results = [r for r in results if r["protocol"] == args.protocol]
-    if args.dataset:
-        results = [r for r in results if r["dataset"] == args.dataset]
-    if args.task:
-        results = [r for r in results if r["task"] in (args.task, "scratch")]
+    results = leaderboard.filter_results(leaderboard.collect(tracker), args.protocol, args.dataset,
+                                         args.task, args.spec_version)
+    mixed = leaderboard.mixed_versions(results)
+    for protocol, versions in mixed.items():
+        err_console.print(f"note: {protocol} has results of spec versions {versions}; each version "
+                          "is ranked in its own section (never together). --spec-version N "
+                          "shows one.")
     rows = leaderboard.aggregate(results)
     if args.format == "json":
-        print(leaderboard.as_json(rows))
+        print(leaderboard.as_json(rows, with_summary=args.summary))
     elif args.format == "csv":
         print(leaderboard.as_csv(rows), end="")
     elif args.format == "markdown":
@@ -227,7 +271,26 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             console.print("No finished results yet. Run one: "
                           "`bench run --protocol data-efficiency --task rotation3d`")
             return 0
-        console.print(leaderboard.as_rich_table(rows))
+        for table in leaderboard.as_rich_tables(rows):
+            console.print(table)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from medssl_bench import report
+    from medssl_bench.tracking import Tracker
+
+    tracker = Tracker(_tracking_uri(args))
+    written = report.write_report(
+        tracker, Path(args.out), protocol=args.protocol, dataset=args.dataset, task=args.task,
+        spec_version=args.spec_version, target=args.target, error_bars=args.error_bars,
+        log_to_mlflow=not args.no_mlflow, echo=console.print,
+    )
+    if not written:
+        console.print("No finished results to report yet. Run one: "
+                      "`bench run --protocol data-efficiency --task rotation3d`")
+        return 0
+    console.print(f"Report written to {args.out}/: " + ", ".join(p.name for p in written))
     return 0
 
 
@@ -237,6 +300,7 @@ COMMANDS = {
     "plugins": cmd_plugins,
     "schema": cmd_schema,
     "leaderboard": cmd_leaderboard,
+    "report": cmd_report,
     "data": lambda args: data_check.run(args, console),
 }
 

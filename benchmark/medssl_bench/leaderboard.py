@@ -1,4 +1,14 @@
-"""The leaderboard: finished fine-tunes from MLflow, aggregated over seeds."""
+"""The leaderboard: finished fine-tunes from MLflow, aggregated over seeds.
+
+Per (task, pretraining corpus, fraction): mean, std, n, 95 % t confidence interval, Welch's
+t-test against the best entry and against scratch at that fraction (Models Genesis reports
+t-tests over trials), a rank per fraction and the mean rank across fractions, the annotation
+saving of Models Genesis, and published reference rows where dataset and metric match.
+
+Results are only ever ranked inside one (protocol, spec version, dataset, backbone, metric):
+a spec version bump means the numbers stopped being comparable, so each version is its own
+section and never shares a ranking with another.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +17,23 @@ import io
 import json
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from importlib import resources
 from typing import Any
 
 import numpy as np
+import yaml
 from scipy import stats
 
+from medssl_bench.errors import BenchError
 from medssl_bench.tracking import Tracker
 
 GROUP_KEYS = ("protocol", "spec_version", "dataset", "pretrain_dataset", "task", "backbone",
               "fraction", "metric")
+#: Entries ranked against each other: everything but task/pretraining corpus and fraction.
+SECTION_KEYS = ("protocol", "spec_version", "dataset", "backbone", "metric")
+ALPHA = 0.05
 
 
 @dataclass
@@ -34,8 +51,25 @@ class Row:
     n: int
     ci_low: float
     ci_high: float
+    p_vs_best: float | None
     p_vs_scratch: float | None
-    values: list[float]
+    label: str = ""
+    rank: int = 0
+    dataset_ref: str = ""
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def section(self) -> tuple:
+        return tuple(getattr(self, k) for k in SECTION_KEYS)
+
+
+def task_label(task: str, pretrain_dataset: str, dataset: str, protocol: str) -> str:
+    """``rotation3d (pretrained on A)`` when the corpus is not obvious from the row."""
+    if task == "scratch" or not pretrain_dataset:
+        return task
+    if pretrain_dataset != dataset or protocol == "transfer":
+        return f"{task} (pretrained on {pretrain_dataset})"
+    return task
 
 
 def collect(tracker: Tracker) -> list[dict[str, Any]]:
@@ -48,67 +82,230 @@ def collect(tracker: Tracker) -> list[dict[str, Any]]:
         if key in seen or "value" not in tags:  # a duplicate of a newer run, or incomplete
             continue
         seen.add(key)
+        task = tags.get("task", "?")
+        pretrain_dataset = tags.get("pretrain_dataset", tags.get("dataset", "?"))
         out.append({
             "protocol": tags.get("protocol", "?"),
             "spec_version": int(tags.get("spec_version", 0)),
             "dataset": tags.get("dataset", "?"),
-            "pretrain_dataset": tags.get("pretrain_dataset", tags.get("dataset", "?")),
-            "task": tags.get("task", "?"),
+            "pretrain_dataset": "" if task == "scratch" or pretrain_dataset == "-" else pretrain_dataset,
+            "task": task,
             "backbone": tags.get("backbone", "?"),
             "fraction": float(tags.get("fraction", "nan")),
             "metric": tags.get("metric", "?"),
             "seed": int(tags.get("seed", -1)),
             "value": float(tags["value"]),
+            "dataset_ref": tags.get("dataset_ref", tags.get("dataset", "?")),
+            "target": float(tags["target"]) if "target" in tags else None,
+            "run_id": run.info.run_id,
         })
     return out
 
 
-def _ci(values: np.ndarray) -> tuple[float, float]:
+def filter_results(results: list[dict[str, Any]], protocol: str | None = None,
+                   dataset: str | None = None, task: str | None = None,
+                   spec_version: int | None = None) -> list[dict[str, Any]]:
+    """Filter; scratch is always kept with a task filter (it is the reference)."""
+    if protocol:
+        results = [r for r in results if r["protocol"] == protocol]
+    if dataset:
+        results = [r for r in results if r["dataset"] == dataset]
+    if task:
+        wanted = {t.strip() for t in task.split(",")}
+        results = [r for r in results if r["task"] in wanted | {"scratch"}]
+    if spec_version is not None:
+        results = [r for r in results if r["spec_version"] == spec_version]
+    return results
+
+
+def mixed_versions(results: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Protocols whose results come from several spec versions (ranked separately)."""
+    versions: dict[str, set[int]] = defaultdict(set)
+    for r in results:
+        versions[r["protocol"]].add(r["spec_version"])
+    return {p: sorted(v) for p, v in versions.items() if len(v) > 1}
+
+
+def check_single_version(results: list[dict[str, Any]]) -> None:
+    """For callers that must produce one ranking (e.g. one plot): refuse mixed versions."""
+    mixed = mixed_versions(results)
+    if mixed:
+        p, v = next(iter(mixed.items()))
+        raise BenchError(
+            f"Results of protocol {p!r} come from spec versions {v}; results of different spec "
+            f"versions are never ranked together. Pick one with --spec-version {v[-1]}.")
+
+
+def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided t confidence interval of the mean (NaN with fewer than two values)."""
     if len(values) < 2:
         return math.nan, math.nan
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
+    if values.std(ddof=1) == 0:
+        return float(values.mean()), float(values.mean())
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * values.std(ddof=1) / math.sqrt(len(values))
     return float(values.mean() - half), float(values.mean() + half)
 
 
-def _welch(a: np.ndarray, b: np.ndarray) -> float | None:
+def welch_p(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Two-sided Welch t-test p-value; None when it is undefined (n < 2 or no variance)."""
     if len(a) < 2 or len(b) < 2:
         return None
-    p = stats.ttest_ind(a, b, equal_var=False).pvalue
-    return None if math.isnan(p) else float(p)
+    with np.errstate(all="ignore"):
+        p = stats.ttest_ind(a, b, equal_var=False).pvalue
+    return None if p is None or math.isnan(p) else float(p)
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[Row]:
-    """Mean, std, n and 95 % CI per group; Welch p-value against scratch at that fraction."""
+    """Mean, std, n, 95 % CI per group; Welch p-values against the best entry and against
+    scratch at the same fraction; rank per fraction (1 = best)."""
     groups: dict[tuple, list[float]] = defaultdict(list)
+    refs: dict[tuple, str] = {}
     for r in results:
-        groups[tuple(r[k] for k in GROUP_KEYS)].append(r["value"])
+        key = tuple(r[k] for k in GROUP_KEYS)
+        groups[key].append(r["value"])
+        refs[key] = r.get("dataset_ref", r["dataset"])
     rows = []
     for key, values in groups.items():
         fields = dict(zip(GROUP_KEYS, key, strict=True))
         arr = np.array(values, dtype=float)
-        scratch_key = tuple("scratch" if k == "task" else fields[k] for k in GROUP_KEYS)
-        p = None
-        if fields["task"] != "scratch" and scratch_key in groups:
-            p = _welch(arr, np.array(groups[scratch_key]))
-        low, high = _ci(arr)
+        low, high = mean_ci(arr)
         rows.append(Row(**fields, mean=float(arr.mean()),
                         std=float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, n=len(arr),
-                        ci_low=low, ci_high=high, p_vs_scratch=p, values=[float(v) for v in arr]))
-    rows.sort(key=lambda r: (r.protocol, r.spec_version, r.dataset, r.pretrain_dataset,
-                             r.backbone, r.fraction, -r.mean))
+                        ci_low=low, ci_high=high, p_vs_best=None, p_vs_scratch=None,
+                        label=task_label(fields["task"], fields["pretrain_dataset"],
+                                         fields["dataset"], fields["protocol"]),
+                        dataset_ref=refs[key], values=[float(v) for v in arr]))
+    by_fraction: dict[tuple, list[Row]] = defaultdict(list)
+    for row in rows:
+        by_fraction[(*row.section, row.fraction)].append(row)
+    for entries in by_fraction.values():
+        entries.sort(key=lambda r: -r.mean)
+        best = entries[0]
+        scratch = next((r for r in entries if r.task == "scratch"), None)
+        for rank, row in enumerate(entries, 1):
+            row.rank = rank
+            if row is not best:
+                row.p_vs_best = welch_p(np.array(row.values), np.array(best.values))
+            if scratch is not None and row is not scratch:
+                row.p_vs_scratch = welch_p(np.array(row.values), np.array(scratch.values))
+    rows.sort(key=lambda r: (r.protocol, r.spec_version, r.dataset, r.backbone, r.metric,
+                             r.fraction, r.rank))
     return rows
+
+
+def mean_ranks(rows: list[Row]) -> list[dict[str, Any]]:
+    """Ranking across fractions: each entry's mean rank over the fractions it was run at."""
+    ranks: dict[tuple, list[int]] = defaultdict(list)
+    means: dict[tuple, list[float]] = defaultdict(list)
+    for r in rows:
+        key = (*r.section, r.label)
+        ranks[key].append(r.rank)
+        means[key].append(r.mean)
+    out = []
+    for key, values in ranks.items():
+        section = dict(zip(SECTION_KEYS, key[:-1], strict=True))
+        out.append({**section, "label": key[-1], "mean_rank": float(np.mean(values)),
+                    "fractions": len(values), "mean_of_means": float(np.mean(means[key]))})
+    out.sort(key=lambda d: (*(d[k] for k in SECTION_KEYS), d["mean_rank"]))
+    return out
+
+
+def annotation_saving(rows: list[Row]) -> list[dict[str, Any]]:
+    """Models Genesis' annotation saving: the smallest label fraction at which a pretrained
+    entry matches scratch trained on all labels (100 %), interpolated linearly between the
+    measured fractions; ``reached`` False when no measured fraction gets there."""
+    sections: dict[tuple, list[Row]] = defaultdict(list)
+    for r in rows:
+        sections[r.section].append(r)
+    out = []
+    for section, entries in sections.items():
+        full = next((r for r in entries if r.task == "scratch" and r.fraction == 100), None)
+        if full is None:
+            continue
+        curves: dict[str, list[Row]] = defaultdict(list)
+        for r in entries:
+            if r.task != "scratch":
+                curves[r.label].append(r)
+        for label, curve in curves.items():
+            curve.sort(key=lambda r: r.fraction)
+            needed = interpolate_fraction([r.fraction for r in curve], [r.mean for r in curve],
+                                          full.mean)
+            out.append({
+                **dict(zip(SECTION_KEYS, section, strict=True)), "label": label,
+                "task": curve[0].task, "pretrain_dataset": curve[0].pretrain_dataset,
+                "scratch_100": full.mean, "fraction_needed": needed,
+                "saving": None if needed is None else 1 - needed / 100,
+                "reached": needed is not None,
+                "fractions": [r.fraction for r in curve],
+            })
+    return out
+
+
+def interpolate_fraction(fractions: list[float], means: list[float], target: float) -> float | None:
+    """The first fraction where the piecewise-linear curve through (fraction, mean) reaches
+    ``target``; the smallest measured fraction if it is already there (an upper bound);
+    None when no measured point reaches it."""
+    for i, (f, m) in enumerate(zip(fractions, means, strict=True)):
+        if m >= target:
+            if i == 0:
+                return float(f)
+            f0, m0 = fractions[i - 1], means[i - 1]
+            return float(f0 + (target - m0) * (f - f0) / (m - m0))
+    return None
+
+
+# --------------------------------------------------------------------------- published rows
+
+
+@lru_cache(maxsize=1)
+def published_rows() -> list[dict[str, Any]]:
+    """Reference numbers shipped in ``published.yaml`` (source, dataset, split, metric, ...)."""
+    text = (resources.files("medssl_bench") / "published.yaml").read_text()
+    return list(yaml.safe_load(text)["rows"])
+
+
+def matching_published(rows: list[Row]) -> list[dict[str, Any]]:
+    """Published rows whose dataset and metric match a measured section (each labelled)."""
+    wanted: dict[tuple[str, str], set[tuple]] = defaultdict(set)
+    for r in rows:
+        wanted[(r.dataset_ref, r.metric)].add(r.section)
+    out = []
+    for p in published_rows():
+        for section in sorted(wanted.get((p["dataset"], p["metric"]), ()), key=str):
+            out.append({**dict(zip(SECTION_KEYS, section, strict=True)), **{
+                "reference": True, "method": p["method"], "source": p["source"],
+                "split": p["split"], "ref_protocol": p["protocol"], "value": p["value"],
+                "std": p.get("std"), "ref_dataset": p["dataset"]}})
+    return out
+
+
+# --------------------------------------------------------------------------- output
 
 
 def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def as_json(rows: list[Row]) -> str:
-    return json.dumps([{k: _clean(v) for k, v in asdict(r).items()} for r in rows], indent=2)
+def row_dicts(rows: list[Row]) -> list[dict[str, Any]]:
+    return [{k: _clean(v) for k, v in asdict(r).items()} for r in rows]
 
 
-COLUMNS = ("protocol", "dataset", "task", "backbone", "fraction", "metric", "mean", "std", "n",
-           "ci_low", "ci_high", "p_vs_scratch")
+def summary(rows: list[Row]) -> dict[str, Any]:
+    """Everything beyond the per-fraction rows: ranks, annotation saving, published rows."""
+    return {"mean_ranks": mean_ranks(rows), "annotation_saving": annotation_saving(rows),
+            "published": matching_published(rows)}
+
+
+def as_json(rows: list[Row], with_summary: bool = False) -> str:
+    """A list of row objects; with ``with_summary`` an object ``{rows, mean_ranks, ...}``."""
+    if with_summary:
+        return json.dumps({"rows": row_dicts(rows), **summary(rows)}, indent=2, default=_clean)
+    return json.dumps(row_dicts(rows), indent=2)
+
+
+COLUMNS = ("protocol", "spec_version", "dataset", "backbone", "fraction", "rank", "label", "task",
+           "pretrain_dataset", "metric", "mean", "std", "n", "ci_low", "ci_high", "p_vs_best",
+           "p_vs_scratch")
 
 
 def _fmt(value: Any) -> str:
@@ -117,6 +314,13 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}" if value.is_integer() else f"{value:.4f}"
     return str(value)
+
+
+def fmt_p(p: float | None) -> str:
+    """A p-value, with ``n.s.`` when it is above 0.05."""
+    if p is None:
+        return "-"
+    return f"{p:.3f}" + (" n.s." if p > ALPHA else "")
 
 
 def as_csv(rows: list[Row]) -> str:
@@ -128,29 +332,101 @@ def as_csv(rows: list[Row]) -> str:
     return buf.getvalue()
 
 
+def _saving_text(s: dict[str, Any]) -> str:
+    if not s["reached"]:
+        return f"not reached (up to {max(s['fractions']):g}%)"
+    return f"{s['fraction_needed']:.1f}% of labels (saves {100 * s['saving']:.0f}%)"
+
+
 def as_markdown(rows: list[Row]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(getattr(r, c)) for c in COLUMNS) + " |" for r in rows]
+    cols = ("protocol", "dataset", "backbone", "fraction", "rank", "label", "metric", "mean",
+            "std", "n", "ci_low", "ci_high", "p_vs_best", "p_vs_scratch")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = getattr(r, c)
+            if c == "protocol":
+                v = f"{r.protocol} v{r.spec_version}"
+            cells.append(fmt_p(v) if c.startswith("p_vs") else _fmt(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    extra = summary(rows)
+    if extra["mean_ranks"]:
+        lines += ["", "Mean rank across fractions", "",
+                  "| protocol | dataset | backbone | metric | entry | mean rank | fractions |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {d['protocol']} v{d['spec_version']} | {d['dataset']} | {d['backbone']} | "
+                  f"{d['metric']} | {d['label']} | {d['mean_rank']:.2f} | {d['fractions']} |"
+                  for d in extra["mean_ranks"]]
+    if extra["annotation_saving"]:
+        lines += ["", "Annotation saving (labels needed to match scratch at 100 %)", "",
+                  "| protocol | dataset | backbone | metric | entry | scratch 100% | needed |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {s['protocol']} v{s['spec_version']} | {s['dataset']} | {s['backbone']} | "
+                  f"{s['metric']} | {s['label']} | {s['scratch_100']:.4f} | {_saving_text(s)} |"
+                  for s in extra["annotation_saving"]]
+    if extra["published"]:
+        lines += ["", "Published reference rows (same dataset and metric; read split/protocol)", "",
+                  "| dataset | metric | method | value | source | split |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p['ref_dataset']} | {p['metric']} | {p['method']} | {_fmt(p['value'])}"
+                  + (f" ± {p['std']:g}" if p.get("std") else "") + f" | {p['source']} | {p['split']} |"
+                  for p in extra["published"]]
     return "\n".join(lines) + "\n"
 
 
-def as_rich_table(rows: list[Row]):
+def as_rich_tables(rows: list[Row]) -> list[Any]:
+    """One table per (protocol, spec version, dataset, backbone, metric) section, plus the
+    summaries: mean rank, annotation saving, published reference rows."""
     from rich.table import Table
 
-    table = Table(title="medssl-bench leaderboard (test split, mean over seeds)")
-    for c in ("protocol", "dataset", "backbone", "fraction", "task", "metric", "mean ± std", "n",
-              "95% CI", "p vs scratch"):
-        table.add_column(c, justify="right" if c in ("fraction", "n") else "left")
-    previous = None
+    extra = summary(rows)
+    sections: dict[tuple, list[Row]] = defaultdict(list)
     for r in rows:
-        group = (r.protocol, r.dataset, r.backbone, r.fraction)
-        if previous is not None and group != previous:
+        sections[r.section].append(r)
+    tables = []
+    for section, entries in sections.items():
+        protocol, version, dataset, backbone, metric = section
+        table = Table(title=f"{protocol} v{version} · {dataset} · {backbone} · test {metric} "
+                      "(mean over seeds)")
+        for c in ("fraction", "rank", "entry", "mean ± std", "n", "95% CI", "p vs best",
+                  "p vs scratch"):
+            table.add_column(c, justify="right" if c in ("fraction", "rank", "n") else "left")
+        previous = None
+        for r in entries:
+            if previous is not None and r.fraction != previous:
+                table.add_section()
+            previous = r.fraction
+            entry = f"[bold]{r.label}[/bold]" if r.task != "scratch" else "[dim]scratch[/dim]"
+            table.add_row(f"{r.fraction:g}%", str(r.rank), entry, f"{r.mean:.4f} ± {r.std:.4f}",
+                          str(r.n), f"[{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]", fmt_p(r.p_vs_best),
+                          fmt_p(r.p_vs_scratch))
+        refs = [p for p in extra["published"]
+                if tuple(p[k] for k in SECTION_KEYS) == section]
+        if refs:
             table.add_section()
-        previous = group
-        p = "-" if r.p_vs_scratch is None else (
-            f"{r.p_vs_scratch:.3f}" + ("" if r.p_vs_scratch <= 0.05 else " n.s."))
-        task = f"[bold]{r.task}[/bold]" if r.task != "scratch" else "[dim]scratch[/dim]"
-        table.add_row(f"{r.protocol} v{r.spec_version}", r.dataset, r.backbone, f"{r.fraction:g}%",
-                      task, r.metric, f"{r.mean:.4f} ± {r.std:.4f}", str(r.n),
-                      f"[{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]", p)
-    return table
+            for p in refs:
+                value = f"{p['value']:.4f}" + (f" ± {p['std']:.4f}" if p.get("std") else "")
+                table.add_row("100%*", "ref", f"[italic]{p['method']}[/italic] ({p['source']})",
+                              value, "-", "-", "-", p["split"])
+        tables.append(table)
+        ranks = [d for d in extra["mean_ranks"] if tuple(d[k] for k in SECTION_KEYS) == section]
+        savings = [s for s in extra["annotation_saving"]
+                   if tuple(s[k] for k in SECTION_KEYS) == section]
+        if len({r.fraction for r in entries}) > 1 or savings:
+            summ = Table(title=f"{protocol} v{version} · {dataset} · across fractions")
+            for c in ("entry", "mean rank", "fractions", "annotation saving"):
+                summ.add_column(c)
+            by_label = {s["label"]: s for s in savings}
+            for d in ranks:
+                s = by_label.get(d["label"])
+                summ.add_row(d["label"], f"{d['mean_rank']:.2f}", str(d["fractions"]),
+                             _saving_text(s) if s else "-")
+            tables.append(summ)
+    return tables
+
+
+def as_rich_table(rows: list[Row]):
+    """Back-compatible single renderable (a group of the section tables)."""
+    from rich.console import Group
+
+    return Group(*as_rich_tables(rows))

@@ -1,10 +1,22 @@
-"""Built-in protocol runners. ``data-efficiency``: pretrain once on the dataset's unlabeled
-pool, fine-tune on nested label fractions over seeds beside the scratch baseline, test on
-the held-out split."""
+"""Built-in protocol runners.
+
+- ``data-efficiency``: pretrain once on the dataset's unlabeled pool, fine-tune on nested
+  label fractions over seeds beside the scratch baseline, test on the held-out split.
+- ``transfer``: pretrain on corpus A (``--pretrain-dataset``), fine-tune on dataset B, beside
+  pretraining on B itself and scratch.
+- ``convergence``: the same sweep, read per epoch: how fast does each start reach a share of
+  scratch's final validation score (see :mod:`medssl_bench.analysis`).
+
+Every runner sweeps all requested tasks (``--task a,b`` / ``all``), runs scratch once, keeps
+going when one pretraining or fine-tune fails, and survives SIGKILL: runs of dead processes
+are marked KILLED first, finished fine-tunes are skipped, an interrupted pretraining resumes
+from its last epoch checkpoint (:mod:`medssl_bench.checkpoint`).
+"""
 
 from __future__ import annotations
 
 import math
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -14,6 +26,7 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator
 
+from medssl_bench.checkpoint import load_checkpoint, save_checkpoint
 from medssl_bench.config import PluginConfig
 from medssl_bench.engine import (
     FinetuneConfig,
@@ -24,7 +37,7 @@ from medssl_bench.engine import (
     pretrain,
     subset,
 )
-from medssl_bench.errors import BenchError, TrainingError
+from medssl_bench.errors import BenchError, TrainingError  # noqa: F401 (tests patch it here)
 from medssl_bench.hookspecs import hookimpl
 from medssl_bench.identity import ids_hash, key_of
 from medssl_bench.interfaces import Backbone, Dataset, DataSplits, Protocol, ProxyTask
@@ -40,8 +53,32 @@ class Outcome:
     """What happened to one unit of work in a sweep."""
 
     what: str
-    status: str  # "ran", "reused", "failed"
+    status: str  # "ran", "reused", "failed", "skipped"
     detail: str = ""
+    task: str = ""
+    stage: str = "finetune"  # or "pretrain"
+
+
+#: Seconds to sleep after every epoch (pretraining and fine-tuning): a test hook that makes
+#: the kill-and-resume test deterministic on busy machines. Unset in normal use.
+EPOCH_DELAY_ENV = "MEDSSL_BENCH_TEST_EPOCH_DELAY"
+
+
+def _test_delay() -> None:
+    delay = float(os.environ.get(EPOCH_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def dataset_ref(dataset: Dataset, data: DataSplits) -> str:
+    """What published rows match against: ``name:file-stem`` for file-backed datasets
+    (``medmnist3d:adrenalmnist3d``), or a plugin-given ``extra["reference"]``."""
+    extra = data.info.extra or {}
+    if extra.get("reference"):
+        return str(extra["reference"])
+    if extra.get("file"):
+        return f"{dataset.name}:{Path(str(extra['file'])).name.split('.')[0]}"
+    return dataset.name
 
 
 @dataclass
@@ -77,6 +114,9 @@ class Sweep:
         self.protocol_cfg = ctx.run.configs["protocol"]
         self.experiment = ctx.tracker.experiment_id(ctx.run.spec.name)
         self.env_tags = environment_tags(str(ctx.device))
+        reaped = ctx.tracker.reap_dead()
+        if reaped:
+            ctx.echo(f"Marked {len(reaped)} run(s) left RUNNING by a killed process as KILLED.")
 
     # ------------------------------------------------------------------ identity
     def versions(self, task: ProxyTask, dataset: Dataset) -> dict[str, str]:
@@ -130,28 +170,60 @@ class Sweep:
                 ctx.tracker.finish(run_id)
             else:
                 run_id = parent.info.run_id
-            ctx.outcomes.append(Outcome(f"pretrain {task.name}", "reused", str(cache)))
+            ctx.outcomes.append(Outcome(f"pretrain {task.name} on {dataset.name}", "reused",
+                                        str(cache), task.name, "pretrain"))
             ctx.echo(f"Reusing pretrained {task.name} encoder from {cache}")
             return weights, key, run_id
+        checkpoint = cache.with_name(f"{key}.ckpt.safetensors")
+        resume = self._resume_state(checkpoint)
         run_id = ctx.tracker.start(self.experiment, f"pretrain {task.name}", key, "pretrain",
                                    tags, params)
+        label = f"pretrain {task.name}" + (
+            f" on {corpus_label(dataset, ctx.plugins['dataset'])}"
+            if dataset is not ctx.plugins.get("dataset") else "")
         try:
+            if resume is not None:
+                ctx.tracker.set_tags(run_id, {"resumed_from_epoch": resume["epoch"]})
+                for epoch, logs in enumerate(resume["history"]):
+                    ctx.tracker.log_metrics(run_id, logs, epoch)
+                ctx.echo(f"Resuming {label} from its epoch-{resume['epoch']} checkpoint")
+
+            def on_checkpoint(state: dict[str, Any]) -> None:
+                save_checkpoint(state, checkpoint)
+                _test_delay()
+
             result = pretrain(
                 task, self.backbone, data.unlabeled, data.info, self.pretrain_cfg, ctx.device,
                 self.protocol_cfg.pretrain_seed,
                 on_epoch=lambda logs, epoch: ctx.tracker.log_metrics(run_id, logs, epoch),
-                progress=ctx.progress,
+                progress=ctx.progress, resume=resume, on_checkpoint=on_checkpoint,
             )
             save_weights(result.weights, cache, {"pretrain_key": key, "task": task.name})
+            checkpoint.unlink(missing_ok=True)
             ctx.tracker.log_file(run_id, cache, "weights")
             ctx.tracker.log_metrics(run_id, {"pretrain_seconds": result.seconds})
         except BaseException as exc:
-            ctx.tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"})
+            ctx.tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:4000]})
             ctx.tracker.finish(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
             raise
         ctx.tracker.finish(run_id)
-        ctx.outcomes.append(Outcome(f"pretrain {task.name}", "ran", f"{result.seconds:.0f}s"))
+        detail = f"{result.seconds:.0f}s" + (f", resumed at epoch {resume['epoch']}" if resume else "")
+        ctx.outcomes.append(Outcome(label, "ran", detail, task.name, "pretrain"))
         return result.weights, key, run_id
+
+    def _resume_state(self, checkpoint: Path) -> dict[str, Any] | None:
+        """The last epoch checkpoint of an interrupted pretraining, unless --force."""
+        if not checkpoint.exists():
+            return None
+        if self.ctx.force:
+            checkpoint.unlink()
+            return None
+        try:
+            return load_checkpoint(checkpoint)
+        except BenchError as exc:
+            self.ctx.echo(f"[yellow]Ignoring a damaged checkpoint[/yellow]: {exc}")
+            checkpoint.unlink(missing_ok=True)
+            return None
 
     # ------------------------------------------------------------------ fine-tuning
     def finetune_one(
@@ -175,34 +247,54 @@ class Sweep:
             "finetune": self.finetune_cfg.model_dump(mode="json"),
             "fraction": fraction, "seed": seed, "subset": ids_hash(ids),
         })
+        if pretrain_dataset and pretrain_dataset != dataset.name:
+            what = f"{task.name} (pretrained on {pretrain_dataset}) {fraction:g}% seed {seed}"
         if not ctx.force and ctx.tracker.find(self.experiment, key) is not None:
-            ctx.outcomes.append(Outcome(what, "reused"))
+            ctx.outcomes.append(Outcome(what, "reused", task=task.name))
+            return None
+        if ctx.tracker.running_elsewhere(self.experiment, key) is not None:
+            ctx.outcomes.append(Outcome(what, "skipped", "running in another live process",
+                                        task.name))
             return None
         tags = {**self.env_tags, "task": task.name, "backbone": self.backbone.name,
                 "dataset": dataset.name, "protocol": self.run.spec.name,
                 "spec_version": self.run.spec.version, "fraction": fraction, "seed": seed,
-                "metric": metric, "pretrain_dataset": pretrain_dataset or dataset.name}
+                "metric": metric, "pretrain_dataset": pretrain_dataset or "-",
+                "dataset_ref": dataset_ref(dataset, data)}
+        if "target" in type(self.protocol_cfg).model_fields:
+            tags["target"] = self.protocol_cfg.target
         params = {"fraction": fraction, "seed": seed, "n_labeled": len(indices),
                   "finetune": self.finetune_cfg.model_dump(mode="json"),
                   "protocol": self.protocol_cfg.model_dump(mode="json")}
         run_id = ctx.tracker.start(self.experiment, what, key, "finetune", tags, params, parent_id)
+        t0 = time.perf_counter()
+
+        epoch_seconds: list[float] = []
+
+        def on_epoch(logs: dict[str, float], epoch: int) -> None:
+            # wall time per epoch feeds the convergence protocol's time-to-target
+            epoch_seconds.append(time.perf_counter() - t0)
+            ctx.tracker.log_metrics(run_id, {**logs, "elapsed_seconds": epoch_seconds[-1]}, epoch)
+            _test_delay()
+
         try:
             result = finetune(
                 self.backbone, info, subset(data.train, indices), data.val, data.test,
                 weights, self.finetune_cfg, ctx.device, seed,
-                on_epoch=lambda logs, epoch: ctx.tracker.log_metrics(run_id, logs, epoch),
-                progress=ctx.progress, label=what,
+                on_epoch=on_epoch, progress=ctx.progress, label=what,
             )
             value = result.test_metrics.get(metric, math.nan)
             record = ResultRecord(
                 protocol=self.run.spec.name, spec_version=self.run.spec.version,
                 dataset=dataset.name, task=task.name, backbone=self.backbone.name,
-                pretrain_dataset=pretrain_dataset, fraction=fraction, seed=seed,
+                pretrain_dataset=pretrain_dataset, dataset_ref=tags["dataset_ref"],
+                fraction=fraction, seed=seed,
                 n_labeled=len(indices), subset_hash=ids_hash(ids), subset_ids=ids,
                 split_hash=data.split_hash, metric=metric, value=value,
                 test_metrics=result.test_metrics, val_history=result.val_history,
                 best_epoch=result.best_epoch, run_key=key, pretrain_key=pretrain_key,
                 configs=self.run.as_dict() | {"task": task.config.model_dump(mode="json")},
+                epoch_seconds=list(epoch_seconds),
                 versions=self.versions(task, dataset) | {
                     k: v for k, v in self.env_tags.items() if "version" in k or k == "git.sha"},
                 device=str(ctx.device), seconds=result.seconds,
@@ -216,16 +308,99 @@ class Sweep:
             ctx.tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:4000]})
             ctx.tracker.finish(run_id, "FAILED")
             detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc(limit=3)
-            ctx.outcomes.append(Outcome(what, "failed", detail))
+            ctx.outcomes.append(Outcome(what, "failed", detail, task.name))
             ctx.echo(f"[red]FAILED[/red] {what}: {exc}")
             return None
         except BaseException:
             ctx.tracker.finish(run_id, "KILLED")
             raise
         ctx.tracker.finish(run_id)
-        ctx.outcomes.append(Outcome(what, "ran", f"{metric}={value:.4f}"))
+        ctx.outcomes.append(Outcome(what, "ran", f"{metric}={value:.4f}", task.name))
         ctx.echo(f"{what}: test {metric} = {value:.4f} ({result.seconds:.0f}s)")
         return record
+
+
+class SweepConfig(PluginConfig):
+    """Settings every built-in protocol shares: label fractions x seeds, metric, scratch."""
+
+    fractions: list[float] = Field(
+        default=[5, 10, 25, 50, 100], min_length=1,
+        description="Percent of the labeled training split to fine-tune on (Taleb et al.).")
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1,
+                             description="Fine-tuning seeds (label subset and initialisation).")
+    pretrain_seed: int = Field(default=0, description="Seed of the single pretraining.")
+    metric: str = Field(default="auto", description="Metric to rank by; auto = the dataset's "
+                        "main metric (mean Dice for segmentation, AUC for classification).")
+    include_scratch: bool = Field(default=True, description="Run the scratch baseline too.")
+
+    @field_validator("fractions")
+    @classmethod
+    def _fractions_in_range(cls, values: list[float]) -> list[float]:
+        for v in values:
+            if not 0 < v <= 100:
+                raise ValueError(f"fraction {v} must be a percentage in (0, 100]")
+        return sorted(set(values))
+
+
+def corpus_label(source: Dataset, target: Dataset) -> str:
+    """How results name the pretraining corpus: its plugin name, or when A and B are the same
+    plugin configured differently, the name with the settings that differ (``phantom3d(seed=5)``)."""
+    if source.name != target.name:
+        return source.name
+    a, b = source.config.model_dump(mode="json"), target.config.model_dump(mode="json")
+    diff = [f"{k}={a[k]}" for k in sorted(a) if a[k] != b.get(k)]
+    if not diff:
+        return source.name
+    text = ",".join(diff)
+    return f"{source.name}({text if len(text) <= 60 else key_of(a, 8)})"
+
+
+def load_data(ctx: RunContext, dataset: Dataset, role: str = "") -> DataSplits:
+    t0 = time.perf_counter()
+    data = dataset.load()
+    ctx.echo(f"Dataset {dataset.name}{role}: {len(data.unlabeled)} unlabeled, {len(data.train)} "
+             f"train, {len(data.val)} val, {len(data.test)} test ({time.perf_counter() - t0:.1f}s)")
+    return data
+
+
+def run_sweep(
+    ctx: RunContext,
+    config: SweepConfig,
+    dataset: Dataset,
+    data: DataSplits,
+    sources: list[tuple[Dataset, DataSplits, str]],
+) -> list[ResultRecord]:
+    """Every task pretrains once per source corpus, then fine-tunes on ``dataset`` over
+    fractions x seeds; scratch runs once. A failed pretraining skips that task's fine-tunes
+    only. ``sources`` are (dataset, its data, the label results record as pretrain_dataset)."""
+    sweep = Sweep(ctx)
+    if config.metric != "auto" and config.metric not in data.info.metrics:
+        raise BenchError(f"protocol.metric {config.metric!r} is not reported by dataset "
+                         f"{dataset.name!r}; choose one of {', '.join(data.info.metrics)}.")
+    tasks: list[ProxyTask] = list(ctx.plugins.get("tasks") or [ctx.plugins["task"]])
+    pretraining = [t for t in tasks if t.pretrains]
+    with_scratch = config.include_scratch or len(pretraining) < len(tasks)
+    jobs: list[tuple[ProxyTask, Dataset, DataSplits, str]] = [
+        (task, *source) for task in pretraining for source in sources]
+    if with_scratch:
+        jobs.append((ctx.registry.get("task", "scratch")(), dataset, data, dataset.name))
+    records: list[ResultRecord] = []
+    for task, src, src_data, src_label in jobs:
+        try:
+            weights, key, parent = sweep.pretrained(task, src, src_data)
+        except Exception as exc:  # one task's failure must not end the sweep
+            detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc(limit=3)
+            ctx.outcomes.append(Outcome(f"pretrain {task.name} on {src_label}", "failed", detail,
+                                        task.name, "pretrain"))
+            ctx.echo(f"[red]FAILED[/red] pretraining {task.name} on {src_label}: {exc}")
+            continue
+        for seed in config.seeds:
+            for fraction in config.fractions:
+                record = sweep.finetune_one(task, dataset, data, weights, key, parent, fraction,
+                                            seed, src_label if task.pretrains else None)
+                if record is not None:
+                    records.append(record)
+    return records
 
 
 class DataEfficiency(Protocol):
@@ -233,56 +408,76 @@ class DataEfficiency(Protocol):
 
     name = "data-efficiency"
 
-    class Config(PluginConfig):
-        fractions: list[float] = Field(
-            default=[5, 10, 25, 50, 100], min_length=1,
-            description="Percent of the labeled training split to fine-tune on (Taleb et al.).")
-        seeds: list[int] = Field(default=[0, 1, 2], min_length=1,
-                                 description="Fine-tuning seeds (label subset and initialisation).")
-        pretrain_seed: int = Field(default=0, description="Seed of the single pretraining.")
-        metric: str = Field(default="auto", description="Metric to rank by; auto = the dataset's "
-                            "main metric (mean Dice for segmentation, AUC for classification).")
-        include_scratch: bool = Field(default=True, description="Run the scratch baseline too.")
-
-        @field_validator("fractions")
-        @classmethod
-        def _fractions_in_range(cls, values: list[float]) -> list[float]:
-            for v in values:
-                if not 0 < v <= 100:
-                    raise ValueError(f"fraction {v} must be a percentage in (0, 100]")
-            return sorted(set(values))
+    class Config(SweepConfig):
+        pass
 
     def run(self, ctx: RunContext) -> list[ResultRecord]:
-        sweep = Sweep(ctx)
         dataset: Dataset = ctx.plugins["dataset"]
-        task: ProxyTask = ctx.plugins["task"]
-        t0 = time.perf_counter()
-        data = dataset.load()
-        ctx.echo(f"Dataset {dataset.name}: {len(data.unlabeled)} unlabeled, {len(data.train)} train, "
-                 f"{len(data.val)} val, {len(data.test)} test ({time.perf_counter() - t0:.1f}s)")
-        tasks = [task]
-        if self.config.include_scratch and task.pretrains:
-            tasks.append(ctx.registry.get("task", "scratch")())
-        if self.config.metric != "auto" and self.config.metric not in data.info.metrics:
-            raise BenchError(f"protocol.metric {self.config.metric!r} is not reported by dataset "
-                             f"{dataset.name!r}; choose one of {', '.join(data.info.metrics)}.")
-        records: list[ResultRecord] = []
-        for current in tasks:
-            try:
-                weights, key, parent = sweep.pretrained(current, dataset, data)
-            except TrainingError as exc:
-                ctx.outcomes.append(Outcome(f"pretrain {current.name}", "failed", str(exc)))
-                ctx.echo(f"[red]FAILED[/red] pretraining {current.name}: {exc}")
-                continue
-            for seed in self.config.seeds:
-                for fraction in self.config.fractions:
-                    record = sweep.finetune_one(current, dataset, data, weights, key, parent,
-                                                fraction, seed)
-                    if record is not None:
-                        records.append(record)
+        if ctx.plugins.get("pretrain_dataset") is not None:
+            raise BenchError(f"--pretrain-dataset belongs to the transfer protocol; "
+                             f"{self.name} pretrains on --dataset itself.")
+        data = load_data(ctx, dataset)
+        return run_sweep(ctx, self.config, dataset, data, [(dataset, data, dataset.name)])
+
+
+class Transfer(Protocol):
+    """Pretrain on corpus A, fine-tune on dataset B; beside pretraining on B and scratch."""
+
+    name = "transfer"
+
+    class Config(SweepConfig):
+        include_same_dataset: bool = Field(
+            default=True, description="Also pretrain on the target dataset's own unlabeled pool "
+            "(the data-efficiency set-up), so the table shows A -> B next to B -> B.")
+
+    def run(self, ctx: RunContext) -> list[ResultRecord]:
+        dataset: Dataset = ctx.plugins["dataset"]
+        source: Dataset | None = ctx.plugins.get("pretrain_dataset")
+        if source is None:
+            raise BenchError("The transfer protocol needs the pretraining corpus: add "
+                             "--pretrain-dataset NAME (configured by --set pretrain_dataset.x=...).")
+        data = load_data(ctx, dataset, " (fine-tuning)")
+        source_data = load_data(ctx, source, " (pretraining)")
+        if source_data.info.channels != data.info.channels:
+            ctx.echo(f"Channels differ ({source.name}: {source_data.info.channels}, {dataset.name}: "
+                     f"{data.info.channels}): the first layer is adapted by "
+                     f"{ctx.run.configs['finetune'].channel_adaptation}.")
+        sources = [(source, source_data, corpus_label(source, dataset))]
+        if self.config.include_same_dataset:
+            sources.append((dataset, data, dataset.name))
+        return run_sweep(ctx, self.config, dataset, data, sources)
+
+
+class Convergence(Protocol):
+    """Validation metric per epoch, pretrained vs scratch: epochs and time to reach a share
+    of scratch's final score (Taleb et al. Fig. 5)."""
+
+    name = "convergence"
+
+    class Config(SweepConfig):
+        fractions: list[float] = Field(default=[100], min_length=1, description="Label fractions "
+                                       "(percent); convergence is usually read at 100 %.")
+        target: float = Field(default=0.95, gt=0, le=1.5, description="Share of scratch's final "
+                              "validation score a run must reach (0.95 = 95 %).")
+
+    def run(self, ctx: RunContext) -> list[ResultRecord]:
+        from medssl_bench.analysis import convergence_table
+
+        dataset: Dataset = ctx.plugins["dataset"]
+        data = load_data(ctx, dataset)
+        records = run_sweep(ctx, self.config, dataset, data, [(dataset, data, dataset.name)])
+        try:
+            rows = convergence_table(ctx.tracker, protocol=self.name, dataset=dataset.name)
+        except Exception as exc:  # a summary must never lose the finished runs
+            ctx.echo(f"[yellow]No convergence summary[/yellow]: {exc}")
+            return records
+        for row in rows:
+            ctx.echo(row.describe())
         return records
 
 
 @hookimpl
 def bench_register_protocols(register):
     register(DataEfficiency)
+    register(Transfer)
+    register(Convergence)

@@ -17,7 +17,10 @@ class ResultRecord(BaseModel):
     dataset: str
     task: str
     backbone: str
-    pretrain_dataset: str | None = Field(default=None, description="Differs from dataset in transfer.")
+    pretrain_dataset: str | None = Field(default=None, description="Differs from dataset in "
+                                         "transfer; None for scratch.")
+    dataset_ref: str = Field(default="", description="What published reference rows match "
+                             "against, e.g. medmnist3d:adrenalmnist3d.")
     fraction: float = Field(description="Percent of the labeled training split used.")
     seed: int
     n_labeled: int
@@ -35,3 +38,5 @@ class ResultRecord(BaseModel):
     versions: dict[str, str]
     device: str
     seconds: float
+    epoch_seconds: list[float] = Field(default_factory=list, description="Wall time at the end "
+                                       "of each fine-tuning epoch (convergence protocol).")

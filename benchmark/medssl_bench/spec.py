@@ -9,7 +9,7 @@ overrides.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +28,9 @@ from medssl_bench.interfaces import Backbone, Dataset, Protocol, ProxyTask
 from medssl_bench.plugins import Registry
 
 SECTIONS = ("task", "backbone", "dataset", "protocol", "pretrain", "finetune")
+#: Sections a --config file or --set may name: the above plus the transfer protocol's
+#: pretraining corpus, validated by that dataset's own Config.
+ALL_SECTIONS = (*SECTIONS, "pretrain_dataset")
 PRESETS = ("quick", "paper")
 
 
@@ -89,14 +92,56 @@ class ResolvedRun:
     names: dict[str, str]  # task / backbone / dataset / protocol -> plugin name
     configs: dict[str, Any]  # section -> validated pydantic config
     preset: str | None
+    #: A sweep over several proxy tasks (``--task a,b`` or ``all``): name -> validated
+    #: Config; ``names["task"]``/``configs["task"]`` are the first of them.
+    task_configs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.task_configs) or [self.names["task"]]
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "names": dict(self.names),
             "preset": self.preset,
             "spec": {"name": self.spec.name, "version": self.spec.version},
             **{k: v.model_dump(mode="json") for k, v in self.configs.items()},
         }
+        if len(self.task_configs) > 1:
+            out["tasks"] = {k: v.model_dump(mode="json") for k, v in self.task_configs.items()}
+        return out
+
+
+def expand_tasks(registry: Registry, task: str, dims: int) -> list[str]:
+    """``a,b`` -> [a, b]; ``all`` -> every registered pretraining task of ``dims`` dims."""
+    if task.strip() == "all":
+        names = [n for n in registry.names("task")
+                 if getattr(registry.get("task", n), "pretrains", True)
+                 and getattr(registry.get("task", n), "spatial_dims", 3) == dims]
+        if not names:
+            raise ConfigError(f"--task all: no {dims}D pretraining task is registered.")
+        return names
+    names = [t.strip() for t in task.split(",") if t.strip()]
+    if not names:
+        raise ConfigError("--task needs a task name, a comma-separated list, or 'all'.")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--task {task!r} names a task twice.")
+    return names
+
+
+def _task_values(values: dict[str, Any], name: str, cls: Any, many: list[str]) -> dict[str, Any]:
+    """The task section for one task of a multi-task sweep: ``task.<name>.x`` for that task
+    only, plain ``task.x`` for every task whose Config has a field ``x``."""
+    shared = {k: v for k, v in values.items() if k not in many and k in cls.Config.model_fields}
+    return deep_merge(shared, values.get(name) or {})
+
+
+def _check_task_keys(values: dict[str, Any], many: list[str], registry: Registry) -> None:
+    fields = {f for n in many for f in registry.get("task", n).Config.model_fields}
+    unknown = sorted(k for k in values if k not in many and k not in fields)
+    if unknown:
+        raise ConfigError(f"task.{unknown[0]}: no task of this sweep ({', '.join(many)}) has "
+                          f"that setting; use task.<task name>.<setting> for one task only.")
 
 
 def resolve_run(
@@ -108,23 +153,29 @@ def resolve_run(
     preset: str | None = "quick",
     config_file: str | None = None,
     overrides: Mapping[str, Any] | None = None,
+    pretrain_dataset: str | None = None,
 ) -> ResolvedRun:
-    """Validate a run: plugin names, the spec and every config section."""
+    """Validate a run: plugin names, the spec and every config section.
+
+    Nothing here loads data or touches a dataset's files (recipes validate on any machine).
+    ``task`` may be ``a,b`` or ``all``; ``pretrain_dataset`` (transfer) names the corpus
+    pretraining reads, configured by the ``pretrain_dataset`` section.
+    """
     file_data: dict[str, Any] = load_yaml(config_file) if config_file else {}
     run_section = file_data.pop("run", {}) or {}
-    unknown = set(file_data) - set(SECTIONS)
+    unknown = set(file_data) - set(ALL_SECTIONS)
     if unknown:
         raise ConfigError(
             f"Config file {config_file!r}: unknown top-level keys {sorted(unknown)}; allowed are "
-            f"'run' and {', '.join(SECTIONS)}."
+            f"'run' and {', '.join(ALL_SECTIONS)}."
         )
     overrides = dict(overrides or {})
-    bad = set(overrides) - set(SECTIONS)
+    bad = set(overrides) - set(ALL_SECTIONS)
     if bad:
         key = sorted(bad)[0]
         raise ConfigError(
-            f"--set {key}...: unknown section {key!r}.{did_you_mean(key, SECTIONS)} "
-            f"Sections: {', '.join(SECTIONS)}."
+            f"--set {key}...: unknown section {key!r}.{did_you_mean(key, ALL_SECTIONS)} "
+            f"Sections: {', '.join(ALL_SECTIONS)}."
         )
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}.")
@@ -132,10 +183,19 @@ def resolve_run(
     spec = load_spec(protocol)
     names = {
         "protocol": protocol,
-        "task": task,
+        "task": task or run_section.get("task") or "",
         "backbone": backbone or run_section.get("backbone") or "unet3d",
         "dataset": dataset or run_section.get("dataset") or "phantom3d",
     }
+    dataset_cls = registry.get("dataset", names["dataset"])
+    many = expand_tasks(registry, names["task"], getattr(dataset_cls, "spatial_dims", 3))
+    names["task"] = many[0]
+    pre_name = pretrain_dataset or run_section.get("pretrain_dataset")
+    if pre_name:
+        names["pretrain_dataset"] = pre_name
+    elif file_data.get("pretrain_dataset") or overrides.get("pretrain_dataset"):
+        raise ConfigError("A pretrain_dataset section was given without naming the dataset: "
+                          "add --pretrain-dataset NAME (or run.pretrain_dataset in the file).")
     classes = {
         "task": registry.get("task", names["task"]),
         "backbone": registry.get("backbone", names["backbone"]),
@@ -145,6 +205,7 @@ def resolve_run(
     spec_preset = spec.presets.get(preset, {}) if preset else {}
     source = f"{config_file} / --set" if config_file else "--set"
     configs: dict[str, Any] = {}
+    task_configs: dict[str, Any] = {}
     for section in SECTIONS:
         values: dict[str, Any] = {}
         if section in ("protocol", "pretrain", "finetune"):
@@ -159,8 +220,33 @@ def resolve_run(
         model = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}.get(section)
         if model is None:
             model = classes[section].Config
+        if section == "task" and len(many) > 1:
+            shared = deep_merge(deep_merge(spec_preset.get("task", {}), file_data.get("task") or {}),
+                                overrides.get("task") or {})
+            _check_task_keys(shared, many, registry)
+            for name in many:
+                cls = registry.get("task", name)
+                merged = deep_merge(cls.presets.get(preset, {}) if preset else {},
+                                    _task_values(shared, name, cls, many))
+                task_configs[name] = validate_section(cls.Config, merged, f"task.{name}", source)
+            configs["task"] = task_configs[many[0]]
+            continue
         configs[section] = validate_section(model, values, section, source)
-    return ResolvedRun(spec=spec, names=names, configs=configs, preset=preset)
+    task_configs = task_configs or {many[0]: configs["task"]}
+    if pre_name:
+        pre_cls = registry.get("dataset", pre_name)
+        values = pre_cls.presets.get(preset, {}) if preset else {}
+        values = deep_merge(values, spec_preset.get("pretrain_dataset", {}))
+        values = deep_merge(values, file_data.get("pretrain_dataset") or {})
+        values = deep_merge(values, overrides.get("pretrain_dataset") or {})
+        configs["pretrain_dataset"] = validate_section(pre_cls.Config, values, "pretrain_dataset",
+                                                       source)
+        if getattr(pre_cls, "spatial_dims", 3) != getattr(dataset_cls, "spatial_dims", 3):
+            raise ConfigError(f"--pretrain-dataset {pre_name!r} is {pre_cls.spatial_dims}D but "
+                              f"--dataset {names['dataset']!r} is {dataset_cls.spatial_dims}D; "
+                              "transfer needs the same spatial dims.")
+    return ResolvedRun(spec=spec, names=names, configs=configs, preset=preset,
+                       task_configs=task_configs)
 
 
 def instantiate(registry: Registry, run: ResolvedRun) -> dict[str, Any]:
@@ -172,4 +258,8 @@ def instantiate(registry: Registry, run: ResolvedRun) -> dict[str, Any]:
         instance = cls(run.configs[kind])
         assert isinstance(instance, base)
         out[kind] = instance
+    out["tasks"] = [registry.get("task", n)(c) for n, c in run.task_configs.items()] or [out["task"]]
+    if "pretrain_dataset" in run.names:
+        out["pretrain_dataset"] = registry.get("dataset", run.names["pretrain_dataset"])(
+            run.configs["pretrain_dataset"])
     return out

@@ -3,6 +3,15 @@ group), a child run per fine-tune; run keys let reruns skip finished work.
 
 We use ``MlflowClient`` directly (no global active run) so a failed fine-tune can be closed
 as FAILED while the sweep goes on.
+
+Interrupted sweeps: every run records the host and pid (and the process start time) of the
+process that created it; :meth:`Tracker.reap_dead` marks runs of dead processes KILLED, so a
+rerun after SIGKILL leaves nothing RUNNING and redoes exactly the unfinished work.
+
+Several writers: SQLite allows one writer at a time, and MLflow surfaces contention as
+"database is locked". Every client call is retried with exponential backoff, so a few
+parallel sweeps on one ``sqlite:///`` store lose nothing. For many writers (a cluster of
+workers) run an MLflow server and pass ``--tracking-uri http://host:5000``.
 """
 
 from __future__ import annotations
@@ -10,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +37,74 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT_PREFIX = "medssl-bench/"
 TAG_KIND = "medssl_bench.kind"
 TAG_KEY = "medssl_bench.run_key"
+TAG_HOST = "medssl_bench.host"
+TAG_PID = "medssl_bench.pid"
+TAG_PROC_START = "medssl_bench.proc_start"
+RETRY_SECONDS = float(os.environ.get("BENCH_TRACKING_RETRY_SECONDS", "120"))
+
+
+def _is_locked(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return "database is locked" in text or "database table is locked" in text
+
+
+class RetryingClient:
+    """Wraps an ``MlflowClient``: every call is retried while SQLite says it is locked.
+
+    SQLite raises before committing, so a retried call never applies twice.
+    """
+
+    def __init__(self, client: Any, budget: float = RETRY_SECONDS) -> None:
+        self._client = client
+        self._budget = budget
+        self.retries = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            deadline = time.monotonic() + self._budget
+            delay = 0.05
+            while True:
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as exc:
+                    if not _is_locked(exc) or time.monotonic() > deadline:
+                        raise
+                    self.retries += 1
+                    time.sleep(delay * (0.5 + random.random()))
+                    delay = min(delay * 2, 2.0)
+
+        return call
+
+
+def process_start(pid: int) -> str:
+    """The kernel's start time of ``pid`` (guards against pid reuse); "" when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def process_alive(pid: int, start: str = "") -> bool:
+    """Whether ``pid`` still runs on this host (and is the same process when ``start`` is known)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = process_start(pid)
+    return not (start and now and now != start)
+
+
+def owner_tags() -> dict[str, str]:
+    """Who runs this: lets a later process tell a live run from one left by a killed process."""
+    pid = os.getpid()
+    return {TAG_HOST: socket.gethostname(), TAG_PID: str(pid), TAG_PROC_START: process_start(pid)}
 
 
 def _quiet_mlflow() -> None:
@@ -88,7 +167,7 @@ class Tracker:
         self.uri = uri
         self.mlflow = mlflow
         try:
-            self.client = MlflowClient(tracking_uri=uri)
+            self.client = RetryingClient(MlflowClient(tracking_uri=uri))
             self.client.search_experiments(max_results=1)
         except Exception as exc:
             raise BenchError(
@@ -141,7 +220,8 @@ class Tracker:
     ) -> str:
         from mlflow.entities import Param
 
-        all_tags = {TAG_KEY: key, TAG_KIND: kind, **{k: str(v) for k, v in tags.items()}}
+        all_tags = {TAG_KEY: key, TAG_KIND: kind, **owner_tags(),
+                    **{k: str(v) for k, v in tags.items()}}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         run = self.client.create_run(experiment_id, run_name=name, tags=all_tags)
@@ -176,8 +256,50 @@ class Tracker:
             self.client.log_artifact(run_id, str(target))
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(run_id, k, str(v)[:5000])
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)[:5000]) for k, v in tags.items()]
+        if batch:
+            self.client.log_batch(run_id, tags=batch, synchronous=True)
+
+    def running(self, experiment_ids: list[str] | None = None) -> list[Any]:
+        ids = experiment_ids or [e.experiment_id for e in self.experiments()]
+        if not ids:
+            return []
+        return list(self.client.search_runs(
+            ids, filter_string="attributes.status = 'RUNNING'", max_results=5000))
+
+    def owner_alive(self, run: Any) -> bool:
+        """False when ``run`` was started on this host by a process that is gone.
+
+        Runs of other hosts (or without owner tags) count as alive: we cannot tell.
+        """
+        tags = run.data.tags
+        if tags.get(TAG_HOST) != socket.gethostname() or not tags.get(TAG_PID, "").isdigit():
+            return True
+        return process_alive(int(tags[TAG_PID]), tags.get(TAG_PROC_START, ""))
+
+    def reap_dead(self, experiment_ids: list[str] | None = None) -> list[str]:
+        """Mark runs left RUNNING by dead processes of this host as KILLED; their ids."""
+        reaped = []
+        for run in self.running(experiment_ids):
+            if not self.owner_alive(run):
+                self.client.set_tag(run.info.run_id, "medssl_bench.reaped",
+                                    f"owner pid {run.data.tags.get(TAG_PID)} is gone")
+                self.client.set_terminated(run.info.run_id, "KILLED")
+                reaped.append(run.info.run_id)
+        return reaped
+
+    def running_elsewhere(self, experiment_id: str, key: str) -> Any | None:
+        """A RUNNING run with ``key`` owned by another live process (a parallel sweep)."""
+        for run in self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TAG_KEY}` = '{key}' and attributes.status = 'RUNNING'",
+            max_results=10,
+        ):
+            if run.data.tags.get(TAG_PID) != str(os.getpid()) and self.owner_alive(run):
+                return run
+        return None
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
