@@ -126,7 +126,7 @@ def interp_uniform(values: Tensor, table: Tensor) -> Tensor:
 
 
 def nonlinear_intensity(
-    volumes: Tensor, generator, curve_points: int = 4096, table_size: int = 4096,
+    volumes: Tensor, generator, curve_points: int = 2048, table_size: int = 2048,
     decreasing_rate: float = 0.5, active: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Map each sample's intensities through its own random monotone Bezier curve (the
@@ -245,8 +245,9 @@ def local_shuffle_round(
     else:
         delta = _full_permutation_delta(start, sides, max_sides, strides, generator)
         delta = delta.contiguous()
-    outside = [_to_axis(~m, a, max_sides[2]) for a, m in enumerate(inside)]
-    outside = (outside[0] | outside[1]).logical_or_(outside[2])
+    axes = [_to_axis(~m, a, max_sides[2]) for a, m in enumerate(inside)]
+    outside = torch.empty(delta.shape, dtype=torch.bool, device=device)
+    torch.logical_or(axes[0], axes[1], out=outside).logical_or_(axes[2])
     delta.masked_fill_(outside, 0)
     own = [(torch.arange(n, device=device) - o) * st
            for n, o, st in zip(padded, offsets, strides, strict=True)]
@@ -297,10 +298,13 @@ def local_shuffle(
     cells = math.prod(-(-s // c) for s, c in zip(volumes.shape[2:], max_sides, strict=True))
     rounds = max(1, -(-windows // cells))
     per_round = -(-windows // rounds)
-    out = volumes
-    for _ in range(rounds):
-        out = local_shuffle_round(out, per_round, max_sides, generator, active, separable)
-    return out
+    # Shuffle only the active samples (a host sync for their count): half the voxel work at
+    # the reference's rate of 0.5.
+    index = None if active is None else active.nonzero().flatten()
+    out = volumes if index is None else volumes.index_select(0, index)
+    for _ in range(rounds if out.shape[0] else 0):
+        out = local_shuffle_round(out, per_round, max_sides, generator, None, separable)
+    return out if index is None else volumes.index_copy(0, index, out)
 
 
 # --------------------------------------------------------------------------- cutouts
