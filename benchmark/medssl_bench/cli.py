@@ -19,8 +19,9 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--protocol", required=True, help="Protocol name, e.g. data-efficiency.")
-    p.add_argument("--task", required=True, help="Proxy task name, e.g. rotation3d (see `bench "
+    p.add_argument("--protocol", help="Protocol name, e.g. data-efficiency (or run.protocol in "
+                   "--config).")
+    p.add_argument("--task", help="Proxy task name, e.g. rotation3d (see `bench "
                    "plugins`); several as rotation3d,jigsaw3d, or all (every pretraining task of "
                    "the dataset's dims). Each pretrains once; scratch runs once.")
     p.add_argument("--backbone", help="Backbone name (default unet3d).")

@@ -180,6 +180,11 @@ def resolve_run(
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}.")
 
+    protocol = protocol or run_section.get("protocol") or ""
+    if not protocol:
+        raise ConfigError("No protocol: give --protocol NAME (or run.protocol in --config).")
+    if not (task or run_section.get("task")):
+        raise ConfigError("No task: give --task NAME (or run.task in --config).")
     spec = load_spec(protocol)
     names = {
         "protocol": protocol,

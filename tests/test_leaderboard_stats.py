@@ -1,0 +1,147 @@
+"""Leaderboard statistics against scipy on known inputs; ranking, annotation saving,
+spec-version separation and published reference rows. No training, no MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from medssl_bench import leaderboard as lb
+from medssl_bench.errors import BenchError
+
+VALUES = {
+    ("rotation3d", 10): [0.50, 0.55, 0.53],
+    ("rotation3d", 100): [0.70, 0.72, 0.71],
+    ("jigsaw3d", 10): [0.40, 0.42, 0.47],
+    ("jigsaw3d", 100): [0.69, 0.73, 0.70],
+    ("scratch", 10): [0.30, 0.35, 0.31],
+    ("scratch", 100): [0.60, 0.66, 0.63],
+}
+
+
+def _results(version: int = 1, protocol: str = "data-efficiency", values=VALUES,
+             dataset_ref: str = "phantom3d", metric: str = "dice_mean"):
+    out = []
+    for (task, fraction), vals in values.items():
+        for seed, v in enumerate(vals):
+            out.append({"protocol": protocol, "spec_version": version, "dataset": "phantom3d",
+                        "pretrain_dataset": "" if task == "scratch" else "phantom3d",
+                        "task": task, "backbone": "unet3d", "fraction": float(fraction),
+                        "metric": metric, "seed": seed, "value": v, "dataset_ref": dataset_ref})
+    return out
+
+
+def _row(rows, task, fraction):
+    return next(r for r in rows if r.task == task and r.fraction == fraction)
+
+
+def test_mean_std_ci_and_welch_match_scipy():
+    rows = lb.aggregate(_results())
+    for (task, fraction), vals in VALUES.items():
+        row = _row(rows, task, fraction)
+        arr = np.array(vals)
+        assert row.n == 3
+        assert row.mean == pytest.approx(arr.mean())
+        assert row.std == pytest.approx(arr.std(ddof=1))
+        low, high = stats.t.interval(0.95, len(arr) - 1, loc=arr.mean(), scale=stats.sem(arr))
+        assert (row.ci_low, row.ci_high) == (pytest.approx(low), pytest.approx(high))
+        if task != "scratch":
+            expected = stats.ttest_ind(arr, VALUES[("scratch", fraction)], equal_var=False).pvalue
+            assert row.p_vs_scratch == pytest.approx(expected)
+    best = _row(rows, "rotation3d", 10)
+    assert best.rank == 1 and best.p_vs_best is None
+    jig = _row(rows, "jigsaw3d", 10)
+    assert jig.rank == 2
+    assert jig.p_vs_best == pytest.approx(
+        stats.ttest_ind(VALUES[("jigsaw3d", 10)], VALUES[("rotation3d", 10)], equal_var=False).pvalue)
+    assert _row(rows, "scratch", 10).rank == 3
+
+
+def test_p_value_formatting_marks_not_significant():
+    assert lb.fmt_p(0.2) == "0.200 n.s."
+    assert lb.fmt_p(0.01) == "0.010"
+    assert lb.fmt_p(None) == "-"
+    md = lb.as_markdown(lb.aggregate(_results()))
+    assert "n.s." in md and "Mean rank across fractions" in md
+
+
+def test_mean_rank_across_fractions():
+    ranks = {d["label"]: d["mean_rank"] for d in lb.mean_ranks(lb.aggregate(_results()))}
+    # rotation3d: 1st at 10 %, 2nd at 100 % (jigsaw3d 0.7067 < rotation 0.71? no: 0.71 > 0.7067)
+    assert ranks["rotation3d"] == 1.0
+    assert ranks["jigsaw3d"] == 2.0
+    assert ranks["scratch"] == 3.0
+
+
+def test_interpolated_annotation_saving():
+    assert lb.interpolate_fraction([10, 25, 50, 100], [0.5, 0.6, 0.7, 0.8], 0.65) == pytest.approx(37.5)
+    assert lb.interpolate_fraction([10, 100], [0.7, 0.8], 0.6) == 10  # already there: upper bound
+    assert lb.interpolate_fraction([10, 100], [0.3, 0.5], 0.6) is None
+    savings = {s["label"]: s for s in lb.annotation_saving(lb.aggregate(_results()))}
+    scratch_full = np.mean(VALUES[("scratch", 100)])
+    rot = savings["rotation3d"]
+    m10, m100 = np.mean(VALUES[("rotation3d", 10)]), np.mean(VALUES[("rotation3d", 100)])
+    expected = 10 + (scratch_full - m10) * 90 / (m100 - m10)
+    assert rot["reached"] and rot["fraction_needed"] == pytest.approx(expected)
+    assert rot["saving"] == pytest.approx(1 - expected / 100)
+    worse = dict(VALUES)
+    worse[("jigsaw3d", 100)] = [0.50, 0.52, 0.51]
+    savings = {s["label"]: s for s in lb.annotation_saving(lb.aggregate(_results(values=worse)))}
+    assert savings["jigsaw3d"]["reached"] is False and savings["jigsaw3d"]["fraction_needed"] is None
+    assert "not reached" in lb.as_markdown(lb.aggregate(_results(values=worse)))
+
+
+def test_spec_versions_are_never_ranked_together():
+    results = _results(1) + _results(2)
+    rows = lb.aggregate(results)
+    assert {r.n for r in rows} == {3}  # not pooled across versions
+    for version in (1, 2):
+        ranks = sorted(r.rank for r in rows if r.spec_version == version and r.fraction == 10)
+        assert ranks == [1, 2, 3]
+    assert lb.mixed_versions(results) == {"data-efficiency": [1, 2]}
+    with pytest.raises(BenchError, match="spec versions"):
+        lb.check_single_version(results)
+    lb.check_single_version(lb.filter_results(results, spec_version=2))
+
+
+def test_json_rows_and_summary():
+    rows = lb.aggregate(_results())
+    data = json.loads(lb.as_json(rows))
+    assert isinstance(data, list)
+    need = {"protocol", "dataset", "task", "backbone", "fraction", "metric", "mean", "std", "n",
+            "ci_low", "ci_high", "p_vs_best", "p_vs_scratch"}
+    assert all(need <= set(r) for r in data)
+    summary = json.loads(lb.as_json(rows, with_summary=True))
+    assert {"rows", "mean_ranks", "annotation_saving", "published"} <= set(summary)
+
+
+def test_transfer_labels_distinguish_corpora():
+    assert lb.task_label("rotation3d", "A", "B", "transfer") == "rotation3d (pretrained on A)"
+    assert lb.task_label("rotation3d", "B", "B", "transfer") == "rotation3d (pretrained on B)"
+    assert lb.task_label("rotation3d", "B", "B", "data-efficiency") == "rotation3d"
+    assert lb.task_label("scratch", "", "B", "transfer") == "scratch"
+
+
+def test_published_rows_match_dataset_ref_and_metric():
+    published = lb.published_rows()
+    assert all({"source", "dataset", "split", "metric", "protocol", "value"} <= set(p)
+               for p in published)
+    values = {("rotation3d", 100): [0.8, 0.82], ("scratch", 100): [0.78, 0.79]}
+    rows = lb.aggregate(_results(values=values, dataset_ref="medmnist3d:adrenalmnist3d",
+                                 metric="auc"))
+    refs = lb.matching_published(rows)
+    assert refs and all(r["ref_dataset"] == "medmnist3d:adrenalmnist3d" for r in refs)
+    resnet = next(r for r in refs if r["method"] == "ResNet-18 + 3D")
+    assert resnet["value"] == pytest.approx(0.827) and "MedMNIST" in resnet["source"]
+    assert not lb.matching_published(lb.aggregate(_results(values=values, metric="acc",
+                                                           dataset_ref="phantom3d")))
+    assert "ResNet-18 + 3D" in lb.as_markdown(rows)
+
+
+def test_single_seed_has_no_interval():
+    rows = lb.aggregate(_results(values={("scratch", 100): [0.5]}))
+    assert rows[0].n == 1 and math.isnan(rows[0].ci_low) and rows[0].p_vs_scratch is None
