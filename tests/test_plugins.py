@@ -29,7 +29,7 @@ def test_builtins_registered(registry):
 
 
 def test_unknown_name_suggests(registry):
-    with pytest.raises(PluginNotFoundError, match=r"Did you mean 'rotation3d'\?"):
+    with pytest.raises(PluginNotFoundError, match=r"Did you mean 'rotation3d'"):
         registry.get("task", "rotaton3d")
 
 
