@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
@@ -53,6 +52,8 @@ class Timm2DEncoder(Encoder):
         if out_indices is not None:
             kwargs["out_indices"] = tuple(out_indices)
         try:
+            import timm  # imported here: it takes seconds, and most runs never need it
+
             self.model = timm.create_model(
                 model_name, pretrained=False, features_only=True, in_chans=in_channels, **kwargs
             )
@@ -165,6 +166,8 @@ class Timm2D(Backbone):
         @field_validator("model")
         @classmethod
         def _known_model(cls, value: str) -> str:
+            import timm
+
             if not timm.is_model(value):
                 from medssl_bench.errors import did_you_mean
 
