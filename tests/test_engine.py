@@ -122,3 +122,14 @@ def test_finetune_learns_segmentation(registry):
                       FinetuneConfig(epochs=6, lr=3e-3, iterations_per_epoch=6, loss="dice_ce"),
                       torch.device("cpu"), 0)
     assert result.test_metrics["dice_organ"] > 0.3, result.test_metrics
+
+
+def test_too_small_images_get_a_clear_message(registry):
+    from medssl_bench.errors import ConfigError
+
+    data, _ = _tiny(registry, size=16)
+    bb_cls = registry.get("backbone", "unet3d")
+    deep = bb_cls(bb_cls.Config(width=0.25))  # five levels: needs 32 voxels per axis
+    with pytest.raises(ConfigError, match=r"too small.*backbone.filters"):
+        finetune(deep, data.info, data.train, data.val, data.test, None, FinetuneConfig(epochs=1),
+                 torch.device("cpu"), 0)

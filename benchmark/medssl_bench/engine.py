@@ -159,6 +159,24 @@ class Progress:
 NO_PROGRESS = Progress()
 
 
+def check_input_size(backbone: Backbone, spatial: tuple[int, ...]) -> None:
+    """The deepest feature map must keep at least 2 voxels per axis, or normalisation layers
+    fail with an obscure error; say which setting to change instead."""
+    multiple = backbone.size_multiple()
+    too_small = [s for s in spatial if math.ceil(s / multiple) * multiple < 2 * multiple]
+    if too_small:
+        raise ConfigError(
+            f"Images of size {spatial} are too small for backbone {backbone.name!r}, which "
+            f"downsamples by {multiple}: every axis needs at least {2 * multiple} voxels. Use "
+            "larger images (e.g. --set dataset.size=...) or fewer levels "
+            "(e.g. --set backbone.filters=[32,64,128])."
+        )
+
+
+def _as_tuple(value: Any, dims: int) -> tuple[int, ...]:
+    return tuple(value) if isinstance(value, list | tuple) else (int(value),) * dims
+
+
 def _first_image(dataset: TorchDataset) -> Tensor:
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise DataError("A dataset split is empty; it needs at least one case.")
@@ -392,6 +410,11 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune on ``train``, pick weights on ``val``, report metrics on ``test``."""
     seed_everything(seed)
+    patch = info.extra.get("patch_size") if info.kind == "segmentation" else None
+    spatial = tuple(_first_image(train).shape[1:])
+    if patch:
+        spatial = tuple(min(s, p) for s, p in zip(spatial, _as_tuple(patch, len(spatial)), strict=True))
+    check_input_size(backbone, spatial)
     model = build_downstream(backbone, info, pretrained, cfg).to(device)
     optimizer = torch.optim.Adam(
         [p for p in model.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -401,7 +424,6 @@ def finetune(
     main = info.main_metric
     best_score, best_epoch, best_state = -math.inf, -1, None
     history: list[dict[str, float]] = []
-    patch = info.extra.get("patch_size") if info.kind == "segmentation" else None
     patch_generator = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
