@@ -223,8 +223,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     table = Table(title="medssl-bench plugins")
-    for column in ("name", "kind", "distribution", "version", "status", "summary"):
-        table.add_column(column)
+    for column in ("name", "kind", "distribution", "version", "status"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("summary", overflow="fold", ratio=1)
     for r in rows:
         status = "[green]ok[/green]" if r["status"] == "ok" else "[red]failed[/red]"
         table.add_row(r["name"], r["kind"], r["distribution"], r["version"], status,
