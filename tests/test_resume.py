@@ -1,0 +1,185 @@
+"""Sweeps that survive: pickle-free checkpoints, exact pretraining resume, runs of dead
+processes marked KILLED, SQLite lock retries, and a real `bench run` subprocess killed with
+SIGKILL twice (mid-pretraining, then after the first fine-tune) and rerun to completion."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from medssl_bench.checkpoint import load_checkpoint, save_checkpoint
+from medssl_bench.errors import DataError
+from medssl_bench.tracking import TAG_PID, RetryingClient, Tracker
+
+TINY = ["dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=2", "dataset.n_val=2",
+        "dataset.n_test=2", "backbone.filters=[4,8]", "task.hidden=8",
+        "pretrain.iterations_per_epoch=1", "pretrain.batch_size=2", "finetune.epochs=1",
+        "finetune.warmup_epochs=0", "finetune.iterations_per_epoch=1", "protocol.fractions=[100]"]
+
+
+def test_checkpoint_round_trip_without_pickle(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    state = {"epoch": 3, "history": [{"loss": 1.0}], "model": model.state_dict(),
+             "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}
+    path = save_checkpoint(state, tmp_path / "c.safetensors")
+    assert path.read_bytes()[:8]  # a safetensors header, not a pickle
+    back = load_checkpoint(path)
+    assert back["epoch"] == 3 and back["history"] == [{"loss": 1.0}]
+    assert isinstance(back["optimizer"]["param_groups"][0]["betas"], tuple)
+    assert set(back["optimizer"]["state"]) == {0, 1}
+    fresh = torch.optim.Adam(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(back["optimizer"])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    (tmp_path / "bad.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="Delete it"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+
+
+def test_resumed_pretraining_equals_uninterrupted(registry):
+    from medssl_bench.engine import PretrainConfig, pretrain
+
+    dataset = registry.get("dataset", "phantom3d")(
+        registry.get("dataset", "phantom3d").Config(size=16, n_unlabeled=4))
+    data = dataset.load()
+    backbone_cls = registry.get("backbone", "unet3d")
+    backbone = backbone_cls(backbone_cls.Config(filters=[4, 8]))
+    task_cls = registry.get("task", "rotation3d")
+    cfg = PretrainConfig(epochs=2, batch_size=2, iterations_per_epoch=1)
+    device = torch.device("cpu")
+    straight = pretrain(task_cls(task_cls.Config(hidden=8)), backbone, data.unlabeled, data.info,
+                        cfg, device, 0)
+    saved = {}
+
+    def keep_first(state):
+        if state["epoch"] == 1:
+            saved["path"] = save_checkpoint(state, Path(os.environ.get("TMPDIR", "/tmp"))
+                                            / f"resume-{os.getpid()}.safetensors")
+
+    pretrain(task_cls(task_cls.Config(hidden=8)), backbone, data.unlabeled, data.info,
+             cfg.model_copy(update={"epochs": 1}), device, 0, on_checkpoint=keep_first)
+    resumed = pretrain(task_cls(task_cls.Config(hidden=8)), backbone, data.unlabeled, data.info,
+                       cfg, device, 0, resume=load_checkpoint(saved["path"]))
+    saved["path"].unlink()
+    for k, v in straight.weights["encoder"].items():
+        assert torch.allclose(v, resumed.weights["encoder"][k]), k
+    assert len(resumed.history) == 2
+
+
+def test_retrying_client_waits_out_locks():
+    calls = []
+
+    class Flaky:
+        def log_batch(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) < 3:
+                raise RuntimeError("(sqlite3.OperationalError) database is locked")
+            return "ok"
+
+        def other(self):
+            raise ValueError("real error")
+
+    client = RetryingClient(Flaky(), budget=5)
+    assert client.log_batch() == "ok" and client.retries == 2
+    with pytest.raises(ValueError):
+        client.other()
+
+
+def test_runs_of_dead_processes_are_marked_killed(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracker.experiment_id("test")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan = tracker.start(exp, "orphan", "k1", "finetune", {}, {})
+    tracker.client.set_tag(orphan, TAG_PID, str(dead.pid))
+    mine = tracker.start(exp, "mine", "k2", "finetune", {}, {})
+    assert tracker.reap_dead() == [orphan]
+    assert tracker.client.get_run(orphan).info.status == "KILLED"
+    assert tracker.client.get_run(mine).info.status == "RUNNING"
+    assert tracker.running_elsewhere(exp, "k2") is None  # our own run is not "elsewhere"
+
+
+# --------------------------------------------------------------------------- SIGKILL
+
+
+def _count(db: Path, sql: str) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute(sql).fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+FINISHED_FINETUNES = ("select count(*) from runs r join tags t on r.run_uuid = t.run_uuid where "
+                      "t.key = 'medssl_bench.kind' and t.value = 'finetune' and r.status = 'FINISHED'")
+
+
+def _start(workdir: Path, argv: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "BENCH_DISABLE_PLUGIN_AUTOLOAD": "1",
+           "MEDSSL_BENCH_TEST_EPOCH_DELAY": "0.4", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "medssl_bench.cli", *argv], cwd=workdir,
+                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def _kill_when(proc: subprocess.Popen, condition, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            pytest.fail(f"bench run ended (rc {proc.returncode}) before the kill:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"timed out waiting to kill:\n{log.read_text()}")
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_sigkill_twice_then_rerun_finishes_exactly_once(tmp_path):
+    argv = ["run", "--protocol", "data-efficiency", "--task", "rotation3d,jigsaw3d",
+            "--device", "cpu", "--set", *TINY, "pretrain.epochs=4", "protocol.seeds=[0,1]"]
+    db = tmp_path / "mlflow.db"
+    ckpts = tmp_path / ".medssl_bench" / "cache" / "pretrain"
+
+    # 1. killed mid-pretraining, once an epoch checkpoint exists
+    first = _start(tmp_path, argv, tmp_path / "run1.log")
+    _kill_when(first, lambda: any(ckpts.glob("*.ckpt.safetensors")), tmp_path / "run1.log")
+    # 2. rerun (resumes the pretraining), killed once a fine-tune has finished
+    second = _start(tmp_path, argv, tmp_path / "run2.log")
+    _kill_when(second, lambda: _count(db, FINISHED_FINETUNES) >= 1, tmp_path / "run2.log")
+    # 3. rerun to the end
+    third = _start(tmp_path, argv, tmp_path / "run3.log")
+    assert third.wait(timeout=300) == 0, (tmp_path / "run3.log").read_text()
+    assert "Resuming pretrain rotation3d" in (tmp_path / "run2.log").read_text()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, max_results=1000)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert [r for r in runs if r.info.status == "KILLED"]
+    finished = [r for r in runs if r.data.tags.get("medssl_bench.kind") == "finetune"
+                and r.info.status == "FINISHED"]
+    keys = [r.data.tags["medssl_bench.run_key"] for r in finished]
+    assert len(keys) == len(set(keys)) == 3 * 2  # (rotation3d, jigsaw3d, scratch) x 2 seeds
+    resumed = [r for r in runs if r.data.tags.get("resumed_from_epoch")]
+    assert resumed and int(resumed[0].data.tags["resumed_from_epoch"]) >= 1
+    assert not list(ckpts.glob("*.ckpt.safetensors"))  # removed once pretraining finished
+
+    from medssl_bench import leaderboard
+
+    rows = leaderboard.aggregate(leaderboard.collect(Tracker(f"sqlite:///{db}")))
+    assert {r.n for r in rows} == {2} and len(rows) == 3
