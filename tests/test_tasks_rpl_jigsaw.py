@@ -225,7 +225,7 @@ def test_tiny_model_overfits_a_few_volumes(index, tiny_backbone):
     params = [*encoder.parameters(), *heads.parameters()]
     optimizer = torch.optim.Adam(params, lr=2e-3)
     losses = []
-    for _ in range(30):
+    for _ in range(20):
         loss, _ = task.compute_loss(encoder, heads, batch)
         optimizer.zero_grad()
         loss.backward()
