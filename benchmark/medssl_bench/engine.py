@@ -160,16 +160,15 @@ NO_PROGRESS = Progress()
 
 
 def check_input_size(backbone: Backbone, spatial: tuple[int, ...]) -> None:
-    """The deepest feature map must keep at least 2 voxels per axis, or normalisation layers
-    fail with an obscure error; say which setting to change instead."""
-    multiple = backbone.size_multiple()
-    too_small = [s for s in spatial if math.ceil(s / multiple) * multiple < 2 * multiple]
-    if too_small:
+    """Refuse images too small for the backbone's depth with a message naming the fix,
+    instead of an obscure error from a normalisation layer deep inside the network."""
+    smallest = backbone.min_input_size()
+    if any(s < smallest for s in spatial):
         raise ConfigError(
-            f"Images of size {spatial} are too small for backbone {backbone.name!r}, which "
-            f"downsamples by {multiple}: every axis needs at least {2 * multiple} voxels. Use "
-            "larger images (e.g. --set dataset.size=...) or fewer levels "
-            "(e.g. --set backbone.filters=[32,64,128])."
+            f"Images of size {spatial} are too small for backbone {backbone.name!r} as "
+            f"configured: every axis needs at least {smallest} voxels. Use larger images "
+            "(e.g. --set dataset.size=...) or a shallower backbone (e.g. for unet3d "
+            "--set backbone.filters=[32,64,128])."
         )
 
 

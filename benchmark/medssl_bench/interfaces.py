@@ -97,6 +97,10 @@ class Backbone(Plugin):
         """Every spatial input size must be a multiple of this (e.g. 2**(levels-1))."""
         return 1
 
+    def min_input_size(self) -> int:
+        """The smallest spatial size per axis the network accepts."""
+        return self.size_multiple()
+
 
 # --------------------------------------------------------------------------- tasks
 

@@ -160,3 +160,7 @@ class UNet3D(Backbone):
 
     def size_multiple(self) -> int:
         return 2 ** (len(self.config.filters) - 1)
+
+    def min_input_size(self) -> int:
+        """Instance norm needs more than one voxel at the deepest level."""
+        return self.size_multiple() * (2 if self.config.norm == "instance" else 1)
