@@ -183,3 +183,31 @@ def test_sigkill_twice_then_rerun_finishes_exactly_once(tmp_path):
 
     rows = leaderboard.aggregate(leaderboard.collect(Tracker(f"sqlite:///{db}")))
     assert {r.n for r in rows} == {2} and len(rows) == 3
+
+
+WRITER = """
+import sys
+from medssl_bench.tracking import Tracker
+tracker = Tracker(sys.argv[1])
+exp = tracker.experiment_id("concurrency")
+for i in range(12):
+    run = tracker.start(exp, f"w{sys.argv[2]}-{i}", f"{sys.argv[2]}-{i}", "finetune", {}, {"i": i})
+    for step in range(3):
+        tracker.log_metrics(run, {"val_x": step}, step)
+    tracker.set_tags(run, {"value": i})
+    tracker.finish(run)
+"""
+
+
+def test_parallel_writers_on_one_sqlite_store_lose_nothing(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracker(uri).experiment_id("concurrency")  # create the schema once, as a first sweep would
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, uri, str(w)], stderr=subprocess.PIPE)
+             for w in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err.decode()[-2000:]
+    tracker = Tracker(uri)
+    runs = tracker.finetune_runs()
+    assert len(runs) == 36 and len({r.data.tags["medssl_bench.run_key"] for r in runs}) == 36
+    assert all(len(tracker.client.get_metric_history(r.info.run_id, "val_x")) == 3 for r in runs[:5])

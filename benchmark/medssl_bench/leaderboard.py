@@ -236,6 +236,8 @@ def annotation_saving(rows: list[Row]) -> list[dict[str, Any]]:
                 "scratch_100": full.mean, "fraction_needed": needed,
                 "saving": None if needed is None else 1 - needed / 100,
                 "reached": needed is not None,
+                # already matched at the smallest measured fraction: an upper bound only
+                "at_most": needed is not None and needed == curve[0].fraction,
                 "fractions": [r.fraction for r in curve],
             })
     return out
@@ -335,7 +337,9 @@ def as_csv(rows: list[Row]) -> str:
 def _saving_text(s: dict[str, Any]) -> str:
     if not s["reached"]:
         return f"not reached (up to {max(s['fractions']):g}%)"
-    return f"{s['fraction_needed']:.1f}% of labels (saves {100 * s['saving']:.0f}%)"
+    bound = "<= " if s.get("at_most") else ""
+    return f"{bound}{s['fraction_needed']:.1f}% of labels (saves {bound.replace('<', '>')}" \
+           f"{100 * s['saving']:.0f}%)"
 
 
 def as_markdown(rows: list[Row]) -> str:

@@ -96,7 +96,7 @@ def plot_convergence(rows: list[ConvergenceRow], path: Path) -> Path:
         high = [m + s for m, s in zip(r.curve_mean, r.curve_std, strict=True)]
         ax.fill_between(epochs, low, high, alpha=0.15, color=line.get_color())
     ax.axhline(first.target_value, color="k", linestyle=":", linewidth=1,
-               label=f"{100 * first.target:g}% of scratch's final ({first.target_value:.3f})")
+               label=f"{100 * first.target:g}% of scratch's final ({first.target_value:.4g})")
     ax.set_xlabel("fine-tuning epoch")
     ax.set_ylabel(f"validation {first.metric}")
     ax.set_title(f"{first.protocol} v{first.spec_version}: {first.dataset}, {first.backbone}, "
@@ -147,6 +147,8 @@ def write_report(
     for r in rows:
         sections[r.section].append(r)
     for section, entries in sections.items():
+        if section[0] == "convergence":  # read per epoch below, not per label fraction
+            continue
         refs = [p for p in summary["published"]
                 if tuple(p[k] for k in leaderboard.SECTION_KEYS) == section]
         path = out / f"data_efficiency_{_slug(*section)}.png"
