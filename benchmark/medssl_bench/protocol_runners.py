@@ -358,8 +358,20 @@ def corpus_label(source: Dataset, target: Dataset) -> str:
 def load_data(ctx: RunContext, dataset: Dataset, role: str = "") -> DataSplits:
     t0 = time.perf_counter()
     data = dataset.load()
-    ctx.echo(f"Dataset {dataset.name}{role}: {len(data.unlabeled)} unlabeled, {len(data.train)} "
-             f"train, {len(data.val)} val, {len(data.test)} test ({time.perf_counter() - t0:.1f}s)")
+
+    def size(split: Any) -> str:
+        try:
+            return str(len(split))
+        except BenchError:  # a pretraining-only corpus (LUNA16) has no labeled splits
+            return "no"
+
+    ctx.echo(f"Dataset {dataset.name}{role}: {size(data.unlabeled)} unlabeled, {size(data.train)} "
+             f"train, {size(data.val)} val, {size(data.test)} test "
+             f"({time.perf_counter() - t0:.1f}s)")
+    if not role.endswith("(pretraining)") and (data.info.extra or {}).get("pretraining_only"):
+        raise BenchError(f"Dataset {dataset.name!r} is a pretraining corpus without labels: use "
+                         f"it as --pretrain-dataset {dataset.name} with --protocol transfer and "
+                         "fine-tune on a labeled --dataset.")
     return data
 
 
