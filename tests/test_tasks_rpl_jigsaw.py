@@ -245,8 +245,8 @@ def test_patch_padding_suits_the_backbone():
     from medssl_bench_tasks.patches import PatchEmbedder
 
     patches = torch.ones(2, 1, 7, 9, 39)
-    multiple = PatchEmbedder(8, 4, 16, "multiple").pad(patches)
-    assert multiple.shape[2:] == (32, 32, 48)  # >= 2 multiples, then the next multiple
+    multiple = PatchEmbedder(8, 4, 16, 32, "multiple").pad(patches)
+    assert multiple.shape[2:] == (32, 32, 48)  # the backbone's minimum, else the next multiple
     assert multiple.sum() == patches.sum()  # zero padding only
-    assert PatchEmbedder(8, 4, 16, "minimum").pad(patches).shape[2:] == (32, 32, 39)
-    assert PatchEmbedder(8, 4, 1, "multiple").pad(patches).shape[2:] == (7, 9, 39)
+    assert PatchEmbedder(8, 4, 16, 32, "minimum").pad(patches).shape[2:] == (32, 32, 39)
+    assert PatchEmbedder(8, 4, 1, 1, "multiple").pad(patches).shape[2:] == (7, 9, 39)

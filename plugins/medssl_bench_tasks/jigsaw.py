@@ -240,8 +240,8 @@ class Jigsaw3D(ProxyTask):
     def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
         cfg = self.config
         return nn.ModuleDict({
-            "patch_embed": PatchEmbedder(
-                encoder.embed_dim, cfg.embed_dim, backbone.size_multiple(), cfg.patch_padding
+            "patch_embed": PatchEmbedder.for_backbone(
+                backbone, encoder, cfg.embed_dim, cfg.patch_padding
             ),
             "classifier": MLPHead(
                 self.num_pieces * cfg.embed_dim, cfg.hidden, cfg.num_permutations

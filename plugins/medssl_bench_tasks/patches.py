@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from medssl_bench.errors import ConfigError
+from medssl_bench.interfaces import Backbone, Encoder
 
 
 @dataclass(frozen=True)
@@ -148,27 +149,38 @@ class PatchEmbedder(torch.nn.Module):
     al.'s appendix), for a batch of patches ``(N, C, *patch)``.
 
     Patches are smaller than the images the backbone was built for (7^3 at 32^3, 39^3 at
-    128^3), so they are zero-padded symmetrically: to at least two ``size_multiple``s per
-    side, so the deepest level keeps more than one voxel (instance norm fails on a single
-    voxel), and either to the next multiple (``"multiple"``, what the backbone contract
-    promises to accept) or no further (``"minimum"``, enough for a pooling U-Net, which floors
-    odd sizes as the reference Keras code did with its 39^3 patches).
+    128^3), so they are zero-padded symmetrically: to at least the backbone's
+    ``min_input_size`` (an instance-norm U-Net needs more than one voxel at its deepest
+    level), and either to the next ``size_multiple`` (``"multiple"``, what the backbone
+    contract promises to accept) or no further (``"minimum"``, enough for a pooling U-Net,
+    which floors odd sizes as the reference Keras code did with its 39^3 patches).
     """
 
-    def __init__(self, in_features: int, embed_dim: int, size_multiple: int, padding: str) -> None:
+    def __init__(
+        self, in_features: int, embed_dim: int, size_multiple: int, min_size: int, padding: str
+    ) -> None:
         super().__init__()
         self.proj = torch.nn.Linear(in_features, embed_dim)
         self.size_multiple = int(size_multiple)
+        self.min_size = int(min_size)
         self.padding = padding
+
+    @classmethod
+    def for_backbone(
+        cls, backbone: Backbone, encoder: Encoder, embed_dim: int, padding: str
+    ) -> PatchEmbedder:
+        return cls(encoder.embed_dim, embed_dim, backbone.size_multiple(),
+                   backbone.min_input_size(), padding)
 
     def pad(self, patches: Tensor) -> Tensor:
         m = self.size_multiple
         pads: list[int] = []
         for size in reversed(patches.shape[2:]):
-            target = max(-(-size // m) * m if self.padding == "multiple" else size, 2 * m)
+            target = -(-size // m) * m if self.padding == "multiple" else size
+            target = max(target, self.min_size)
             extra = target - size
             pads += [extra // 2, extra - extra // 2]
         return torch.nn.functional.pad(patches, pads) if any(pads) else patches
 
-    def forward(self, encoder: torch.nn.Module, patches: Tensor) -> Tensor:
+    def forward(self, encoder: Encoder, patches: Tensor) -> Tensor:
         return self.proj(encoder.embed(self.pad(patches)))

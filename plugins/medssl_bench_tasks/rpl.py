@@ -85,8 +85,8 @@ class RelativePatchLocation3D(ProxyTask):
     def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
         cfg = self.config
         return nn.ModuleDict({
-            "patch_embed": PatchEmbedder(
-                encoder.embed_dim, cfg.embed_dim, backbone.size_multiple(), cfg.patch_padding
+            "patch_embed": PatchEmbedder.for_backbone(
+                backbone, encoder, cfg.embed_dim, cfg.patch_padding
             ),
             "classifier": MLPHead(2 * cfg.embed_dim, cfg.hidden, self.num_classes),
         })
