@@ -187,7 +187,7 @@ def test_convergence_protocol_and_report(workdir, capsys):
     assert cli.main(["report", "--out", "rep"]) == 0
     pngs = sorted(p.name for p in (workdir / "rep").glob("*.png"))
     assert any(p.startswith("convergence_") for p in pngs)
-    assert any(p.startswith("data_efficiency_") for p in pngs)
+    assert not any(p.startswith("data_efficiency_") for p in pngs)  # read per epoch, not fraction
     data = json.loads((workdir / "rep" / "report.json").read_text())
     conv = {c["task"]: c for c in data["convergence"]}
     assert set(conv) == {"rotation3d", "scratch"}
