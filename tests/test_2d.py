@@ -18,7 +18,8 @@ from medssl_bench_backbones.timm2d import Timm2D
 from medssl_bench_datasets.fundus import Fundus, load_fundus_image
 from medssl_bench_datasets.phantom2d import Phantom2D, generate_case
 from medssl_bench_datasets.slices import Slices
-from medssl_bench_tasks.rotation2d import ROTATIONS_2D, Rotation2D, rotate_with
+from medssl_bench_tasks.rotation import rotate
+from medssl_bench_tasks.rotation2d import ROTATIONS_2D, Rotation2D
 
 TINY_DENSENET = {"growth_rate": 8, "block_config": [2, 2, 2, 2]}
 
@@ -80,9 +81,9 @@ def test_rotation2d_labels_undo_to_the_input():
     assert batch["inputs"].shape == (3 * copies, 2, 16, 16)
     assert set(batch["labels"].tolist()) <= set(range(4))
     for i, label in enumerate(batch["labels"].tolist()):
-        undone = rotate_with(batch["inputs"][i : i + 1], label, ROTATIONS_2D, inverse=True)
+        undone = rotate(batch["inputs"][i : i + 1], label, inverse=True, table=ROTATIONS_2D)
         torch.testing.assert_close(undone[0], images[i // copies])
-    rotated = [rotate_with(images[:1], k, ROTATIONS_2D) for k in range(4)]
+    rotated = [rotate(images[:1], k, table=ROTATIONS_2D) for k in range(4)]
     assert all(not torch.equal(rotated[a], rotated[b])
                for a in range(4) for b in range(a + 1, 4))
     torch.testing.assert_close(rotated[1], torch.rot90(images[:1], 1, dims=(2, 3)))

@@ -21,20 +21,38 @@ ROTATIONS_3D: tuple[tuple[int, tuple[int, int]], ...] = (
 )
 
 
-def rotate(volumes: Tensor, label: int, inverse: bool = False) -> Tensor:
-    """Rotate ``(N, C, D, H, W)`` volumes by rotation class ``label`` (or undo it)."""
-    k, (a, b) = ROTATIONS_3D[label]
+RotationTable = tuple[tuple[int, tuple[int, int]], ...]
+
+
+def rotate(
+    volumes: Tensor, label: int, inverse: bool = False, table: RotationTable = ROTATIONS_3D
+) -> Tensor:
+    """Rotate ``(N, C, *spatial)`` images by rotation class ``label`` of ``table`` (or undo it)."""
+    k, (a, b) = table[label]
     return torch.rot90(volumes, -k if inverse else k, dims=(a + 2, b + 2))
 
 
-def rotate_batch(volumes: Tensor, labels: Tensor) -> Tensor:
-    """Rotate each volume by its own class; one ``rot90`` per class present, not per sample."""
-    out = torch.empty_like(volumes)
-    for label in range(len(ROTATIONS_3D)):
-        index = (labels == label).nonzero().flatten()
-        if index.numel():
-            out[index] = rotate(volumes[index], label)
+def rotated_copies(
+    images: Tensor, labels: Tensor, copies: int = 1, table: RotationTable = ROTATIONS_3D
+) -> Tensor:
+    """``copies`` rotated versions of every image, copy ``j`` of image ``i`` at row
+    ``i * copies + j`` rotated by ``labels[row]``.
+
+    One gather and one ``rot90`` per class present, never per sample, and no intermediate
+    batch of unrotated copies: at 128^3 this is memory-bound, so every avoided copy counts.
+    """
+    source = torch.arange(images.shape[0], device=images.device).repeat_interleave(copies)
+    out = torch.empty((len(source), *images.shape[1:]), dtype=images.dtype, device=images.device)
+    for label in range(len(table)):
+        rows = (labels == label).nonzero().flatten()
+        if rows.numel():
+            out.index_copy_(0, rows, rotate(images.index_select(0, source[rows]), label, table=table))
     return out
+
+
+def rotate_batch(volumes: Tensor, labels: Tensor, table: RotationTable = ROTATIONS_3D) -> Tensor:
+    """Rotate each volume by its own class."""
+    return rotated_copies(volumes, labels, 1, table)
 
 
 class Rotation3D(ProxyTask):
@@ -64,13 +82,20 @@ class Rotation3D(ProxyTask):
 
     def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
         return nn.ModuleDict(
-            {"classifier": MLPHead(encoder.embed_dim, self.config.hidden, len(ROTATIONS_3D))}
+            {"classifier": MLPHead(encoder.embed_dim, self.config.hidden, len(self.rotations))}
         )
 
+    rotations: RotationTable = ROTATIONS_3D
+
+    @property
+    def copies(self) -> int:
+        return self.config.copies_per_volume
+
     def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        copies = images.repeat_interleave(self.config.copies_per_volume, dim=0)
-        labels = randint(len(ROTATIONS_3D), (copies.shape[0],), generator, images.device)
-        return {"inputs": rotate_batch(copies, labels), "labels": labels}
+        count = images.shape[0] * self.copies
+        labels = randint(len(self.rotations), (count,), generator, images.device)
+        return {"inputs": rotated_copies(images, labels, self.copies, self.rotations),
+                "labels": labels}
 
     def compute_loss(self, encoder, heads, batch):
         logits = heads["classifier"](encoder.embed(batch["inputs"]))

@@ -8,40 +8,15 @@ parametrised by the rotation table so any table works.
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
-from torch import Tensor, nn
 
 from medssl_bench.config import PluginConfig
 from medssl_bench.errors import ConfigError
-from medssl_bench.interfaces import Backbone, Encoder
-from medssl_bench_tasks.common import MLPHead, randint
 from medssl_bench_tasks.rotation import Rotation3D
 
 #: (k, spatial axes) for ``torch.rot90``, as in the 3D table; class k rotates by k * 90 deg
 #: (the reference code's ``np.rot90(image, rot)`` for rot in 0..3).
 ROTATIONS_2D: tuple[tuple[int, tuple[int, int]], ...] = tuple((k, (0, 1)) for k in range(4))
-
-
-def rotate_with(
-    images: Tensor, label: int, table: tuple[tuple[int, tuple[int, int]], ...],
-    inverse: bool = False,
-) -> Tensor:
-    """Rotate ``(N, C, *spatial)`` images by class ``label`` of ``table`` (or undo it)."""
-    k, (a, b) = table[label]
-    return torch.rot90(images, -k if inverse else k, dims=(a + 2, b + 2))
-
-
-def rotate_batch_with(
-    images: Tensor, labels: Tensor, table: tuple[tuple[int, tuple[int, int]], ...]
-) -> Tensor:
-    """Rotate each image by its own class of ``table``; one ``rot90`` per class present."""
-    out = torch.empty_like(images)
-    for label in range(len(table)):
-        index = (labels == label).nonzero().flatten()
-        if index.numel():
-            out[index] = rotate_with(images[index], label, table)
-    return out
 
 
 class Rotation2D(Rotation3D):
@@ -73,12 +48,6 @@ class Rotation2D(Rotation3D):
                 f"dataset gives {tuple(image_shape)}. Resize the dataset to a square."
             )
 
-    def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
-        return nn.ModuleDict(
-            {"classifier": MLPHead(encoder.embed_dim, self.config.hidden, len(self.rotations))}
-        )
-
-    def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        copies = images.repeat_interleave(self.config.copies_per_image, dim=0)
-        labels = randint(len(self.rotations), (copies.shape[0],), generator, images.device)
-        return {"inputs": rotate_batch_with(copies, labels, self.rotations), "labels": labels}
+    @property
+    def copies(self) -> int:
+        return self.config.copies_per_image
