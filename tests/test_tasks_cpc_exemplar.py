@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from medssl_bench_backbones.unet3d import UNet3D
-from medssl_bench_tasks.augment import AffineParams, apply_affine, sample_affine
+from medssl_bench_tasks.augment import (
+    AffineParams,
+    apply_affine,
+    apply_factored,
+    sample_affine,
+    sample_affine_factors,
+)
 from medssl_bench_tasks.cpc import CPC3D, augmented_patches, grid_geometry, pyramid_context
 from medssl_bench_tasks.exemplar import Exemplar3D, derangement
 
@@ -164,6 +170,58 @@ def test_grid_sample_path_agrees_with_exact_path():
     x = _images(8, 1, size=12)
     torch.testing.assert_close(apply_affine(x, matrices, exact_fast_path=False),
                                apply_affine(x, matrices), atol=1e-5, rtol=0)
+
+
+def _smooth(batch: int, channels: int, size: int, seed: int = 0) -> torch.Tensor:
+    coarse = torch.rand(batch, channels, 5, 5, 5, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=(size,) * 3, mode="trilinear")
+
+
+def _free_planes(factors) -> torch.Tensor:
+    eye = torch.eye(2)
+    return ((factors.planar[:, :, 1:3, 1:3] - eye).abs().amax((2, 3)) > 1e-6).sum(1)
+
+
+def test_per_plane_path_equals_one_trilinear_pass_with_at_most_one_free_angle():
+    """Flips, quarter turns, one arbitrary-angle plane and zoom factor exactly into index ops,
+    one 2D pass and a 1D lerp, so the positives are those of a single trilinear resampling."""
+    params = AffineParams(quarter_p=0.5, rotate_p=0.4, zoom_p=0.6)
+    factors = sample_affine_factors(24, (14, 14, 14), params, torch.Generator().manual_seed(4),
+                                    "cpu")
+    x = _smooth(24, 2, 14)
+    single = _free_planes(factors) <= 1
+    assert single.sum() >= 12 and (~single).any()
+    fast, composed = apply_factored(x, factors), apply_affine(x, factors.compose())
+    torch.testing.assert_close(fast[single], composed[single], atol=1e-5, rtol=0)
+
+
+def test_per_plane_path_is_the_reference_sequence_of_resamplings():
+    """With several free angles, each plane is its own resampling (as the reference code's
+    ndimage.rotate per plane): the same as resampling factor after factor."""
+    params = AffineParams(quarter_p=0.0, rotate_p=0.8, zoom_p=0.5)
+    factors = sample_affine_factors(6, (12, 12, 12), params, torch.Generator().manual_seed(1),
+                                    "cpu")
+    assert (_free_planes(factors) >= 2).any()
+    x = _smooth(6, 1, 12)
+    expected = x
+    for i in range(factors.planar.shape[1] + 1):
+        expected = apply_affine(expected, factors.exact[:, i])
+        if i < factors.planar.shape[1]:
+            expected = apply_affine(expected, factors.planar[:, i])
+    torch.testing.assert_close(apply_factored(x, factors), expected, atol=1e-5, rtol=0)
+
+
+def test_factored_sampling_composes_to_the_same_maps():
+    params = AffineParams()
+    factors = sample_affine_factors(16, (9, 9, 9), params, torch.Generator().manual_seed(7), "cpu")
+    torch.testing.assert_close(
+        factors.compose(), sample_affine(16, (9, 9, 9), params, torch.Generator().manual_seed(7),
+                                         "cpu"))
+    # non-cubic volumes fall back to the composed resampling
+    x = torch.rand(16, 1, 9, 10, 11)
+    factors = sample_affine_factors(16, (9, 10, 11), params, torch.Generator().manual_seed(7),
+                                    "cpu")
+    torch.testing.assert_close(apply_factored(x, factors), apply_affine(x, factors.compose()))
 
 
 def test_arbitrary_rotation_keeps_content_and_channels_move_together():

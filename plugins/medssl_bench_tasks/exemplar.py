@@ -17,7 +17,13 @@ from torch.nn import functional as F
 
 from medssl_bench.config import PluginConfig
 from medssl_bench.interfaces import Backbone, Encoder, ProxyTask
-from medssl_bench_tasks.augment import AffineParams, apply_affine, color_jitter, sample_affine
+from medssl_bench_tasks.augment import (
+    AffineParams,
+    apply_affine,
+    apply_factored,
+    color_jitter,
+    sample_affine_factors,
+)
 
 
 def derangement(n: int, generator: torch.Generator, device) -> Tensor:
@@ -123,6 +129,14 @@ class Exemplar3D(ProxyTask):
                                 "(reference code: 0.8).")
         zoom_max: float = Field(default=1.2, gt=0, description="Largest zoom factor per axis "
                                 "(reference code: 1.2).")
+        resampling: Literal["per_plane", "composed"] = Field(
+            default="per_plane", description="per_plane: flips and quarter turns as exact index "
+            "ops and one bilinear pass per arbitrary-angle plane rotation (zoom merged into the "
+            "last), each a 2D resampling with the third axis as channels; like the reference "
+            "code, which calls ndimage.rotate once per plane, corners rotated out by one plane "
+            "are lost for the next. Identical to 'composed' when at most one plane draws an "
+            "arbitrary angle, and about 10x faster on the CPU. composed: all transforms of a "
+            "sample composed and resampled once (one trilinear pass, no intermediate loss).")
 
     def affine_params(self) -> AffineParams:
         c = self.config
@@ -137,9 +151,12 @@ class Exemplar3D(ProxyTask):
     def augment(self, images: Tensor, generator: torch.Generator) -> Tensor:
         """The positives: one composed affine resampling, then brightness and contrast."""
         c = self.config
-        matrices = sample_affine(images.shape[0], tuple(images.shape[2:]), self.affine_params(),
-                                 generator, images.device)
-        positives = apply_affine(images, matrices)
+        factors = sample_affine_factors(images.shape[0], tuple(images.shape[2:]),
+                                        self.affine_params(), generator, images.device)
+        if c.resampling == "per_plane":
+            positives = apply_factored(images, factors)
+        else:
+            positives = apply_affine(images, factors.compose())
         return color_jitter(positives, c.color_p, generator, c.brightness,
                             (c.contrast_min, c.contrast_max), inplace=True)
 
