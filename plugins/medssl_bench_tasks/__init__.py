@@ -6,13 +6,17 @@ from medssl_bench.hookspecs import hookimpl
 @hookimpl
 def bench_register_tasks(register):
     from medssl_bench_tasks.cpc import CPC3D
+    from medssl_bench_tasks.cpc2d import CPC2D
     from medssl_bench_tasks.exemplar import Exemplar3D
+    from medssl_bench_tasks.exemplar2d import Exemplar2D
     from medssl_bench_tasks.genesis import Genesis3D
     from medssl_bench_tasks.jigsaw import Jigsaw3D
+    from medssl_bench_tasks.jigsaw2d import Jigsaw2D
     from medssl_bench_tasks.parts2whole import Parts2Whole3D
     from medssl_bench_tasks.rotation import Rotation3D
     from medssl_bench_tasks.rotation2d import Rotation2D
     from medssl_bench_tasks.rpl import RelativePatchLocation3D
+    from medssl_bench_tasks.rpl2d import RelativePatchLocation2D
     from medssl_bench_tasks.scratch import Scratch
 
     register(Scratch)
@@ -24,3 +28,7 @@ def bench_register_tasks(register):
     register(Exemplar3D)
     register(Genesis3D)
     register(Parts2Whole3D)
+    register(RelativePatchLocation2D)
+    register(Jigsaw2D)
+    register(CPC2D)
+    register(Exemplar2D)

@@ -20,6 +20,7 @@ the encoded patches (the reference copies each patch into every example that use
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -55,7 +56,7 @@ def grid_geometry(shape: tuple[int, ...], n: int, overlap: float) -> Grid:
         while p > 1 and p + (n - 1) * s > size:
             p -= 1
         if p < 1:
-            raise ConfigError(f"cpc3d: an axis of {size} voxels cannot hold {n} patches; lower "
+            raise ConfigError(f"cpc: an axis of {size} voxels cannot hold {n} patches; lower "
                               "task.patches_per_side.")
         patch.append(p)
         stride.append(s)
@@ -64,14 +65,15 @@ def grid_geometry(shape: tuple[int, ...], n: int, overlap: float) -> Grid:
 
 
 def extract_patches(images: Tensor, grid: Grid) -> Tensor:
-    """All grid patches as a view (no copy): ``(B, n, n, n, C, px, py, pz)``."""
+    """All grid patches as a view (no copy): ``(B, n, ..., n, C, *patch)`` (any dims)."""
+    d = images.dim() - 2
     x = images
-    for axis in range(3):
+    for axis in range(d):
         length = grid.patch[axis] + (grid.n - 1) * grid.stride[axis]
         x = x.narrow(2 + axis, grid.start[axis], length)
-    for axis in range(3):
+    for axis in range(d):
         x = x.unfold(2 + axis, grid.patch[axis], grid.stride[axis])
-    return x.permute(0, 2, 3, 4, 1, 5, 6, 7)
+    return x.permute(0, *range(2, 2 + d), 1, *range(2 + d, 2 + 2 * d))
 
 
 def _mirror(index: int, n: int) -> int:
@@ -85,47 +87,53 @@ def _mirror(index: int, n: int) -> int:
 
 @lru_cache(maxsize=64)
 def pyramid_context(
-    n: int, depth: int, steps: int, centre_rows: str
+    n: int, depth: int, steps: int, centre_rows: str, dims: int = 3, gap: int = 0
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Grid coordinates of the CPC examples of one volume.
+    """Grid coordinates of the CPC examples of one image (``dims`` = 3 for volumes).
 
-    Returns ``centres (Q, 3)``, ``context (Q, T, 3)`` and ``targets (Q, steps, 3)``. The
-    context of centre (x, y, z) lists, top row first, the (2k+1)^2 patches of row x-k for
-    k = depth..1 (y-major, mirrored at the grid border), then the centre itself, so
-    ``T = 1 + sum_k (2k+1)^2``. Targets are (x+1, y, z), ..., (x+steps, y, z). Centre rows
-    are every row with ``depth`` rows above and ``steps`` below (``all``; the paper's loss
-    sums over every i, j, k), or only row n//2 - 1 (``middle``; the reference).
+    Returns ``centres (Q, dims)``, ``context (Q, T, dims)`` and ``targets (Q, steps, dims)``.
+    In 3D the context of centre (x, y, z) lists, top row first, the (2k+1)^2 patches of row
+    x-k for k = depth..1 (y-major, mirrored at the grid border), then the centre itself, so
+    ``T = 1 + sum_k (2k+1)^2``; in 2D row x-k contributes its 2k+1 patches. Targets are
+    (x+gap+1, y, z), ..., (x+gap+steps, y, z): ``gap`` rows are skipped (the reference's 2D
+    code skips one, since with half-patch overlap the next row shares half the centre
+    patch). Centre rows are every row with ``depth`` rows above and ``gap + steps`` below
+    (``all``; the paper's loss sums over every position), or only row n//2 - 1 (``middle``;
+    the reference).
     """
+    reach = gap + steps
     if centre_rows == "middle":
         rows = [n // 2 - 1]
     else:
-        rows = list(range(depth, n - steps))
-    rows = [x for x in rows if x - depth >= 0 and x + steps <= n - 1]
+        rows = list(range(depth, n - reach))
+    rows = [x for x in rows if x - depth >= 0 and x + reach <= n - 1]
     if not rows:
         raise ConfigError(
-            f"cpc3d: a grid of {n} patches per side has no row with {depth} context row(s) above "
-            f"and {steps} prediction row(s) below; raise task.patches_per_side or lower "
-            "task.context_depth / task.predict_steps."
+            f"cpc: a grid of {n} patches per side has no row with {depth} context row(s) above "
+            f"and {reach} row(s) below (skipped plus predicted); raise task.patches_per_side "
+            "or lower task.context_depth / task.predict_steps / task.target_gap."
         )
     centres, context, targets = [], [], []
     for x in rows:
-        for y in range(n):
-            for z in range(n):
-                terms = []
-                for k in range(depth, 0, -1):
-                    for dy in range(-k, k + 1):
-                        for dz in range(-k, k + 1):
-                            terms.append((x - k, _mirror(y + dy, n), _mirror(z + dz, n)))
-                terms.append((x, y, z))
-                centres.append((x, y, z))
-                context.append(terms)
-                targets.append([(x + step, y, z) for step in range(1, steps + 1)])
+        for column in itertools.product(range(n), repeat=dims - 1):
+            terms = []
+            for k in range(depth, 0, -1):
+                for offset in itertools.product(range(-k, k + 1), repeat=dims - 1):
+                    terms.append((x - k, *(_mirror(c + o, n) for c, o in
+                                           zip(column, offset, strict=True))))
+            terms.append((x, *column))
+            centres.append((x, *column))
+            context.append(terms)
+            targets.append([(x + gap + step, *column) for step in range(1, steps + 1)])
     return torch.tensor(centres), torch.tensor(context), torch.tensor(targets)
 
 
 def flat_index(coords: Tensor, n: int) -> Tensor:
-    """Grid coordinates ``(..., 3)`` to positions in the flattened ``n^3`` grid."""
-    return (coords[..., 0] * n + coords[..., 1]) * n + coords[..., 2]
+    """Grid coordinates ``(..., dims)`` to positions in the flattened ``n^dims`` grid."""
+    index = coords[..., 0]
+    for axis in range(1, coords.shape[-1]):
+        index = index * n + coords[..., axis]
+    return index
 
 
 class CPC3D(ProxyTask):
@@ -152,6 +160,9 @@ class CPC3D(ProxyTask):
         predict_steps: int = Field(
             default=2, ge=1, description="Rows below the centre whose latents are predicted, "
             "one linear predictor each (Fig. 1a: z_{i+1}, z_{i+2}; reference: rows 2 and 3).")
+        target_gap: int = Field(
+            default=0, ge=0, description="Rows skipped between the centre and the first "
+            "predicted row (0: Fig. 1a and the reference's 3D code; its 2D code skips 1).")
         centre_rows: Literal["all", "middle"] = Field(
             default="all", description="all: every row with a full context above and targets "
             "below is a centre (the paper's loss sums over all positions); middle: only row "
@@ -189,14 +200,15 @@ class CPC3D(ProxyTask):
         super().check_input(image_shape, channels)
         c = self.config
         grid_geometry(tuple(image_shape), c.patches_per_side, c.overlap)
-        pyramid_context(c.patches_per_side, c.context_depth, c.predict_steps, c.centre_rows)
+        pyramid_context(c.patches_per_side, c.context_depth, c.predict_steps, c.centre_rows,
+                        self.spatial_dims, c.target_gap)
 
     def grid(self, shape: tuple[int, ...]) -> Grid:
         grid = grid_geometry(shape, self.config.patches_per_side, self.config.overlap)
         need = getattr(self, "_min_patch", 1)
         if min(grid.patch) < need:
             raise ConfigError(
-                f"cpc3d: patches of {grid.patch} voxels are smaller than the {need} voxels the "
+                f"{self.name}: patches of {grid.patch} voxels are smaller than the {need} voxels the "
                 f"backbone's encoder pools down to; use larger images, fewer "
                 f"task.patches_per_side, or a backbone with fewer levels."
             )
@@ -207,6 +219,7 @@ class CPC3D(ProxyTask):
     def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         c = self.config
         b, n, device = images.shape[0], c.patches_per_side, images.device
+        d = images.dim() - 2
         grid = self.grid(tuple(images.shape[2:]))
         if c.augment:
             patches = augmented_patches(images, grid, generator)
@@ -214,8 +227,8 @@ class CPC3D(ProxyTask):
             patches = extract_patches(images, grid)
         centres, context, targets = (
             t.to(device) for t in pyramid_context(n, c.context_depth, c.predict_steps,
-                                                  c.centre_rows))
-        per_volume = n**3
+                                                  c.centre_rows, d, c.target_gap))
+        per_volume = n**d
         offset = (torch.arange(b, device=device) * per_volume).view(b, 1, 1)
         context_index = (flat_index(context, n).unsqueeze(0) + offset).flatten(0, 1)
         target_index = (flat_index(targets, n).unsqueeze(0) + offset).flatten(0, 1)
@@ -226,15 +239,16 @@ class CPC3D(ProxyTask):
                                  generator=generator, device=device)
             negative_index = draw.add_(draw >= target_index.unsqueeze(-1))  # skip the positive
         else:
-            # a random other (volume, y, z) column, same target rows (reference)
-            columns = b * n * n
-            own = (torch.arange(b, device=device).view(b, 1) * n * n
-                   + (centres[:, 1] * n + centres[:, 2]).view(1, -1)).flatten()
+            # a random other (volume, y[, z]) column, same target rows (reference)
+            per_row = n ** (d - 1)
+            columns = b * per_row
+            own = (torch.arange(b, device=device).view(b, 1) * per_row
+                   + flat_index(centres[:, 1:], n).view(1, -1)).flatten()
             draw = torch.randint(0, columns - 1, (queries,), generator=generator, device=device)
             other = draw.add_(draw >= own)  # skip the own column
-            vol, col = other // (n * n), other % (n * n)
+            vol, col = other // per_row, other % per_row
             rows = targets[:, :, 0].repeat(b, 1)
-            negative_index = (vol.view(-1, 1) * per_volume + rows * n * n + col.view(-1, 1))
+            negative_index = (vol.view(-1, 1) * per_volume + rows * per_row + col.view(-1, 1))
         return {"patches": patches, "context_index": context_index,
                 "target_index": target_index, "negative_index": negative_index}
 
@@ -243,7 +257,8 @@ class CPC3D(ProxyTask):
     def compute_loss(self, encoder, heads, batch):
         c = self.config
         patches = batch["patches"]
-        flat = patches.reshape(-1, *patches.shape[4:])
+        d = (patches.dim() - 2) // 2
+        flat = patches.reshape(-1, *patches.shape[1 + d:])
         z = heads["patch"](encoder.embed(flat))  # (P, dim)
         _, state = heads["context"](z[batch["context_index"]])
         preds = heads["predict"](state[-1]).view(-1, c.predict_steps, c.patch_embedding)
@@ -275,31 +290,34 @@ def augmented_patches(images: Tensor, grid: Grid, generator: torch.Generator,
     volume zero-padded back to size, then per patch a random ``patch_crop`` crop zero-padded
     back (centred) and a flip along x with p=0.5. Both crops are shifts plus zero frames, so
     each output patch is a window of the (padded) volume at a shifted start, masked; flipped
-    patches are windows of the x-flipped volume. Returns ``(B, n, n, n, C, px, py, pz)``."""
-    b, ch = images.shape[:2]
+    patches are windows of the x-flipped volume. Works for any number of spatial dims;
+    returns ``(B, n, ..., n, C, *patch)``."""
+    b = images.shape[0]
     n, device = grid.n, images.device
     shape = images.shape[2:]
+    d = len(shape)
+    cells = (b, *([n] * d))
     starts, masks = [], []
-    flip = torch.rand(b, n, n, n, generator=generator, device=device) < 0.5
+    flip = torch.rand(cells, generator=generator, device=device) < 0.5
     margins = []
-    for axis in range(3):
+    for axis in range(d):
         size, p = shape[axis], grid.patch[axis]
         crop_v, crop_p = int(volume_crop * size), int(patch_crop * p)
         margins.append((size - crop_v) + (p - crop_p) + 1)
     padded = F.pad(images, [m for m in reversed(margins) for _ in range(2)])
-    for axis in range(3):
+    for axis in range(d):
         size, p, m = shape[axis], grid.patch[axis], margins[axis]
         crop_v, crop_p = int(volume_crop * size), int(patch_crop * p)
         pad_v, pad_p = (size - crop_v) // 2, (p - crop_p) // 2
         shift_v = torch.randint(0, size - crop_v + 1, (b,), generator=generator,
                                 device=device) - pad_v
-        shift_p = torch.randint(0, p - crop_p + 1, (b, n, n, n), generator=generator,
+        shift_p = torch.randint(0, p - crop_p + 1, cells, generator=generator,
                                 device=device) - pad_p
         origin = grid.start[axis] + torch.arange(n, device=device) * grid.stride[axis]
-        view = [1, 1, 1, 1]
+        view = [1] * (d + 1)
         view[1 + axis] = n
         origin = origin.view(view)
-        start = origin + shift_p + shift_v.view(b, 1, 1, 1) + m  # in padded coordinates
+        start = origin + shift_p + shift_v.view(b, *([1] * d)) + m  # in padded coordinates
         i = torch.arange(p, device=device)
         in_patch = (i >= pad_p) & (i < pad_p + crop_p)
         position = (origin + shift_p).unsqueeze(-1) + i  # in cropped-volume coordinates
@@ -310,12 +328,14 @@ def augmented_patches(images: Tensor, grid: Grid, generator: torch.Generator,
         starts.append(start)
         masks.append(mask)
     source = torch.cat([padded, padded.flip(2)])
-    windows = source.unfold(2, grid.patch[0], 1).unfold(3, grid.patch[1], 1)
-    windows = windows.unfold(4, grid.patch[2], 1)
-    volume = torch.arange(b, device=device).view(b, 1, 1, 1) + b * flip.long()
-    out = windows[volume, :, starts[0], starts[1], starts[2]]
-    mask = (masks[0][..., :, None, None] & masks[1][..., None, :, None]
-            & masks[2][..., None, None, :])
-    return out.mul_(mask.unsqueeze(4).to(out.dtype))
-
-
+    windows = source
+    for axis in range(d):
+        windows = windows.unfold(2 + axis, grid.patch[axis], 1)
+    volume = torch.arange(b, device=device).view(b, *([1] * d)) + b * flip.long()
+    out = windows[(volume, slice(None), *starts)]
+    mask = masks[0].view(*cells, grid.patch[0], *([1] * (d - 1)))
+    for axis in range(1, d):
+        view = [1] * d
+        view[axis] = grid.patch[axis]
+        mask = mask & masks[axis].view(*cells, *view)
+    return out.mul_(mask.unsqueeze(1 + d).to(out.dtype))

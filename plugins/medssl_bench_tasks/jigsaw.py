@@ -11,6 +11,7 @@ option.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 from pathlib import Path
@@ -49,6 +50,16 @@ def random_permutations(count: int, items: int, seed: int) -> np.ndarray:
         perms = np.concatenate([perms[np.sort(first)], extra])
 
 
+def candidate_pool(candidates: int, items: int, seed: int) -> np.ndarray:
+    """The pool the greedy selection draws from: ``candidates`` distinct random permutations,
+    or, when that is at least ``items!`` (9! = 362,880 for a 2D 3x3 puzzle), every
+    permutation in a seeded random order, so the search is exhaustive."""
+    if candidates < math.factorial(items):
+        return random_permutations(candidates, items, seed)
+    every = np.array(list(itertools.permutations(range(items))), dtype=np.int64)
+    return every[np.random.default_rng(seed).permutation(len(every))]
+
+
 def hamming_permutations(count: int, items: int, candidates: int, seed: int) -> np.ndarray:
     """Greedy maximal-Hamming-distance selection (Noroozi & Favaro 2016, Algorithm 1).
 
@@ -60,7 +71,7 @@ def hamming_permutations(count: int, items: int, candidates: int, seed: int) -> 
     """
     if candidates < count:
         raise ValueError(f"need at least {count} candidates, got {candidates}")
-    pool = random_permutations(candidates, items, seed)
+    pool = candidate_pool(candidates, items, seed)
     chosen = [0]
     distance = (pool != pool[0]).sum(axis=1)
     min_distance = distance.copy()
@@ -102,7 +113,8 @@ def permutation_set(
     Stored as ``.npy`` (loaded with ``allow_pickle=False``) under :func:`cache_dir`; a
     corrupt or mismatching file is recomputed. The result is read-only.
     """
-    tag = f"c{candidates}_" if method == "hamming" else ""
+    exhaustive = candidates >= math.factorial(items)
+    tag = ("all_" if exhaustive else f"c{candidates}_") if method == "hamming" else ""
     path = cache_dir() / "jigsaw" / (
         f"{method}_v{_ALGORITHM_VERSION}_n{items}_p{count}_{tag}s{seed}.npy"
     )
