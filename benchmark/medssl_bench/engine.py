@@ -163,10 +163,13 @@ def check_input_size(backbone: Backbone, spatial: tuple[int, ...]) -> None:
     """Refuse images too small for the backbone's depth with a message naming the fix,
     instead of an obscure error from a normalisation layer deep inside the network."""
     smallest = backbone.min_input_size()
-    if any(s < smallest for s in spatial):
+    multiple = backbone.size_multiple()
+    # The model zero-pads every axis up to a multiple of size_multiple() first (28 -> 32).
+    if any(math.ceil(s / multiple) * multiple < smallest for s in spatial):
         raise ConfigError(
             f"Images of size {spatial} are too small for backbone {backbone.name!r} as "
-            f"configured: every axis needs at least {smallest} voxels. Use larger images "
+            f"configured: every axis needs at least {smallest - multiple + 1} voxels (it is padded "
+            f"to a multiple of {multiple}, which must reach {smallest}). Use larger images "
             "(e.g. --set dataset.size=...) or a shallower backbone (e.g. for unet3d "
             "--set backbone.filters=[32,64,128])."
         )
