@@ -22,3 +22,29 @@ def test_medmnist_28_cubed_fits_the_default_unet(registry):
         encoder(x)
     with pytest.raises(ConfigError, match="at least 17 voxels"):
         check_input_size(backbone, (16, 28, 28))
+
+
+def test_medmnist_npz_with_corrupt_deflate_stream_is_a_data_error(tmp_path):
+    """A .npz whose compressed member is damaged raises zlib.error from numpy, which escaped
+    as a traceback; it must be the same 'cannot be read' DataError as a truncated file."""
+    import io
+    import struct
+    import zipfile
+
+    import numpy as np
+
+    from medssl_bench.errors import DataError
+    from medssl_bench_datasets.medmnist3d import read_npz
+
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, train_images=np.random.default_rng(0).random((4, 8, 8, 8)))
+    raw = bytearray(buffer.getvalue())
+    with zipfile.ZipFile(io.BytesIO(bytes(raw))) as archive:
+        offset = archive.infolist()[0].header_offset
+    name_len, extra_len = struct.unpack("<HH", raw[offset + 26:offset + 30])
+    start = offset + 30 + name_len + extra_len  # the member's deflate stream
+    raw[start:start + 8] = b"\xff" * 8  # a reserved deflate block type: zlib.error
+    path = tmp_path / "damaged.npz"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="cannot be read"):
+        read_npz(path)
