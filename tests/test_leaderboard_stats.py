@@ -145,3 +145,27 @@ def test_published_rows_match_dataset_ref_and_metric():
 def test_single_seed_has_no_interval():
     rows = lb.aggregate(_results(values={("scratch", 100): [0.5]}))
     assert rows[0].n == 1 and math.isnan(rows[0].ci_low) and rows[0].p_vs_scratch is None
+
+
+def test_results_of_different_setups_never_pool():
+    """A quick and a paper run of one task (different fine-tuning settings) in one store are
+    separate rows in separate sections; one task with two pretraining configs is two rows."""
+    from medssl_bench.leaderboard import aggregate
+
+    base = dict(protocol="data-efficiency", spec_version=1, dataset="phantom3d",
+                pretrain_dataset="phantom3d", backbone="unet3d", fraction=100.0,
+                metric="dice_mean", dataset_ref="phantom3d")
+    results = [
+        {**base, "task": "rotation3d", "setup": "quick", "task_setup": "a", "seed": 0, "value": 0.30},
+        {**base, "task": "rotation3d", "setup": "quick", "task_setup": "a", "seed": 1, "value": 0.32},
+        {**base, "task": "rotation3d", "setup": "paper", "task_setup": "a", "seed": 0, "value": 0.80},
+        {**base, "task": "rotation3d", "setup": "paper", "task_setup": "a", "seed": 1, "value": 0.82},
+        {**base, "task": "rotation3d", "setup": "paper", "task_setup": "b", "seed": 0, "value": 0.70},
+        {**base, "task": "rotation3d", "setup": "paper", "task_setup": "b", "seed": 1, "value": 0.72},
+    ]
+    rows = aggregate(results)
+    assert sorted((r.setup, r.n, round(r.mean, 2)) for r in rows) == [
+        ("paper", 2, 0.71), ("paper", 2, 0.81), ("quick", 2, 0.31)]
+    assert len({r.section for r in rows}) == 2
+    paper_labels = {r.label for r in rows if r.setup == "paper"}
+    assert len(paper_labels) == 2 and all("[" in label for label in paper_labels)

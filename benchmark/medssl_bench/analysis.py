@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from medssl_bench.leaderboard import collect, filter_results, task_label
+from medssl_bench.leaderboard import collect, filter_results, group_key, task_label
 from medssl_bench.tracking import Tracker
 
-CURVE_KEYS = ("protocol", "spec_version", "dataset", "backbone", "fraction", "metric")
+CURVE_KEYS = ("protocol", "spec_version", "dataset", "backbone", "fraction", "metric", "setup")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class ConvergenceRow:
     backbone: str
     fraction: float
     metric: str
+    setup: str
     task: str
     pretrain_dataset: str
     label: str
@@ -86,7 +87,7 @@ def convergence_table(
     groups: dict[tuple, dict[tuple[str, str], list[dict[str, Any]]]] = defaultdict(
         lambda: defaultdict(list))
     for r in results:
-        groups[tuple(r[k] for k in CURVE_KEYS)][(r["task"], r["pretrain_dataset"])].append(r)
+        groups[group_key(r, CURVE_KEYS)][(r["task"], r["pretrain_dataset"])].append(r)
     rows: list[ConvergenceRow] = []
     for key, entries in groups.items():
         fields = dict(zip(CURVE_KEYS, key, strict=True))

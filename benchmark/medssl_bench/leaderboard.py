@@ -30,10 +30,17 @@ from medssl_bench.errors import BenchError
 from medssl_bench.tracking import Tracker
 
 GROUP_KEYS = ("protocol", "spec_version", "dataset", "pretrain_dataset", "task", "backbone",
-              "fraction", "metric")
+              "fraction", "metric", "setup", "task_setup")
 #: Entries ranked against each other: everything but task/pretraining corpus and fraction.
-SECTION_KEYS = ("protocol", "spec_version", "dataset", "backbone", "metric")
+#: ``setup`` hashes the settings a task shares with its scratch baseline (fine-tuning,
+#: dataset and backbone configs), so results of different settings never pool or rank.
+SECTION_KEYS = ("protocol", "spec_version", "dataset", "backbone", "metric", "setup")
 ALPHA = 0.05
+
+
+def group_key(result: dict[str, Any], keys: tuple[str, ...]) -> tuple:
+    """The grouping fields of a result; runs recorded before setups were tagged have none."""
+    return tuple(result.get(k, "") if k in ("setup", "task_setup") else result[k] for k in keys)
 
 
 @dataclass
@@ -46,6 +53,8 @@ class Row:
     backbone: str
     fraction: float
     metric: str
+    setup: str
+    task_setup: str
     mean: float
     std: float
     n: int
@@ -98,6 +107,8 @@ def collect(tracker: Tracker) -> list[dict[str, Any]]:
             "dataset_ref": tags.get("dataset_ref", tags.get("dataset", "?")),
             "target": float(tags["target"]) if "target" in tags else None,
             "run_id": run.info.run_id,
+            "setup": tags.get("setup", ""),
+            "task_setup": tags.get("task_setup", ""),
         })
     return out
 
@@ -161,7 +172,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[Row]:
     groups: dict[tuple, list[float]] = defaultdict(list)
     refs: dict[tuple, str] = {}
     for r in results:
-        key = tuple(r[k] for k in GROUP_KEYS)
+        key = group_key(r, GROUP_KEYS)
         groups[key].append(r["value"])
         refs[key] = r.get("dataset_ref", r["dataset"])
     rows = []
@@ -175,6 +186,12 @@ def aggregate(results: list[dict[str, Any]]) -> list[Row]:
                         label=task_label(fields["task"], fields["pretrain_dataset"],
                                          fields["dataset"], fields["protocol"]),
                         dataset_ref=refs[key], values=[float(v) for v in arr]))
+    setups: dict[tuple, set[str]] = defaultdict(set)
+    for row in rows:
+        setups[(*row.section, row.label)].add(row.task_setup)
+    for row in rows:  # one task run with two configs: tell the rows apart
+        if len(setups[(*row.section, row.label)]) > 1:
+            row.label = f"{row.label} [{row.task_setup[:6]}]"
     by_fraction: dict[tuple, list[Row]] = defaultdict(list)
     for row in rows:
         by_fraction[(*row.section, row.fraction)].append(row)
@@ -389,7 +406,7 @@ def as_rich_tables(rows: list[Row]) -> list[Any]:
         sections[r.section].append(r)
     tables = []
     for section, entries in sections.items():
-        protocol, version, dataset, backbone, metric = section
+        protocol, version, dataset, backbone, metric, _setup = section
         table = Table(title=f"{protocol} v{version} · {dataset} · {backbone} · test {metric} "
                       "(mean over seeds)")
         for c in ("fraction", "rank", "entry", "mean ± std", "n", "95% CI", "p vs best",

@@ -102,6 +102,20 @@ def plugin_version(registry: Registry, kind: str, name: str) -> str:
     return f"{record.distribution}=={record.version}"
 
 
+#: Settings that cannot change a result (parallelism, batch size of evaluation, caches,
+#: what else a sweep runs): kept out of run keys so editing them reruns nothing.
+RESULT_NEUTRAL = frozenset({"num_workers", "eval_batch_size", "workers", "cache_dir",
+                            "cache_in_memory"})
+#: Protocol settings that only choose which runs exist or how they are summarised.
+RESULT_NEUTRAL_PROTOCOL = frozenset({"seeds", "fractions", "include_scratch",
+                                     "include_same_dataset", "target"})
+
+
+def semantic(config: Any, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """A config as JSON without the fields that cannot change a result."""
+    return config.model_dump(mode="json", exclude=set(RESULT_NEUTRAL | exclude))
+
+
 class Sweep:
     """Shared machinery of protocol runners: cached pretraining, tracked fine-tunes."""
 
@@ -129,21 +143,39 @@ class Sweep:
 
     def pretrain_key(self, task: ProxyTask, dataset: Dataset, data: DataSplits) -> str:
         return key_of({
-            "task": [task.name, task.config.model_dump(mode="json")],
-            "backbone": [self.backbone.name, self.backbone.config.model_dump(mode="json")],
-            "dataset": [dataset.name, dataset.config.model_dump(mode="json"), data.split_hash],
-            "pretrain": self.pretrain_cfg.model_dump(mode="json"),
+            "task": [task.name, semantic(task.config)],
+            "backbone": [self.backbone.name, semantic(self.backbone.config)],
+            "dataset": [dataset.name, semantic(dataset.config), data.split_hash],
+            "pretrain": semantic(self.pretrain_cfg),
             "seed": self.protocol_cfg.pretrain_seed,
             "versions": self.versions(task, dataset),
         })
+
+    def setup_hash(self, dataset: Dataset, data: DataSplits) -> str:
+        """What a task and its scratch baseline share: the leaderboard only pools and ranks
+        results with the same setup (a quick and a paper run never share a row)."""
+        return key_of({
+            "protocol": semantic(self.protocol_cfg, RESULT_NEUTRAL_PROTOCOL | {"pretrain_seed"}),
+            "dataset": [dataset.name, semantic(dataset.config), data.split_hash],
+            "backbone": [self.backbone.name, semantic(self.backbone.config)],
+            "finetune": semantic(self.finetune_cfg),
+        }, 10)
+
+    def task_setup_hash(self, task: ProxyTask) -> str:
+        """What differs between two runs of one task that share a setup."""
+        if not task.pretrains:
+            return "-"
+        return key_of({"task": semantic(task.config), "pretrain": semantic(self.pretrain_cfg),
+                       "seed": self.protocol_cfg.pretrain_seed}, 10)
 
     # ------------------------------------------------------------------ pretraining
     def pretrained(self, task: ProxyTask, dataset: Dataset, data: DataSplits) -> tuple[Any, str, str]:
         """(weights or None, pretrain key, parent run id): train once, then reuse."""
         ctx = self.ctx
         key = self.pretrain_key(task, dataset, data) if task.pretrains else key_of(
-            {"scratch": True, "backbone": self.backbone.name, "dataset": dataset.name,
-             "split": data.split_hash})
+            {"scratch": True, "backbone": [self.backbone.name, semantic(self.backbone.config)],
+             "dataset": [dataset.name, semantic(dataset.config), data.split_hash],
+             "versions": self.versions(task, dataset)})
         params = {"task": task.config.model_dump(mode="json"),
                   "backbone": self.backbone.config.model_dump(mode="json"),
                   "dataset": dataset.config.model_dump(mode="json")}
@@ -239,12 +271,13 @@ class Sweep:
         what = f"{task.name} {fraction:g}% seed {seed}"
         key = key_of({
             "protocol": [self.run.spec.name, self.run.spec.version,
-                         self.protocol_cfg.model_dump(mode="json", exclude={"seeds", "fractions"})],
+                         semantic(self.protocol_cfg, RESULT_NEUTRAL_PROTOCOL)],
             "pretrain_key": pretrain_key,
             "task": task.name,
-            "dataset": [dataset.name, dataset.config.model_dump(mode="json"), data.split_hash],
-            "backbone": [self.backbone.name, self.backbone.config.model_dump(mode="json")],
-            "finetune": self.finetune_cfg.model_dump(mode="json"),
+            "dataset": [dataset.name, semantic(dataset.config), data.split_hash],
+            "backbone": [self.backbone.name, semantic(self.backbone.config)],
+            "finetune": semantic(self.finetune_cfg),
+            "versions": self.versions(task, dataset),
             "fraction": fraction, "seed": seed, "subset": ids_hash(ids),
         })
         if pretrain_dataset and pretrain_dataset != dataset.name:
@@ -260,6 +293,7 @@ class Sweep:
                 "dataset": dataset.name, "protocol": self.run.spec.name,
                 "spec_version": self.run.spec.version, "fraction": fraction, "seed": seed,
                 "metric": metric, "pretrain_dataset": pretrain_dataset or "-",
+                "setup": self.setup_hash(dataset, data), "task_setup": self.task_setup_hash(task),
                 "dataset_ref": dataset_ref(dataset, data)}
         if "target" in type(self.protocol_cfg).model_fields:
             tags["target"] = self.protocol_cfg.target
