@@ -133,3 +133,28 @@ def test_too_small_images_get_a_clear_message(registry):
     with pytest.raises(ConfigError, match=r"too small.*backbone.filters"):
         finetune(deep, data.info, data.train, data.val, data.test, None, FinetuneConfig(epochs=1),
                  torch.device("cpu"), 0)
+
+
+def test_selection_uses_the_protocol_metric_and_survives_nan(registry, monkeypatch):
+    """The tested epoch is chosen by the metric the protocol ranks by; an undefined (NaN)
+    validation score never wins over a defined one, and all-NaN falls back to the last epoch."""
+    import medssl_bench.engine as engine
+
+    data, backbone = _tiny(registry)
+    scores = iter([{"dice_mean": 0.9, "acc": float("nan")}, {"dice_mean": 0.1, "acc": 0.5},
+                   {"dice_mean": 0.2, "acc": float("nan")}] * 3)
+    real = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", lambda model, ds, *a, **k:
+                        next(scores) if ds is data.val else real(model, ds, *a, **k))
+    common = dict(epochs=3, iterations_per_epoch=1)
+    cpu = torch.device("cpu")
+    by_dice = finetune(backbone, data.info, data.train, data.val, data.test, None,
+                       FinetuneConfig(**common), cpu, 0)
+    by_acc = finetune(backbone, data.info, data.train, data.val, data.test, None,
+                      FinetuneConfig(**common), cpu, 0, select_metric="acc")
+    assert by_dice.best_epoch == 0 and by_acc.best_epoch == 1
+    monkeypatch.setattr(engine, "evaluate", lambda model, ds, *a, **k:
+                        {"dice_mean": float("nan")} if ds is data.val else real(model, ds, *a, **k))
+    all_nan = finetune(backbone, data.info, data.train, data.val, data.test, None,
+                       FinetuneConfig(**common), cpu, 0)
+    assert all_nan.best_epoch == 2

@@ -35,3 +35,11 @@ def test_auc_binary_and_multiclass_like_medmnist():
     expected = np.mean([roc_auc_score(labels3 == i, scores3[:, i]) for i in range(3)])
     assert classification_metrics(scores3, labels3)["auc"] == pytest.approx(expected)
     assert np.isnan(classification_metrics(scores, np.zeros(50, dtype=int))["auc"])
+
+
+def test_multiclass_auc_over_present_classes():
+    rng = np.random.default_rng(1)
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1])  # class 2 absent from this small split
+    scores = rng.random((8, 3))
+    expected = np.mean([roc_auc_score(labels == i, scores[:, i]) for i in (0, 1)])
+    assert classification_metrics(scores, labels)["auc"] == pytest.approx(expected)

@@ -4,7 +4,6 @@ evaluate on a held-out split. Protocol runners compose these; they know nothing 
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -409,8 +408,15 @@ def finetune(
     on_epoch: MetricCallback | None = None,
     progress: Progress = NO_PROGRESS,
     label: str = "fine-tune",
+    select_metric: str | None = None,
 ) -> FinetuneResult:
-    """Fine-tune on ``train``, pick weights on ``val``, report metrics on ``test``."""
+    """Fine-tune on ``train``, pick weights on ``val``, report metrics on ``test``.
+
+    ``select_metric`` (default: the dataset's main metric) chooses the validation epoch
+    whose weights are tested; it should be the metric the protocol ranks by. Epochs where
+    it is undefined (NaN) never beat a defined score; if it is never defined, the last
+    epoch is tested.
+    """
     seed_everything(seed)
     patch = info.extra.get("patch_size") if info.kind == "segmentation" else None
     spatial = tuple(_first_image(train).shape[1:])
@@ -423,7 +429,7 @@ def finetune(
     )
     freeze_epochs = {"warmup": cfg.warmup_epochs if pretrained is not None else 0,
                      "frozen": cfg.epochs, "none": 0}[cfg.freeze]
-    main = info.main_metric
+    main = select_metric or info.main_metric
     best_score, best_epoch, best_state = -math.inf, -1, None
     history: list[dict[str, float]] = []
     patch_generator = torch.Generator().manual_seed(seed)
@@ -467,10 +473,12 @@ def finetune(
         if on_epoch:
             on_epoch(record, epoch)
         score = val_metrics.get(main, math.nan)
-        score = -math.inf if math.isnan(score) else score
-        if cfg.select == "last" or best_state is None or score > best_score:
+        undefined_so_far = best_score == -math.inf
+        if (cfg.select == "last" or (not math.isnan(score) and score > best_score)
+                or (math.isnan(score) and undefined_so_far)):
+            score = -math.inf if math.isnan(score) else score
             best_score, best_epoch = score, epoch
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     assert best_state is not None
     model.load_state_dict(best_state)
     test_metrics = evaluate(model, test, info, device, cfg.eval_batch_size, cfg.amp)

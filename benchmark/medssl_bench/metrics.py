@@ -43,18 +43,19 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, 
     """AUC (binary: positive-class score; multi-class: mean one-vs-rest) and accuracy.
 
     ``scores`` are class probabilities ``(N, K)``. AUC is NaN when the labels hold a single
-    class (it is undefined there).
+    class (it is undefined there); multi-class AUC averages the classes present.
     """
     labels = labels.astype(int)
     k = scores.shape[1]
     acc = float((scores.argmax(1) == labels).mean())
-    try:
-        if k == 2:
-            auc = float(roc_auc_score(labels, scores[:, 1]))
-        else:
-            aucs = [roc_auc_score(labels == i, scores[:, i]) for i in range(k)]
-            auc = float(np.mean(aucs))
-    except ValueError:
+    present = [i for i in range(k) if 0 < (labels == i).sum() < len(labels)]
+    if k == 2:
+        auc = float(roc_auc_score(labels, scores[:, 1])) if len(present) == 2 else math.nan
+    elif present:
+        # MedMNIST averages one-vs-rest AUC over all classes; a class absent from a small
+        # split has no AUC, so the mean runs over the classes present (not NaN for all).
+        auc = float(np.mean([roc_auc_score(labels == i, scores[:, i]) for i in present]))
+    else:
         auc = math.nan
     return {"auc": auc, "acc": acc, "kappa": quadratic_kappa(scores.argmax(1), labels, k)}
 

@@ -315,7 +315,7 @@ class Sweep:
             result = finetune(
                 self.backbone, info, subset(data.train, indices), data.val, data.test,
                 weights, self.finetune_cfg, ctx.device, seed,
-                on_epoch=on_epoch, progress=ctx.progress, label=what,
+                on_epoch=on_epoch, progress=ctx.progress, label=what, select_metric=metric,
             )
             value = result.test_metrics.get(metric, math.nan)
             record = ResultRecord(
