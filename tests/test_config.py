@@ -88,3 +88,20 @@ def test_cli_bad_value_is_one_message(capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "finetune.lr" in err and "Traceback" not in err
+
+
+def test_recipe_run_section_sets_preset_and_rejects_unknown_keys(registry, tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("run: {protocol: data-efficiency, task: rotation3d, preset: paper}\n")
+    run = resolve_run(registry, None, None, config_file=str(config))
+    assert run.preset == "paper" and run.configs["dataset"].size == 128
+    assert resolve_run(registry, None, None, preset="quick", config_file=str(config)).preset == "quick"
+    config.write_text("run: {protocol: data-efficiency, task: rotation3d, presett: paper}\n")
+    with pytest.raises(ConfigError, match="presett"):
+        resolve_run(registry, None, None, config_file=str(config))
+
+
+def test_debug_flag_after_the_subcommand(capsys):
+    with pytest.raises(ConfigError):
+        cli.main(["validate", "--protocol", "data-efficiency", "--task", "rotation3d",
+                  "--set", "finetune.lr=-1", "--debug"])

@@ -158,3 +158,13 @@ def test_selection_uses_the_protocol_metric_and_survives_nan(registry, monkeypat
     all_nan = finetune(backbone, data.info, data.train, data.val, data.test, None,
                        FinetuneConfig(**common), cpu, 0)
     assert all_nan.best_epoch == 2
+
+
+def test_pretraining_refuses_too_small_images_before_training(registry):
+    from medssl_bench.errors import ConfigError
+
+    data, _ = _tiny(registry, size=16)
+    bb_cls = registry.get("backbone", "unet3d")
+    with pytest.raises(ConfigError, match="too small"):
+        pretrain(registry.get("task", "rotation3d")(), bb_cls(bb_cls.Config(width=0.25)),
+                 data.unlabeled, data.info, PretrainConfig(epochs=1), torch.device("cpu"), 0)

@@ -78,7 +78,7 @@ def test_cpc_batch_patches_targets_and_negatives():
     torch.testing.assert_close(patches[1, 2, 3, 4], images[1, :, 2 * s:2 * s + p,
                                                              3 * s:3 * s + p, 4 * s:4 * s + p])
     n3 = 7**3
-    centres, context, targets = pyramid_context(7, 1, 2, "all")
+    centres, context, targets = pyramid_context(7, 1, 2, "all", gap=1)  # overlapping grid: gap 1
     q = centres.shape[0]
     flat = lambda c: (c[..., 0] * 7 + c[..., 1]) * 7 + c[..., 2]  # noqa: E731
     assert torch.equal(batch["context_index"][:q], flat(context))
@@ -87,7 +87,7 @@ def test_cpc_batch_patches_targets_and_negatives():
     assert torch.equal(target[q:], flat(targets) + n3)
     # targets are the next rows of the same column
     x, yz = (target % n3) // 49, target % 49
-    assert torch.equal(x, centres[:, :1].repeat(2, 1) + torch.tensor([1, 2]))
+    assert torch.equal(x, centres[:, :1].repeat(2, 1) + torch.tensor([2, 3]))  # gap 1
     assert torch.equal(yz, (centres[:, 1:2] * 7 + centres[:, 2:3]).repeat(2, 1).expand(-1, 2))
     negative = batch["negative_index"]
     assert negative.shape == (2 * q, 2, task.config.num_negatives)
@@ -328,3 +328,13 @@ def test_exemplar_tiny_model_learns():
     task = Exemplar3D(Exemplar3D.Config(code_size=64))
     start, end = _overfit(task, 30)
     assert end < 0.8 * start, (start, end)
+
+
+def test_cpc_targets_share_no_voxels_with_the_centre_by_default():
+    """With half-overlapping patches the first predicted row would be half the centre patch
+    itself (a shortcut); the default gap skips it."""
+    task = CPC3D()
+    assert task.config.overlap > 0 and task.target_gap == 1
+    assert CPC3D(CPC3D.Config(patches_per_side=4, overlap=0.0)).target_gap == 0
+    centres, _, targets = pyramid_context(7, 1, 2, "all", gap=task.target_gap)
+    assert (targets[:, 0, 0] - centres[:, 0] >= 2).all()  # stride is half a patch

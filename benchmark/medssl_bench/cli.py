@@ -33,9 +33,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
                    metavar="KEY=VALUE", help="Override a setting, e.g. --set pretrain.epochs=5 "
                    "dataset.path=/data/x.npz protocol.fractions=[10,100].")
-    p.add_argument("--preset", choices=["quick", "paper"], default="quick",
-                   help="quick: a whole protocol in minutes on a CPU (default); paper: the papers' "
-                   "settings, for a GPU.")
+    p.add_argument("--preset", choices=["quick", "paper"], default=None,
+                   help="quick: a whole protocol in minutes on a CPU (the default, unless the "
+                   "--config file sets run.preset); paper: the papers' settings, for a GPU.")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda.")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default sqlite:///mlflow.db in the working directory; "
@@ -308,7 +308,10 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted before or after the subcommand
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     try:
         return COMMANDS[args.command](args)
     except BenchError as exc:

@@ -216,6 +216,7 @@ def pretrain(
     """
     seed_everything(seed)
     task.check_input(tuple(info.image_size), info.channels)
+    check_input_size(backbone, tuple(info.image_size))
     encoder = backbone.build_encoder(info.channels).to(device)
     heads = task.build_heads(backbone, encoder).to(device)
     params = [*encoder.parameters(), *heads.parameters()]

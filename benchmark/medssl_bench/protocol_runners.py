@@ -402,10 +402,16 @@ def load_data(ctx: RunContext, dataset: Dataset, role: str = "") -> DataSplits:
     ctx.echo(f"Dataset {dataset.name}{role}: {size(data.unlabeled)} unlabeled, {size(data.train)} "
              f"train, {size(data.val)} val, {size(data.test)} test "
              f"({time.perf_counter() - t0:.1f}s)")
-    if not role.endswith("(pretraining)") and (data.info.extra or {}).get("pretraining_only"):
-        raise BenchError(f"Dataset {dataset.name!r} is a pretraining corpus without labels: use "
-                         f"it as --pretrain-dataset {dataset.name} with --protocol transfer and "
-                         "fine-tune on a labeled --dataset.")
+    if not role.endswith("(pretraining)"):
+        if (data.info.extra or {}).get("pretraining_only"):
+            raise BenchError(f"Dataset {dataset.name!r} is a pretraining corpus without labels: "
+                             f"use it as --pretrain-dataset {dataset.name} with --protocol "
+                             "transfer and fine-tune on a labeled --dataset.")
+        # Fail before pretraining (possibly hours) rather than in every fine-tune after it.
+        for name in ("train", "val", "test"):
+            if len(getattr(data, name)) == 0:
+                raise BenchError(f"Dataset {dataset.name!r} has an empty {name} split; it needs "
+                                 "at least one labeled case there (check its split settings).")
     return data
 
 

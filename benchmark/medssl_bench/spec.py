@@ -32,6 +32,7 @@ SECTIONS = ("task", "backbone", "dataset", "protocol", "pretrain", "finetune")
 #: pretraining corpus, validated by that dataset's own Config.
 ALL_SECTIONS = (*SECTIONS, "pretrain_dataset")
 PRESETS = ("quick", "paper")
+RUN_KEYS = frozenset({"protocol", "task", "backbone", "dataset", "pretrain_dataset", "preset"})
 
 
 class ProtocolSpec(BaseModel):
@@ -150,7 +151,7 @@ def resolve_run(
     task: str,
     backbone: str | None = None,
     dataset: str | None = None,
-    preset: str | None = "quick",
+    preset: str | None = None,
     config_file: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     pretrain_dataset: str | None = None,
@@ -177,6 +178,14 @@ def resolve_run(
             f"--set {key}...: unknown section {key!r}.{did_you_mean(key, ALL_SECTIONS)} "
             f"Sections: {', '.join(ALL_SECTIONS)}."
         )
+    if not isinstance(run_section, dict) or set(run_section) - RUN_KEYS:
+        bad_keys = sorted(set(run_section) - RUN_KEYS) if isinstance(run_section, dict) else run_section
+        raise ConfigError(
+            f"Config file {config_file!r}: run: unknown keys {bad_keys}; allowed are "
+            f"{', '.join(sorted(RUN_KEYS))}."
+        )
+    if preset is None:  # the command line wins, then the file, then quick
+        preset = run_section.get("preset", "quick")
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}.")
 

@@ -160,9 +160,12 @@ class CPC3D(ProxyTask):
         predict_steps: int = Field(
             default=2, ge=1, description="Rows below the centre whose latents are predicted, "
             "one linear predictor each (Fig. 1a: z_{i+1}, z_{i+2}; reference: rows 2 and 3).")
-        target_gap: int = Field(
-            default=0, ge=0, description="Rows skipped between the centre and the first "
-            "predicted row (0: Fig. 1a and the reference's 3D code; its 2D code skips 1).")
+        target_gap: int | None = Field(
+            default=None, ge=0, description="Rows skipped between the centre and the first "
+            "predicted row. null: 1 when patches overlap, so no predicted patch shares voxels "
+            "with the centre patch (with half-patch overlap, row x+1 would be half the centre "
+            "itself: a shortcut), else 0 (Fig. 1a and the reference's non-overlapping 3D code; "
+            "its 2D code skips 1).")
         centre_rows: Literal["all", "middle"] = Field(
             default="all", description="all: every row with a full context above and targets "
             "below is a centre (the paper's loss sums over all positions); middle: only row "
@@ -188,7 +191,7 @@ class CPC3D(ProxyTask):
 
     def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
         c = self.config
-        self._min_patch = backbone.size_multiple()
+        self._min_patch = backbone.min_input_size()
         return nn.ModuleDict({
             "patch": nn.Linear(encoder.embed_dim, c.patch_embedding),
             "context": nn.GRU(c.patch_embedding, c.code_size, batch_first=True),
@@ -196,12 +199,17 @@ class CPC3D(ProxyTask):
             "predict": nn.Linear(c.code_size, c.predict_steps * c.patch_embedding),
         })
 
+    @property
+    def target_gap(self) -> int:
+        gap = self.config.target_gap
+        return gap if gap is not None else int(self.config.overlap > 0)
+
     def check_input(self, image_shape, channels) -> None:
         super().check_input(image_shape, channels)
         c = self.config
         grid_geometry(tuple(image_shape), c.patches_per_side, c.overlap)
         pyramid_context(c.patches_per_side, c.context_depth, c.predict_steps, c.centre_rows,
-                        self.spatial_dims, c.target_gap)
+                        self.spatial_dims, self.target_gap)
 
     def grid(self, shape: tuple[int, ...]) -> Grid:
         grid = grid_geometry(shape, self.config.patches_per_side, self.config.overlap)
@@ -227,7 +235,7 @@ class CPC3D(ProxyTask):
             patches = extract_patches(images, grid)
         centres, context, targets = (
             t.to(device) for t in pyramid_context(n, c.context_depth, c.predict_steps,
-                                                  c.centre_rows, d, c.target_gap))
+                                                  c.centre_rows, d, self.target_gap))
         per_volume = n**d
         offset = (torch.arange(b, device=device) * per_volume).view(b, 1, 1)
         context_index = (flat_index(context, n).unsqueeze(0) + offset).flatten(0, 1)
