@@ -286,3 +286,18 @@ def test_end_to_end_2d_runs(tmp_path, monkeypatch):
     finished = [r for r in runs if "test_kappa" in r.data.metrics]
     assert sorted(r.data.tags["dataset"] for r in finished) == ["fundus"] * 2 + ["phantom2d"] * 2
     assert {r.data.tags["task"] for r in finished} == {"rotation2d", "scratch"}
+
+
+def test_fundus_eyepacs_keeps_both_eyes_of_a_patient_together(tmp_path):
+    from medssl_bench_datasets.fundus import patient_of
+
+    assert patient_of("10_left") == patient_of("10_right") == "10"
+    assert patient_of("000c1434d8d7") == "000c1434d8d7"
+    ids = [f"{p}_{eye}" for p in range(30) for eye in ("left", "right")]
+    labels = [p % 5 for p in range(30) for _ in range(2)]
+    splits = Fundus(Fundus.Config(root=str(tmp_path))).split_indices(ids, labels)
+    patient_split = {}
+    for name, indices in splits.items():
+        for i in indices:
+            assert patient_split.setdefault(patient_of(ids[i]), name) == name
+    assert sorted(i for part in splits.values() for i in part) == list(range(60))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -182,6 +183,11 @@ def cached_images(paths: list[Path], size: int, threshold: int, cache_dir: Path,
         raise DataError(f"Fundus cache {str(target)!r} is corrupt ({exc}); delete it.") from None
 
 
+def patient_of(image_id: str) -> str:
+    """The patient of an image id: EyePACS ``10_left`` and ``10_right`` are patient ``10``."""
+    return re.sub(r"_(left|right)$", "", image_id)
+
+
 def stratified_order(ids: list[str], labels: list[int], seed: int) -> list[int]:
     """Indices sorted by grade, then by a seeded hash of the id: deterministic whatever the
     CSV's row order, and every contiguous stretch of it is stratified."""
@@ -260,9 +266,19 @@ class Fundus(Dataset):
         return Path(base) / "fundus"
 
     def split_indices(self, ids: list[str], labels: list[int]) -> dict[str, list[int]]:
-        """Deterministic stratified train/val/test indices (sorted)."""
+        """Deterministic, stratified, patient-level train/val/test indices (sorted).
+
+        EyePACS images ``<patient>_left`` and ``<patient>_right`` are one patient, whose eyes
+        usually share a grade: they always land in the same split (split by patient,
+        stratified by the patient's worst grade). APTOS ids are one image per patient.
+        """
         cfg = self.config
-        order = stratified_order(ids, labels, cfg.seed)
+        members: dict[str, list[int]] = {}
+        for index, image_id in enumerate(ids):
+            members.setdefault(patient_of(image_id), []).append(index)
+        patients = sorted(members)
+        grades = [max(labels[i] for i in members[p]) for p in patients]
+        order = stratified_order(patients, grades, cfg.seed)
         if cfg.fold is None:
             test, rest = systematic(order, cfg.test_fraction)
         else:
@@ -271,7 +287,11 @@ class Fundus(Dataset):
             chosen = set(test)
             rest = [index for index in order if index not in chosen]
         val, train = systematic(rest, cfg.val_fraction)
-        splits = {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+        def images(group: list[int]) -> list[int]:
+            return sorted(i for p in group for i in members[patients[p]])
+
+        splits = {"train": images(train), "val": images(val), "test": images(test)}
         empty = [name for name, part in splits.items() if not part]
         if empty:
             raise DataError(
