@@ -168,3 +168,14 @@ def test_pretraining_refuses_too_small_images_before_training(registry):
     with pytest.raises(ConfigError, match="too small"):
         pretrain(registry.get("task", "rotation3d")(), bb_cls(bb_cls.Config(width=0.25)),
                  data.unlabeled, data.info, PretrainConfig(epochs=1), torch.device("cpu"), 0)
+
+
+def test_worker_processes_change_nothing(registry):
+    """Data-loader workers are a speed setting: same seed, same weights with or without."""
+    data, backbone = _tiny(registry)
+    results = [finetune(backbone, data.info, data.train, data.val, data.test, None,
+                        FinetuneConfig(epochs=2, iterations_per_epoch=2, num_workers=workers,
+                                       select="last"), torch.device("cpu"), 0)
+               for workers in (0, 2)]
+    for key, value in results[0].weights.items():
+        torch.testing.assert_close(results[1].weights[key], value)

@@ -106,35 +106,29 @@ def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[slice, ...]
     return F.pad(x, pads), tuple(crops)
 
 
-def _loader(
-    dataset: TorchDataset,
-    batch_size: int,
-    seed: int,
-    shuffle: bool,
-    iterations: int | None,
-    num_workers: int,
-    pin_memory: bool,
-    drop_last: bool = False,
-) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
-    if iterations is not None:
-        sampler = RandomSampler(
-            dataset, replacement=True, num_samples=iterations * batch_size, generator=generator
+class EpochLoader:
+    """One DataLoader for a whole training run, reseeded every epoch.
+
+    Building a loader per epoch would re-fork its workers (and drop whatever they cached);
+    reseeding the sampler's generator instead keeps workers alive while epoch ``e`` still
+    draws the same batches whatever ran before it (which resuming relies on).
+    """
+
+    def __init__(self, dataset: TorchDataset, batch_size: int, iterations: int | None,
+                 num_workers: int, pin_memory: bool) -> None:
+        self.generator = torch.Generator()
+        count = None if iterations is None else iterations * batch_size
+        sampler = RandomSampler(dataset, replacement=iterations is not None, num_samples=count,
+                                generator=self.generator)
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+            worker_init_fn=worker_init, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
         )
-        shuffle = False
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        sampler=sampler,
-        generator=generator if shuffle else None,
-        num_workers=num_workers,
-        worker_init_fn=worker_init,
-        pin_memory=pin_memory,
-        drop_last=drop_last,
-        persistent_workers=num_workers > 0,
-    )
+
+    def epoch(self, seed: int) -> DataLoader:
+        self.generator.manual_seed(seed)
+        return self.loader
 
 
 def _check_finite(loss: Tensor, where: str, lr: float) -> None:
@@ -232,10 +226,11 @@ def pretrain(
         torch.set_rng_state(resume["torch_rng"])
         start_epoch, history = resume["epoch"], list(resume["history"])
     multiple = backbone.size_multiple()
+    loaders = EpochLoader(unlabeled, cfg.batch_size, cfg.iterations_per_epoch, cfg.num_workers,
+                          device.type == "cuda")
     t0 = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
-        loader = _loader(unlabeled, cfg.batch_size, seed + epoch, True, cfg.iterations_per_epoch,
-                         cfg.num_workers, device.type == "cuda", drop_last=False)
+        loader = loaders.epoch(seed + epoch)
         handle = progress.start(f"pretrain {task.name} epoch {epoch + 1}/{cfg.epochs}", len(loader))
         encoder.train()
         heads.train()
@@ -434,6 +429,8 @@ def finetune(
     best_score, best_epoch, best_state = -math.inf, -1, None
     history: list[dict[str, float]] = []
     patch_generator = torch.Generator().manual_seed(seed)
+    loaders = EpochLoader(train, cfg.batch_size, cfg.iterations_per_epoch, cfg.num_workers,
+                          device.type == "cuda")
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
         frozen = epoch < freeze_epochs
@@ -442,8 +439,7 @@ def finetune(
         model.train()
         if frozen:
             model.encoder.eval()  # keep normalisation statistics fixed too
-        loader = _loader(train, cfg.batch_size, seed * 1000 + epoch, True, cfg.iterations_per_epoch,
-                         cfg.num_workers, device.type == "cuda")
+        loader = loaders.epoch(seed * 1000 + epoch)
         handle = progress.start(f"{label} epoch {epoch + 1}/{cfg.epochs}"
                                 + (" (encoder frozen)" if frozen else ""), len(loader))
         losses = []
