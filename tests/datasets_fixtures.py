@@ -32,7 +32,7 @@ def save_nifti(path: Path, array: np.ndarray, affine=AFFINE) -> Path:
 
 
 def write_msd(root: Path, ids=(1, 4, 5, 10, 12, 290), test_ids=(2, 7), channels: int = 1,
-              seed: int = 0) -> Path:
+              seed: int = 0, shape=SHAPE, affine=AFFINE) -> Path:
     """An MSD task folder with the real dataset.json quirks: a trailing space in `reference`
     and in one path, `test` as plain strings, macOS ``._`` files beside every volume."""
     rng = np.random.default_rng(seed)
@@ -44,14 +44,14 @@ def write_msd(root: Path, ids=(1, 4, 5, 10, 12, 290), test_ids=(2, 7), channels:
         return np.stack([image * (i + 1) for i in range(channels)], axis=-1).astype(np.float32)
 
     for i in ids:
-        image, label = blob_case(rng)
-        save_nifti(root / "imagesTr" / f"pancreas_{i:03d}.nii.gz", image_array(image))
-        save_nifti(root / "labelsTr" / f"pancreas_{i:03d}.nii.gz", label)
+        image, label = blob_case(rng, shape)
+        save_nifti(root / "imagesTr" / f"pancreas_{i:03d}.nii.gz", image_array(image), affine)
+        save_nifti(root / "labelsTr" / f"pancreas_{i:03d}.nii.gz", label, affine)
         for folder in ("imagesTr", "labelsTr"):
             (root / folder / f"._pancreas_{i:03d}.nii.gz").write_bytes(b"\x00\x05\x16\x07Mac OS X")
     for i in test_ids:
-        image, _ = blob_case(rng)
-        save_nifti(root / "imagesTs" / f"pancreas_{i:03d}.nii.gz", image_array(image))
+        image, _ = blob_case(rng, shape)
+        save_nifti(root / "imagesTs" / f"pancreas_{i:03d}.nii.gz", image_array(image), affine)
         (root / "imagesTs" / f"._pancreas_{i:03d}.nii.gz").write_bytes(b"\x00\x05\x16\x07")
     training = [{"image": f"./imagesTr/pancreas_{i:03d}.nii.gz",
                  "label": f"./labelsTr/pancreas_{i:03d}.nii.gz"} for i in ids]

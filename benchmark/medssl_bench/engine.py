@@ -29,6 +29,7 @@ from medssl_bench.volumetric import (
     region_dice,
     region_metrics,
     sliding_window_logits,
+    to_native,
 )
 from medssl_bench.weights import StateDicts, adapt_state_in_channels
 
@@ -352,6 +353,8 @@ def evaluate(
 
     Volumes larger than ``info.extra["patch_size"]`` are predicted by sliding windows; with
     ``info.extra["regions"]`` region Dice is added (see :mod:`medssl_bench.volumetric`).
+    A segmentation dataset with a ``native_target(index)`` method is scored on each case's
+    original voxel grid: the probabilities are resampled there, one case at a time.
     """
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -359,6 +362,8 @@ def evaluate(
     patch = info.extra.get("patch_size") if info.kind == "segmentation" else None
     regions = info.extra.get("regions") if info.kind == "segmentation" else None
     region_scores = []
+    native = getattr(dataset, "native_target", None) if info.kind == "segmentation" else None
+    seen = 0
     for images, targets in loader:
         if needs_patches(images.shape[2:], patch):
             logits = sliding_window_logits(model, images, patch, info.extra.get("patch_overlap", 0),
@@ -367,7 +372,15 @@ def evaluate(
             images = images.to(device, non_blocking=True)
             with autocast(device, amp):
                 logits = model(images).float()
-        if info.kind == "segmentation":
+        if native is not None:  # per case on its original grid (shapes differ between cases)
+            for case_logits in logits:
+                target = native(seen)
+                seen += 1
+                pred = to_native(case_logits, target).cpu()[None]
+                dice.append(dice_per_case(pred, target.label[None], info.num_classes))
+                if regions:
+                    region_scores.append(region_dice(pred, target.label[None], regions))
+        elif info.kind == "segmentation":
             dice.append(dice_per_case(logits.argmax(1).cpu(), targets, info.num_classes))
             if regions:
                 region_scores.append(region_dice(logits.argmax(1).cpu(), targets, regions))

@@ -9,12 +9,19 @@ A dataset opts in through ``DatasetInfo.extra``:
 - ``regions`` ({name: [class indices]}): Dice of unions of classes (BraTS whole tumour,
   tumour core, enhancing tumour), reported as ``dice_<name>`` and their mean ``dice_regions``.
 
+A labeled split opts in to native-resolution evaluation by having a method
+``native_target(index) -> NativeTarget``: the case's label map on its original voxel grid
+and how its preprocessed volume was made from it. The engine then predicts at the
+preprocessed size (by sliding windows when needed), maps the class probabilities back to
+the original grid with :func:`to_native` and scores Dice there, one case at a time.
+
 Without these keys the engine behaves exactly as before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -98,3 +105,44 @@ def region_metrics(scores: Tensor, regions: Mapping[str, Sequence[int]]) -> dict
     out = {f"dice_{name}": float(v) for name, v in zip(regions, means, strict=True)}
     out["dice_regions"] = float(means.mean())
     return out
+
+
+@dataclass
+class NativeTarget:
+    """One case's reference on its original voxel grid, and how the preprocessed volume was
+    made from that grid (reorient, optionally crop, then resize to the model's size)."""
+
+    #: Class indices ``(X, Y, Z)`` on the original grid, in the file's axis order.
+    label: Tensor
+    #: Reorientation applied first (nibabel orientation transform): row i is
+    #: ``[axis after reorienting, +1 or -1]`` of original axis i; None: none applied.
+    orientation: Sequence[Sequence[int]] | None = None
+    #: Voxels cut after reorienting, ``(x0, x1, y0, y1, z0, z1)`` (torchio ``Crop``); None: none.
+    crop: Sequence[int] | None = None
+
+
+def to_native(logits: Tensor, target: NativeTarget) -> Tensor:
+    """Class indices on ``target``'s original grid from one case's logits ``(K, *size)`` at
+    the preprocessed size: softmax, trilinear resampling of the probabilities (voxel centres
+    aligned as torchio ``Resize`` aligns them, ``align_corners=False``), cropped voxels
+    background, the reorientation undone, argmax. Runs on the logits' device."""
+    shape = tuple(target.label.shape)
+    ornt = [(int(a), int(f)) for a, f in target.orientation] if target.orientation else \
+        [(i, 1) for i in range(len(shape))]
+    reoriented = [0] * len(shape)
+    for i, (axis, _) in enumerate(ornt):
+        reoriented[axis] = shape[i]
+    crop = list(target.crop) if target.crop else [0] * (2 * len(shape))
+    inner = [s - crop[2 * d] - crop[2 * d + 1] for d, s in enumerate(reoriented)]
+    probs = logits.float().softmax(0)
+    probs = F.interpolate(probs[None], size=inner, mode="trilinear" if len(shape) == 3 else
+                          "bilinear", align_corners=False)[0]
+    if any(crop):
+        full = probs.new_zeros((probs.shape[0], *reoriented))
+        full[0] = 1.0
+        full[(slice(None), *(slice(crop[2 * d], crop[2 * d] + n) for d, n in enumerate(inner)))] = probs
+        probs = full
+    pred = probs.argmax(0)
+    pred = pred.permute(*(axis for axis, _ in ornt))
+    flips = [i for i, (_, f) in enumerate(ornt) if f < 0]
+    return pred.flip(flips) if flips else pred

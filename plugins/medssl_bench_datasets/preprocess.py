@@ -25,7 +25,8 @@ import torch
 from medssl_bench.errors import DataError
 
 #: Bump when the output of :func:`preprocess_case` changes: it enters every cache key.
-PREPROCESS_VERSION = 1
+#: 2: meta.json records the reorientation and crop (to map predictions to the native grid).
+PREPROCESS_VERSION = 2
 #: Voxel-to-world matrices of an image and its label may differ by this much (mm).
 AFFINE_TOLERANCE = 1e-3
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -72,6 +73,12 @@ class CaseMeta:
     spacing: list[float]
     label_values: list[int] = field(default_factory=list)
     out_shape: list[int] = field(default_factory=list)
+    #: The reorientation to RAS applied before resizing, as a nibabel orientation transform:
+    #: row i is ``[axis of the reoriented volume, +1 or -1 (flipped)]`` of original axis i.
+    orientation: list[list[int]] = field(default_factory=list)
+    #: torchio ``Crop`` amounts ``(x0, x1, y0, y1, z0, z1)`` cut after reorienting
+    #: (pretraining volumes only; fine-tuning volumes are never cropped), or None.
+    crop: list[int] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -268,12 +275,14 @@ def preprocess_case(
     subject_items: dict[str, Any] = {"image": tio.ScalarImage(tensor=image, affine=affine)}
     if label is not None and mode == "labeled":
         subject_items["label"] = tio.LabelMap(tensor=label.to(torch.int16), affine=affine)
+    meta.orientation = canonical_orientation(affine)
     subject = tio.ToCanonical()(tio.Subject(**subject_items))
     subject.image.set_data(scale_intensity(subject.image.data.float(), source.ct, prep))
     if mode == "pretrain" and prep.foreground_crop:
         bounds = foreground_bounds(subject.image.data, prep.foreground_threshold)
         if bounds is not None and any(bounds):
             subject = tio.Crop(bounds)(subject)
+            meta.crop = list(bounds)
     with warnings.catch_warnings():  # torchio warns when it fixes a one-voxel rounding
         warnings.simplefilter("ignore", RuntimeWarning)
         subject = tio.Resize(prep.size)(subject)
@@ -281,6 +290,35 @@ def preprocess_case(
     meta.out_shape = list(out.shape[1:])
     lab = subject["label"].data[0].numpy().astype(np.int16) if "label" in subject else None
     return out, lab, meta
+
+
+def canonical_orientation(affine: np.ndarray) -> list[list[int]]:
+    """The orientation transform ``tio.ToCanonical`` applies to a volume with ``affine``
+    (nibabel ``ornt_transform`` from its orientation to RAS)."""
+    import nibabel as nib
+
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt("RAS"))
+    return [[int(axis), int(flip)] for axis, flip in ornt]
+
+
+def native_label(source: CaseSource) -> np.ndarray:
+    """The label map of a case on its original voxel grid and axis order, int16 raw values:
+    the reference of native-resolution evaluation. Only the label file is read; the case
+    was checked whole when its cache entry (keyed by the same files) was made."""
+    if source.label is None:
+        raise DataError(f"{source.images[0]}: case {source.case_id!r} has no label map.")
+    label, _ = read_volume(source.label, "label map")
+    _check_finite(label, source.label, "label map")
+    return label[0].round().numpy().astype(np.int16)
+
+
+def write_native_label(directory: Path, label: np.ndarray) -> None:
+    """Add ``native_label.npy`` to a cache entry atomically (a finished entry gains it later,
+    when its case is first evaluated at the native resolution)."""
+    tmp = directory / f"native_label.tmp{os.getpid()}.npy"
+    np.save(tmp, label)
+    os.replace(tmp, directory / "native_label.npy")
 
 
 def write_entry(directory: Path, image: np.ndarray, label: np.ndarray | None, meta: CaseMeta) -> None:

@@ -2,7 +2,9 @@
 memory-mapped.
 
 An entry is a folder ``<root>/<dataset>/<key>/`` with ``image.npy`` (float16, C x S^3),
-``label.npy`` (int16 raw label values, S^3; labeled entries only) and ``meta.json``. The key
+``label.npy`` (int16 raw label values, S^3; labeled entries only), ``meta.json`` and, for
+the val and test cases evaluated at the native resolution, ``native_label.npy`` (int16, the
+label map on its original grid, added when first needed). The key
 hashes the source files (absolute path, size, modification time), the preprocessing
 settings, the mode and :data:`PREPROCESS_VERSION`, so editing a file or a setting makes a new
 entry and an unchanged rerun reads the old one. Arrays are plain ``.npy`` opened with
@@ -32,8 +34,10 @@ from medssl_bench_datasets.preprocess import (
     CaseSource,
     Mode,
     Prep,
+    native_label,
     preprocess_case,
     write_entry,
+    write_native_label,
 )
 
 T = TypeVar("T")
@@ -127,6 +131,8 @@ class CacheStats:
     computed: int = 0
     reused: int = 0
     seconds: float = 0.0
+    #: Native-resolution label maps added to entries (val/test with evaluate_at: native).
+    native_computed: int = 0
 
 
 def prepare(
@@ -149,6 +155,21 @@ def prepare(
     stats.reused += len(sources) - len(missing)
     stats.seconds += time.perf_counter() - t0
     return [(e, CaseMeta.from_json((e / "meta.json").read_text())) for e in entries]
+
+
+def _build_native(job: Job) -> None:
+    write_native_label(Path(job.directory), native_label(job.source))
+
+
+def ensure_native(sources: Sequence[CaseSource], entries: Sequence[Path], workers: int,
+                  stats: CacheStats) -> None:
+    """Give every labeled entry its ``native_label.npy`` (read in parallel where missing)."""
+    missing = [Job(s, Prep(), "labeled", str(e)) for s, e in zip(sources, entries, strict=True)
+               if not (Path(e) / "native_label.npy").is_file()]
+    for result in run_parallel(_build_native, missing, default_workers(workers)):
+        if isinstance(result, DataError):
+            raise result
+    stats.native_computed += len(missing)
 
 
 class CachedVolumes(TorchDataset):
@@ -199,3 +220,18 @@ class NoLabels(TorchDataset):
 
     def __getitem__(self, index: int) -> Any:
         raise DataError(self.message)
+
+
+class NativeVolumes(CachedVolumes):
+    """Labeled cached cases that are evaluated on their original voxel grid: the engine
+    calls :meth:`native_target` per case (see :mod:`medssl_bench.volumetric`)."""
+
+    def native_target(self, index: int) -> Any:
+        from medssl_bench.volumetric import NativeTarget
+
+        entry = self.entries[index]
+        meta = CaseMeta.from_json((entry / "meta.json").read_text())
+        raw = np.load(entry / "native_label.npy", mmap_mode="r")
+        label = self.lut[np.asarray(raw)] if self.lut is not None else np.asarray(raw, dtype=np.int64)
+        return NativeTarget(torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64)),
+                            meta.orientation or None, meta.crop)

@@ -27,9 +27,11 @@ from medssl_bench_datasets.preprocess import CaseMeta, CaseSource, Prep, read_ca
 from medssl_bench_datasets.volume_cache import (
     CachedVolumes,
     CacheStats,
+    NativeVolumes,
     NoLabels,
     cache_root,
     default_workers,
+    ensure_native,
     prepare,
     run_parallel,
 )
@@ -56,6 +58,12 @@ class VolumeConfig(PluginConfig):
     patch_overlap: int | None = Field(
         default=None, ge=0, description="Overlap of evaluation windows in voxels (even); "
         "null: half the patch size.")
+    evaluate_at: Literal["native", "resized"] = Field(
+        default="native", description="Where validation and test Dice are computed. native: on "
+        "each case's original voxel grid (labels never resized; the predicted class "
+        "probabilities, made at `size`, are resampled back trilinearly, then argmax; the "
+        "original label maps are cached beside the volumes). resized: on the label map "
+        "resized to `size` (nearest neighbour), as the model sees it.")
     foreground_crop: bool = Field(default=True, description="Crop the empty border of "
                                   "pretraining volumes before resizing (Taleb et al.: pretraining "
                                   "only, never for fine-tuning volumes).")
@@ -230,10 +238,15 @@ class VolumeDataset(Dataset):
             no = NoLabels(f"Dataset {self.name!r} is a pretraining corpus only: it has no labels "
                           f"to fine-tune or evaluate on. {catalog.no_labels_hint}")
             return DataSplits(info, pool, no, no, no, split_hash, [])
+        native = cfg.evaluate_at == "native"
+        if native:  # the original label maps of the cases Dice is computed on
+            evaluated = [by_id[i] for s in ("val", "test") for i in splits[s]]
+            ensure_native(evaluated, [entry[c.case_id] for c in evaluated], cfg.workers,
+                          self.cache_stats)
         parts: dict[str, Any] = {}
         for s in SPLITS:
-            parts[s] = CachedVolumes([entry[i] for i in splits[s]], labeled=True, lut=lut,
-                                     ids=splits[s])
+            kind = NativeVolumes if native and s != "train" else CachedVolumes
+            parts[s] = kind([entry[i] for i in splits[s]], labeled=True, lut=lut, ids=splits[s])
             if not splits[s]:
                 parts[s] = NoLabels(
                     f"Dataset {self.name!r}: the {s} split is empty; {len(labeled)} labeled case(s) "
@@ -256,7 +269,7 @@ class VolumeDataset(Dataset):
         main = "dice_mean"
         extra: dict[str, Any] = {"root": cfg.root, "split_file": str(split_file),
                                  "pretraining_only": pretraining_only,
-                                 "label_values": values}
+                                 "label_values": values, "evaluate_at": cfg.evaluate_at}
         if catalog.regions:
             index = {v: i for i, v in enumerate(values)}
             extra["regions"] = {r: [index[v] for v in vs] for r, vs in catalog.regions.items()}
