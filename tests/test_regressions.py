@@ -48,3 +48,27 @@ def test_medmnist_npz_with_corrupt_deflate_stream_is_a_data_error(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(DataError, match="cannot be read"):
         read_npz(path)
+
+
+def test_task_of_the_wrong_dims_is_refused_before_training(registry):
+    from medssl_bench.errors import ConfigError
+    from medssl_bench.spec import resolve_run
+
+    with pytest.raises(ConfigError, match="'rotation2d' is 2D but the dataset is 3D"):
+        resolve_run(registry, "data-efficiency", "rotation3d,rotation2d")
+
+
+def test_preflight_stops_an_impossible_task_before_any_training(tmp_path, monkeypatch, capsys):
+    """A task that cannot build a batch at the dataset's size fails with one message and exit
+    code 2 before scratch or anything else trains."""
+    import medssl_bench.engine as engine
+    from medssl_bench import cli
+
+    monkeypatch.chdir(tmp_path)
+    trained = []
+    monkeypatch.setattr(engine, "pretrain", lambda *a, **k: trained.append(1))
+    code = cli.main(["run", "--protocol", "data-efficiency", "--task", "jigsaw3d", "--device", "cpu",
+                     "--set", "dataset.size=32", "task.grid=5", "task.jitter=10"])
+    err = capsys.readouterr().err
+    assert code == 2 and "jitter" in err and "Traceback" not in err
+    assert not trained

@@ -32,12 +32,14 @@ from medssl_bench.engine import (
     FinetuneConfig,
     PretrainConfig,
     Progress,
+    check_input_size,
     finetune,
     label_subset,
+    pad_to_multiple,
     pretrain,
     subset,
 )
-from medssl_bench.errors import BenchError, TrainingError  # noqa: F401 (tests patch it here)
+from medssl_bench.errors import BenchError, ConfigError, TrainingError  # noqa: F401 (tests patch it here)
 from medssl_bench.hookspecs import hookimpl
 from medssl_bench.identity import ids_hash, key_of
 from medssl_bench.interfaces import Backbone, Dataset, DataSplits, Protocol, ProxyTask
@@ -415,6 +417,36 @@ def load_data(ctx: RunContext, dataset: Dataset, role: str = "") -> DataSplits:
     return data
 
 
+def preflight(ctx: RunContext, jobs: list[tuple[ProxyTask, Dataset, DataSplits, str]],
+              data: DataSplits) -> None:
+    """Check every task against its corpus (and the backbone against both datasets) before
+    anything trains: build its heads and one proxy batch from a blank image. A setting that
+    cannot work ends the run here with one message, not after hours of other work."""
+    backbone: Backbone = ctx.plugins["backbone"]
+    check_input_size(backbone, tuple(data.info.image_size))
+    for task, src, src_data, _ in jobs:
+        if not task.pretrains:
+            continue
+        info = src_data.info
+        try:
+            task.check_input(tuple(info.image_size), info.channels)
+            check_input_size(backbone, tuple(info.image_size))
+            encoder = backbone.build_encoder(info.channels)
+            task.build_heads(backbone, encoder)
+            blank = torch.zeros((1, info.channels, *info.image_size))
+            blank, _ = pad_to_multiple(blank, backbone.size_multiple())
+            task.make_batch(blank, torch.Generator().manual_seed(0))
+        except BenchError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"Task {task.name!r} cannot run on {src.name!r} images of size "
+                f"{tuple(info.image_size)} with backbone {backbone.name!r} as configured "
+                f"({type(exc).__name__}: {exc}). Change the task's or backbone's settings "
+                f"(`bench schema task {task.name}`) or the image size."
+            ) from None
+
+
 def run_sweep(
     ctx: RunContext,
     config: SweepConfig,
@@ -436,6 +468,7 @@ def run_sweep(
         (task, *source) for task in pretraining for source in sources]
     if with_scratch:
         jobs.append((ctx.registry.get("task", "scratch")(), dataset, data, dataset.name))
+    preflight(ctx, jobs, data)
     records: list[ResultRecord] = []
     for task, src, src_data, src_label in jobs:
         try:

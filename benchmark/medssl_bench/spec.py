@@ -127,6 +127,13 @@ def expand_tasks(registry: Registry, task: str, dims: int) -> list[str]:
         raise ConfigError("--task needs a task name, a comma-separated list, or 'all'.")
     if len(set(names)) != len(names):
         raise ConfigError(f"--task {task!r} names a task twice.")
+    for name in names:  # before anything trains: a 2D task on 3D images can only fail later
+        cls = registry.get("task", name)
+        if getattr(cls, "pretrains", True) and getattr(cls, "spatial_dims", dims) != dims:
+            raise ConfigError(
+                f"Task {name!r} is {cls.spatial_dims}D but the dataset is {dims}D. Pick a "
+                f"{dims}D task (`bench plugins` lists them) or a {cls.spatial_dims}D dataset."
+            )
     return names
 
 
