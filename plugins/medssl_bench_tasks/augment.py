@@ -15,12 +15,15 @@ even for non-cubic images. Applying transform A and then B samples ``x(A @ B @ u
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+from medssl_bench_tasks.patches import BUFFERS
 
 
 @dataclass(frozen=True)
@@ -174,8 +177,9 @@ def signed_permutation_code(matrices: Tensor, shape: tuple[int, ...]) -> Tensor:
     return torch.where(exact, code, torch.full_like(code, -1))
 
 
-def _apply_code(x: Tensor, code: int, d: int) -> Tensor:
-    """Apply signed permutation ``code`` to ``(N, C, *spatial)`` exactly (flip + permute)."""
+def _decode(code: int, d: int) -> tuple[list[int], list[int]]:
+    """The flipped input axes and the output order (``permute`` dims) of a signed
+    permutation code, both as positions in ``(N, C, *spatial)``."""
     column, sign = [0] * d, [0] * d
     for r in reversed(range(d)):
         code, digit = divmod(code, 2 * d)
@@ -183,11 +187,44 @@ def _apply_code(x: Tensor, code: int, d: int) -> Tensor:
     # out[u] = x[v] with v[r] = +-u[column[r]]: flip the input axes read with a minus sign
     # (negation in centred coordinates), then put input axis r at output position column[r]
     flips = [2 + r for r in range(d) if sign[r]]
-    y = x.flip(flips) if flips else x
     inverse = [0] * d
     for r in range(d):
         inverse[column[r]] = r
-    return y.permute(0, 1, *[2 + r for r in inverse])
+    return flips, [0, 1, *[2 + r for r in inverse]]
+
+
+def _apply_code(x: Tensor, code: int, d: int) -> Tensor:
+    """Apply signed permutation ``code`` to ``(N, C, *spatial)`` exactly (flip + permute)."""
+    flips, order = _decode(code, d)
+    y = x.flip(flips) if flips else x
+    return y.permute(*order)
+
+
+def permuted_copy(x: Tensor, order: Sequence[int]) -> Tensor:
+    """``x.permute(*order)`` of a contiguous ``(N, C, D, H, W)`` tensor as a new contiguous
+    tensor (from :data:`BUFFERS`), with batch and channel kept in place.
+
+    Why: a permuted copy whose innermost output axis is a far-strided input axis (the D axis
+    moving last) costs 5-10x a plain copy in torch's element-wise copy on the CPU, while a
+    2D transpose is copied blockwise at near memory speed. Moving D last is the 2D transpose
+    of ``(N C D, H W)``; (W, H, D) and several slabs then take one more copy that keeps whole
+    rows of D contiguous. Other orders are copied directly."""
+    order = tuple(int(o) for o in order)
+    n, c, *spatial = x.shape
+    slabs = n * c
+    shape = (n, c, *[x.shape[o] for o in order[2:]])
+    x = x.contiguous()
+    if x.dim() != 5 or order[2:] not in ((3, 4, 2), (4, 3, 2)) or x.device.type != "cpu":
+        return BUFFERS.empty(shape, x.dtype, x.device).copy_(x.permute(*order))
+    d, h, w = spatial
+    # (H, W, D): (slabs D, H W)^T = (H W, slabs, D)
+    t = BUFFERS.empty((h * w, slabs * d), x.dtype, x.device).copy_(x.view(-1, h * w).t())
+    rows = t.view(h, w, n, c, d)
+    if order[2:] == (3, 4, 2):
+        if slabs == 1:
+            return t.view(shape)
+        return BUFFERS.empty(shape, x.dtype, x.device).copy_(rows.permute(2, 3, 0, 1, 4))
+    return BUFFERS.empty(shape, x.dtype, x.device).copy_(rows.permute(2, 3, 1, 0, 4))  # W, H, D
 
 
 def to_grid_theta(matrices: Tensor, shape: tuple[int, ...]) -> Tensor:
@@ -271,20 +308,33 @@ def _apply_exact(work: Tensor, maps: Tensor, owned: bool) -> tuple[Tensor, bool]
     if not present:
         return work, owned
     if len(present) == 1 and bool((codes == present[0]).all()):
-        return _apply_code(work, present[0], d).contiguous(), True
+        return _signed_permuted_copy(work, present[0], d), True
     if not owned:
-        work = work.clone()
+        work = BUFFERS.empty(work.shape, work.dtype, work.device).copy_(work)
     for code in present:
         index = (codes == code).nonzero().flatten()
-        work.index_copy_(0, index, _apply_code(work.index_select(0, index), int(code), d))
+        picked = torch.index_select(work, 0, index, out=BUFFERS.empty(
+            (index.numel(), *work.shape[1:]), work.dtype, work.device))
+        work.index_copy_(0, index, _signed_permuted_copy(picked, int(code), d))
+        del picked
     return work, True
+
+
+def _signed_permuted_copy(x: Tensor, code: int, d: int) -> Tensor:
+    """Signed permutation ``code`` of ``x`` as a new contiguous tensor: flips, then the axis
+    permutation by :func:`permuted_copy`."""
+    flips, order = _decode(code, d)
+    y = x.flip(flips) if flips else x
+    if order == list(range(d + 2)):
+        return y if flips else BUFFERS.empty(x.shape, x.dtype, x.device).copy_(x)
+    return permuted_copy(y, order)
 
 
 def _lerp_axis(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """Linear resampling of ``(n, C, L, R)`` along ``L`` through ``v = scale * u + shift`` in
-    centred coordinates, zeros outside. Whole contiguous ``R``-rows are gathered with
-    ``index_select`` (memory speed), so it costs a few memory passes; used for the zoom along
-    the axis folded into channels."""
+    centred coordinates, zeros outside. Every output row is a weighted sum of two whole
+    contiguous ``R``-rows of the input (one ``embedding_bag``, a single pass at memory
+    speed); used for the zoom along the axis folded into channels."""
     n, channels, length, rest = x.shape
     half = (length - 1) / 2
     u = torch.arange(length, device=x.device, dtype=scale.dtype) - half
@@ -296,22 +346,76 @@ def _lerp_axis(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     rows = x.reshape(n * channels * length, rest)
     if not bool(weight.any()) and bool(((low >= 0) & (low < length)).all()):
         # integral positions (a flip along the axis): one row gather, no arithmetic
-        return rows.index_select(0, (base + low.view(n, 1, length)).flatten()).view(x.shape)
-    result = None
-    for index, w in ((low, 1 - weight), (low + 1, weight)):
-        inside = (index >= 0) & (index < length)
-        flat = (base + index.clamp(0, length - 1).view(n, 1, length)).flatten()
-        term = rows.index_select(0, flat).view(n, channels, length, rest)
-        factor = (w * inside).view(n, 1, length, 1)
-        result = term.mul_(factor) if result is None else result.addcmul_(term, factor)
-    return result
+        index = (base + low.view(n, 1, length)).flatten()
+        out = BUFFERS.empty((index.numel(), rest), x.dtype, x.device)
+        return torch.index_select(rows, 0, index, out=out).view(x.shape)
+    # each output row is the weighted sum of two input rows: one fused embedding_bag pass
+    index, weights = [], []
+    for at, w in ((low, 1 - weight), (low + 1, weight)):
+        inside = (at >= 0) & (at < length)
+        index.append((base + at.clamp(0, length - 1).view(n, 1, length)).flatten())
+        weights.append((w * inside).view(n, 1, length).expand(n, channels, length).flatten())
+    return F.embedding_bag(torch.stack(index, 1), rows, per_sample_weights=torch.stack(
+        weights, 1).to(x.dtype), mode="sum").view(x.shape)
+
+
+def _bilinear_rows(sub: Tensor, maps: Tensor) -> Tensor:
+    """2D bilinear resampling (zeros outside) of ``(n, C, L, H, W)`` over ``(H, W)`` through
+    the 2D parts of ``maps``, the leading axis ``L`` carried along as a vector per pixel.
+
+    Why not ``grid_sample``: its CPU kernel interpolates every one of the ``C * L`` channels
+    separately (about 15 ms per 128^3 volume on one core). Here the volume is transposed to
+    pixel-major rows of ``L`` values and every output row is one ``embedding_bag``: the
+    weighted sum of its four neighbouring input rows, contiguous vectors, in one fused pass
+    (under 1 ms per volume). The weights are ``grid_sample``'s (align_corners=True in voxel
+    units); the two transposes cost about as much as two copies."""
+    n, channels, length, height, width = sub.shape
+    pixels = height * width
+    slabs = n * channels
+    device = sub.device
+    # pixel-major rows: (pixels, slabs * length), row p * slabs + s is slab s's pixel p; one
+    # 2D transpose, which torch copies blockwise (a batched 3D transpose is several times
+    # slower: its inner loop strides through memory)
+    rows = BUFFERS.empty((pixels, slabs * length), sub.dtype, device)
+    rows.copy_(sub.reshape(slabs * length, pixels).t())
+    m = maps.to(torch.float64)
+    half_h, half_w = (height - 1) / 2, (width - 1) / 2
+    ui = (torch.arange(height, device=device, dtype=torch.float64) - half_h).view(1, height, 1)
+    uj = (torch.arange(width, device=device, dtype=torch.float64) - half_w).view(1, 1, width)
+    y = m[:, 0, 0].view(n, 1, 1) * ui + m[:, 0, 1].view(n, 1, 1) * uj + (m[:, 0, 2] + half_h).view(
+        n, 1, 1)
+    x = m[:, 1, 0].view(n, 1, 1) * ui + m[:, 1, 1].view(n, 1, 1) * uj + (m[:, 1, 2] + half_w).view(
+        n, 1, 1)
+    y0, x0 = y.floor(), x.floor()
+    wy, wx = (y - y0).float(), (x - x0).float()
+    y0, x0 = y0.long(), x0.long()
+    index, weight = [], []
+    for dy, fy in ((0, 1 - wy), (1, wy)):
+        for dx, fx in ((0, 1 - wx), (1, wx)):
+            yi, xi = y0 + dy, x0 + dx
+            inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
+            index.append(yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1))
+            weight.append(fy * fx * inside)
+    # bags in (output pixel, slab) order, so the result is again pixel-major
+    index = torch.stack(index, -1).view(n, 1, pixels, 4) * slabs
+    slab = torch.arange(slabs, device=device).view(n, channels, 1, 1)
+    index = (index + slab).permute(2, 0, 1, 3).reshape(-1, 4)
+    weight = torch.stack(weight, -1).view(n, 1, pixels, 4).expand(n, channels, pixels, 4)
+    weight = weight.permute(2, 0, 1, 3).reshape(-1, 4).to(sub.dtype)
+    sampled = F.embedding_bag(index, rows.view(-1, length), per_sample_weights=weight,
+                              mode="sum")
+    del rows
+    out = BUFFERS.empty(sub.shape, sub.dtype, device)
+    out.view(slabs * length, pixels).copy_(sampled.view(pixels, slabs * length).t())
+    return out
 
 
 def _apply_planar(work: Tensor, maps: Tensor, owned: bool) -> tuple[Tensor, bool]:
-    """Resample the samples whose planar map is not the identity: one 2D bilinear
-    ``grid_sample`` over the last two axes with the leading axis folded into channels, then
-    (zoom) a 1D lerp along the leading axis. Both factor exactly out of trilinear
-    interpolation because the map does not mix the leading axis with the other two."""
+    """Resample the samples whose planar map is not the identity: (zoom) a 1D lerp along the
+    leading axis, then one 2D bilinear resampling over the last two axes with the leading
+    axis folded into channels (:func:`_bilinear_rows` on the CPU, ``grid_sample`` elsewhere).
+    Both factor exactly out of trilinear interpolation because the map does not mix the
+    leading axis with the other two, so their order does not matter either."""
     n, channels = work.shape[:2]
     shape = tuple(work.shape[2:])
     d = len(shape)
@@ -322,26 +426,39 @@ def _apply_planar(work: Tensor, maps: Tensor, owned: bool) -> tuple[Tensor, bool
     if count == 0:
         return work, owned
     every = count == n
-    sub = (work if every else work.index_select(0, index)).contiguous()
+    if every:
+        sub = work.contiguous()
+    else:
+        sub = torch.index_select(work, 0, index,
+                                 out=BUFFERS.empty((count, *work.shape[1:]), work.dtype,
+                                                   work.device))
     chosen = maps if every else maps[index]
-    keep = [d - 2, d - 1, d]
-    theta = to_grid_theta(chosen[:, keep][:, :, keep].to(work.dtype), shape[-2:])
-    grid = affine_grid(theta, shape[-2:])
-    folded = sub.reshape(count * channels, -1, *shape[-2:])
-    sampled = F.grid_sample(folded, grid.repeat_interleave(channels, 0), mode="bilinear",
-                            padding_mode="zeros", align_corners=True)
-    sampled = sampled.view(count, channels, *shape)
     if d == 3:
         scale, shift = chosen[:, 0, 0], chosen[:, 0, d]
         along = ((scale != 1) | (shift != 0)).nonzero().flatten()
         if along.numel():
-            rows = sampled.view(count, channels, shape[0], -1)
+            if sub is work:
+                sub = BUFFERS.empty(work.shape, work.dtype, work.device).copy_(work)
+            rows = sub.view(count, channels, shape[0], -1)
             lerped = _lerp_axis(rows.index_select(0, along), scale[along], shift[along])
             rows.index_copy_(0, along, lerped)
+            del lerped
+    keep = [d - 2, d - 1, d]
+    plane = chosen[:, keep][:, :, keep]
+    if d == 3 and work.device.type == "cpu":
+        sampled = _bilinear_rows(sub, plane)
+    else:
+        theta = to_grid_theta(plane.to(work.dtype), shape[-2:])
+        grid = affine_grid(theta, shape[-2:])
+        folded = sub.reshape(count * channels, -1, *shape[-2:])
+        sampled = F.grid_sample(folded, grid.repeat_interleave(channels, 0), mode="bilinear",
+                                padding_mode="zeros", align_corners=True)
+        sampled = sampled.view(count, channels, *shape)
+    del sub
     if every:
         return sampled, True
     if not owned:
-        work = work.clone()
+        work = BUFFERS.empty(work.shape, work.dtype, work.device).copy_(work)
     work.index_copy_(0, index, sampled)
     return work, True
 
@@ -354,6 +471,21 @@ def _swap_with_first(rows: Tensor, d: int) -> Tensor:
     order[:, 0] = rows
     order[torch.arange(n, device=rows.device), rows] = 0
     return torch.eye(d + 1, device=rows.device)[order].transpose(1, 2)
+
+
+def _fold_idle_exact(factors: AffineFactors) -> AffineFactors:
+    """Compose the exact factors on both sides of every identity planar factor into one
+    (``S_i I S_{i+1} = I (S_i S_{i+1})``), so a sample is permuted at most once between two
+    resamplings, and a sample without any resampling is permuted exactly once."""
+    exact = list(factors.exact.unbind(1))
+    planar = list(factors.planar.unbind(1))
+    size = exact[0].shape[1]
+    eye = torch.eye(size, device=exact[0].device)
+    for i, a_map in enumerate(planar):
+        idle = ((a_map - eye).abs().amax((1, 2)) == 0).view(-1, 1, 1)
+        exact[i + 1] = torch.where(idle, exact[i] @ exact[i + 1], exact[i + 1])
+        exact[i] = torch.where(idle, eye.expand_as(exact[i]), exact[i])
+    return AffineFactors(torch.stack(exact, 1), torch.stack(planar, 1))
 
 
 def _merge_into_planar(factors: AffineFactors) -> AffineFactors:
@@ -401,7 +533,7 @@ def apply_factored(images: Tensor, factors: AffineFactors) -> Tensor:
     shape = tuple(images.shape[2:])
     if len(shape) not in (2, 3) or len(set(shape)) != 1:
         return apply_affine(images, factors.compose())
-    merged = _merge_into_planar(factors)
+    merged = _merge_into_planar(_fold_idle_exact(factors))
     exact = merged.exact.to(images.device)
     planar = merged.planar.to(images.device)
     work, owned = images, False
@@ -409,7 +541,7 @@ def apply_factored(images: Tensor, factors: AffineFactors) -> Tensor:
         work, owned = _apply_exact(work, exact[:, i], owned)
         if i < planar.shape[1]:
             work, owned = _apply_planar(work, planar[:, i], owned)
-    return work if owned else work.clone()
+    return work if owned else BUFFERS.empty(work.shape, work.dtype, work.device).copy_(work)
 
 
 def color_jitter(

@@ -13,6 +13,8 @@ single copy of the selected patches.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +23,67 @@ from torch import Tensor
 
 from medssl_bench.errors import ConfigError
 from medssl_bench.interfaces import Backbone, Encoder
+
+
+class BufferPool:
+    """Reusable CPU output buffers for batch construction, handed out only when free.
+
+    Why: a batch of 128^3 volumes is over 32 MB, so glibc serves every such tensor with a
+    fresh ``mmap`` and returns it with ``munmap`` when freed; the next step's copy then
+    page-faults every 4 KB page and the kernel zeroes it first. On a 2-core CPU that costs
+    5-10x the copy itself (filling a fresh 8 MB volume: about 7 ms; refilling a used one:
+    about 1 ms). The pool keeps up to ``per_key`` buffers per shape and dtype and hands one
+    out as a *new* tensor view of it, so it is free exactly when nothing but the pool refers
+    to its storage: a caller that keeps a batch (or a view of it, or autograd saving it for
+    backward) holds the storage and the pool allocates another buffer instead, so outputs
+    never alias. Only for the CPU (CUDA has its own caching allocator) and only for buffers
+    of at least ``min_bytes``; at most ``max_keys`` shapes are kept (least recently used).
+    """
+
+    def __init__(self, per_key: int = 3, max_keys: int = 16, min_bytes: int = 1 << 20) -> None:
+        self.per_key, self.max_keys, self.min_bytes = per_key, max_keys, min_bytes
+        self.enabled = True
+        self._buffers: OrderedDict[tuple, list[Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _free(base: Tensor) -> bool:
+        # one reference from ``base`` itself and one from the temporary storage object
+        return torch._C._storage_Use_Count(base.untyped_storage()._cdata) <= 2
+
+    def empty(self, shape: Sequence[int], dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> Tensor:
+        """An uninitialised tensor like ``torch.empty(shape, dtype=dtype, device=device)``."""
+        shape = tuple(int(s) for s in shape)
+        device = torch.device(device)
+        numel = 1
+        for size in shape:
+            numel *= size
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if (not self.enabled or device.type != "cpu" or numel * itemsize < self.min_bytes):
+            return torch.empty(shape, dtype=dtype, device=device)
+        key = (shape, dtype)
+        with self._lock:
+            entries = self._buffers.setdefault(key, [])
+            self._buffers.move_to_end(key)
+            for base in entries:
+                if self._free(base):
+                    return base.view(shape)
+            with torch.inference_mode(False):  # usable in and outside inference mode
+                base = torch.empty(shape, dtype=dtype)
+            if len(entries) < self.per_key:
+                entries.append(base)
+            while len(self._buffers) > self.max_keys:
+                self._buffers.popitem(last=False)
+            return base.view(shape)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._buffers.clear()
+
+
+#: The pool the batch-construction code of the proxy tasks draws its outputs from.
+BUFFERS = BufferPool()
 
 
 @dataclass(frozen=True)
@@ -118,7 +181,10 @@ def extract_patches(images: Tensor, starts: Tensor, patch: Sequence[int]) -> Ten
     row = int(patch[-1])
     flat = images.view(-1)
     rows = flat.as_strided((flat.numel() - row + 1, row), (1, 1))
-    return rows.index_select(0, offset.reshape(-1)).view(batch, count, channels, *patch)
+    index = offset.reshape(-1)
+    out = BUFFERS.empty((index.numel(), row), images.dtype, device)
+    torch.index_select(rows, 0, index, out=out)
+    return out.view(batch, count, channels, *patch)
 
 
 def extract_grid_patches(

@@ -9,7 +9,9 @@ from torch import Tensor, nn
 from medssl_bench.config import PluginConfig
 from medssl_bench.errors import ConfigError
 from medssl_bench.interfaces import Backbone, Encoder, ProxyTask
+from medssl_bench_tasks.augment import permuted_copy
 from medssl_bench_tasks.common import MLPHead, classification_loss, randint
+from medssl_bench_tasks.patches import BUFFERS
 
 #: The 10 classes of the reference code (preprocess_rotation.py): (k, spatial axes) for
 #: ``torch.rot90``; class 0 is the identity. Axes index the spatial dims (D, H, W).
@@ -40,14 +42,40 @@ def rotated_copies(
 
     One gather and one ``rot90`` per class present, never per sample, and no intermediate
     batch of unrotated copies: at 128^3 this is memory-bound, so every avoided copy counts.
+    The output and the gather's scratch come from the reused buffers of
+    :data:`~medssl_bench_tasks.patches.BUFFERS` (fresh 128^3 batches cost page faults several
+    times the copy).
     """
     source = torch.arange(images.shape[0], device=images.device).repeat_interleave(copies)
-    out = torch.empty((len(source), *images.shape[1:]), dtype=images.dtype, device=images.device)
+    shape = (len(source), *images.shape[1:])
+    out = BUFFERS.empty(shape, images.dtype, images.device)
+    scratch = None
     for label in range(len(table)):
         rows = (labels == label).nonzero().flatten()
-        if rows.numel():
-            out.index_copy_(0, rows, rotate(images.index_select(0, source[rows]), label, table=table))
+        if not rows.numel():
+            continue
+        if scratch is None:
+            scratch = BUFFERS.empty(shape, images.dtype, images.device)
+        gathered = torch.index_select(images, 0, source[rows], out=scratch[: rows.numel()])
+        out.index_copy_(0, rows, _rotated(gathered, *table[label]))
+    del scratch
     return out
+
+
+def _rotated(x: Tensor, k: int, axes: tuple[int, int]) -> Tensor:
+    """``torch.rot90(x, k, spatial axes)`` of a contiguous ``(N, C, D, H, W)`` batch, the same
+    flips then axis swap, with the swap done by :func:`~medssl_bench_tasks.augment.
+    permuted_copy` (a plain strided copy that moves D innermost is several times slower)."""
+    k %= 4
+    if k == 0:
+        return x  # rot90 would return a fresh copy
+    a, b = axes[0] + 2, axes[1] + 2
+    if k == 2:
+        return x.flip((a, b))
+    flipped = x.flip(b if k == 1 else a)
+    order = list(range(x.dim()))
+    order[a], order[b] = order[b], order[a]
+    return permuted_copy(flipped, order) if x.dim() == 5 else flipped.transpose(a, b)
 
 
 def rotate_batch(volumes: Tensor, labels: Tensor, table: RotationTable = ROTATIONS_3D) -> Tensor:
