@@ -186,7 +186,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(
         "Summary: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
         + f". Results: `bench leaderboard --tracking-uri {uri}`; "
-        f"browse: `mlflow ui --backend-store-uri {uri}`."
+        + (f"browse: {uri}" if uri.startswith("http") else
+           f"browse: `mlflow ui --backend-store-uri {uri}`.")
     )
     failed = [o for o in ctx.outcomes if o.status == "failed"]
     for o in failed:
@@ -322,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("interrupted; finished results are kept, rerun the same command to resume")
         return 130
+    except BrokenPipeError:  # `bench leaderboard --format json | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 0
 
 
 if __name__ == "__main__":
