@@ -338,3 +338,40 @@ def test_cpc_targets_share_no_voxels_with_the_centre_by_default():
     assert CPC3D(CPC3D.Config(patches_per_side=4, overlap=0.0)).target_gap == 0
     centres, _, targets = pyramid_context(7, 1, 2, "all", gap=task.target_gap)
     assert (targets[:, 0, 0] - centres[:, 0] >= 2).all()  # stride is half a patch
+
+
+def test_pooled_outputs_never_alias_a_kept_batch():
+    """Outputs come from reused buffers (medssl_bench_tasks.patches.BUFFERS); a batch the
+    caller still holds must never be overwritten by the next one, a dropped one is reused."""
+    from medssl_bench_tasks.patches import BufferPool
+
+    pool = BufferPool(min_bytes=0)
+    first = pool.empty((2, 3, 4))
+    first.fill_(1.0)
+    second = pool.empty((2, 3, 4))
+    assert second.data_ptr() != first.data_ptr()
+    view = first[1]
+    del first
+    third = pool.empty((2, 3, 4))
+    held = {second.data_ptr(), view.data_ptr() - 12 * 4}
+    assert third.data_ptr() not in held
+    reused = third.data_ptr()
+    del third
+    assert pool.empty((2, 3, 4)).data_ptr() == reused
+    images = torch.rand(3, 1, 64, 64, 64)  # large enough for the shared pool
+    for task in (Exemplar3D(), CPC3D()):
+        kept = task.make_batch(images, torch.Generator().manual_seed(0))
+        frozen = {k: v.clone() for k, v in kept.items()}
+        task.make_batch(images, torch.Generator().manual_seed(1))
+        for key, value in kept.items():
+            assert torch.equal(value, frozen[key]), (task.name, key)
+
+
+def test_permuted_copy_matches_permute():
+    from medssl_bench_tasks.augment import permuted_copy
+
+    for shape in ((1, 1, 5, 6, 7), (3, 2, 4, 5, 6)):
+        x = torch.rand(shape)
+        for order in itertools.permutations((2, 3, 4)):
+            full = (0, 1, *order)
+            assert torch.equal(permuted_copy(x, full), x.permute(*full).contiguous())

@@ -396,17 +396,25 @@ def _bilinear_rows(sub: Tensor, maps: Tensor) -> Tensor:
             inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
             index.append(yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1))
             weight.append(fy * fx * inside)
-    # bags in (output pixel, slab) order, so the result is again pixel-major
+    # bags in (output pixel, slab) order, so each result is again pixel-major
     index = torch.stack(index, -1).view(n, 1, pixels, 4) * slabs
-    slab = torch.arange(slabs, device=device).view(n, channels, 1, 1)
-    index = (index + slab).permute(2, 0, 1, 3).reshape(-1, 4)
-    weight = torch.stack(weight, -1).view(n, 1, pixels, 4).expand(n, channels, pixels, 4)
-    weight = weight.permute(2, 0, 1, 3).reshape(-1, 4).to(sub.dtype)
-    sampled = F.embedding_bag(index, rows.view(-1, length), per_sample_weights=weight,
-                              mode="sum")
-    del rows
+    index = (index + torch.arange(slabs, device=device).view(n, channels, 1, 1)).view(
+        slabs, pixels, 4).transpose(0, 1)
+    weight = torch.stack(weight, -1).to(sub.dtype).view(n, 1, pixels, 4).expand(
+        n, channels, pixels, 4).reshape(slabs, pixels, 4).transpose(0, 1)
     out = BUFFERS.empty(sub.shape, sub.dtype, device)
-    out.view(slabs * length, pixels).copy_(sampled.view(pixels, slabs * length).t())
+    flat = out.view(slabs * length, pixels)
+    # a few slabs per embedding_bag call: its output is a fresh tensor, and below glibc's
+    # mmap threshold (32 MB) freed ones are reused instead of page-faulted in anew
+    step = max(1, (16 << 20) // (pixels * length * sub.element_size()))
+    for first in range(0, slabs, step):
+        last = min(first + step, slabs)
+        sampled = F.embedding_bag(index[:, first:last].reshape(-1, 4), rows.view(-1, length),
+                                  per_sample_weights=weight[:, first:last].reshape(-1, 4),
+                                  mode="sum")
+        flat[first * length:last * length].copy_(
+            sampled.view(pixels, (last - first) * length).t())
+        del sampled
     return out
 
 
@@ -523,12 +531,14 @@ def apply_factored(images: Tensor, factors: AffineFactors) -> Tensor:
 
     Why: a 3D trilinear ``grid_sample`` at 128^3 costs about 45 ms of CPU per volume, a 2D
     bilinear one over the same voxels (the third axis as channels) about a fifth of that,
-    and exact permutations almost nothing. Only the factors a sample drew are applied: a
-    volume with flips and quarter turns is only permuted, one with one arbitrary-angle plane
-    rotation (with or without zoom) gets exactly the trilinear result in one 2D pass, and
-    only volumes with several arbitrary planes are interpolated once per plane, as the
-    reference code does with one ``ndimage.rotate`` per plane. Images that are not square
-    or cubic (where axis relabellings change the shape) use the single composed resampling.
+    the same 2D pass as an ``embedding_bag`` over pixel-major rows (:func:`_bilinear_rows`)
+    about 5 ms including its two transposes, and exact permutations a copy or two. Only the
+    factors a sample drew are applied: a volume with flips and quarter turns is only
+    permuted, one with one arbitrary-angle plane rotation (with or without zoom) gets
+    exactly the trilinear result in one 2D pass, and only volumes with several arbitrary
+    planes are interpolated once per plane, as the reference code does with one
+    ``ndimage.rotate`` per plane. Images that are not square or cubic (where axis
+    relabellings change the shape) use the single composed resampling.
     """
     shape = tuple(images.shape[2:])
     if len(shape) not in (2, 3) or len(set(shape)) != 1:
