@@ -418,7 +418,8 @@ def as_rich_tables(rows: list[Row]) -> list[Any]:
                 table.add_section()
             previous = r.fraction
             entry = f"[bold]{r.label}[/bold]" if r.task != "scratch" else "[dim]scratch[/dim]"
-            table.add_row(f"{r.fraction:g}%", str(r.rank), entry, f"{r.mean:.4f} ± {r.std:.4f}",
+            spread = f"{r.mean:.4f} ± {r.std:.4f}" if r.n > 1 else f"{r.mean:.4f}"
+            table.add_row(f"{r.fraction:g}%", str(r.rank), entry, spread,
                           str(r.n), f"[{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]", fmt_p(r.p_vs_best),
                           fmt_p(r.p_vs_scratch))
         refs = [p for p in extra["published"]

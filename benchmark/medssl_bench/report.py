@@ -98,6 +98,7 @@ def plot_convergence(rows: list[ConvergenceRow], path: Path) -> Path:
     ax.axhline(first.target_value, color="k", linestyle=":", linewidth=1,
                label=f"{100 * first.target:g}% of scratch's final ({first.target_value:.4g})")
     ax.set_xlabel("fine-tuning epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(f"validation {first.metric}")
     ax.set_title(f"{first.protocol} v{first.spec_version}: {first.dataset}, {first.backbone}, "
                  f"{first.fraction:g}% labels", fontsize=10)
