@@ -484,15 +484,29 @@ def _swap_with_first(rows: Tensor, d: int) -> Tensor:
 def _fold_idle_exact(factors: AffineFactors) -> AffineFactors:
     """Compose the exact factors on both sides of every identity planar factor into one
     (``S_i I S_{i+1} = I (S_i S_{i+1})``), so a sample is permuted at most once between two
-    resamplings, and a sample without any resampling is permuted exactly once."""
+    resamplings, and a sample without any resampling is permuted exactly once. Idle factors
+    before a sample's first resampling fold forward and those after its last fold backward,
+    so every exact factor left next to a resampling can be merged into it."""
     exact = list(factors.exact.unbind(1))
     planar = list(factors.planar.unbind(1))
-    size = exact[0].shape[1]
+    n, size = exact[0].shape[:2]
     eye = torch.eye(size, device=exact[0].device)
-    for i, a_map in enumerate(planar):
-        idle = ((a_map - eye).abs().amax((1, 2)) == 0).view(-1, 1, 1)
-        exact[i + 1] = torch.where(idle, exact[i] @ exact[i + 1], exact[i + 1])
-        exact[i] = torch.where(idle, eye.expand_as(exact[i]), exact[i])
+    count = len(planar)
+    idle = torch.stack([(a_map - eye).abs().amax((1, 2)) == 0 for a_map in planar], 1)
+    steps = torch.arange(count, device=idle.device).expand(n, count)
+    any_active = (~idle).any(1, keepdim=True)
+    first = torch.where(~idle, steps, count).amin(1, keepdim=True)
+    last = torch.where(~idle, steps, -1).amax(1, keepdim=True)
+    forward = idle & ((steps < first) | ~any_active)
+    backward = idle & (steps > last) & any_active
+    for i in range(count):
+        fold = forward[:, i].view(n, 1, 1)
+        exact[i + 1] = torch.where(fold, exact[i] @ exact[i + 1], exact[i + 1])
+        exact[i] = torch.where(fold, eye.expand(n, size, size), exact[i])
+    for i in reversed(range(count)):
+        fold = backward[:, i].view(n, 1, 1)
+        exact[i] = torch.where(fold, exact[i] @ exact[i + 1], exact[i])
+        exact[i + 1] = torch.where(fold, eye.expand(n, size, size), exact[i + 1])
     return AffineFactors(torch.stack(exact, 1), torch.stack(planar, 1))
 
 
