@@ -37,11 +37,14 @@ class BufferPool:
     to its storage: a caller that keeps a batch (or a view of it, or autograd saving it for
     backward) holds the storage and the pool allocates another buffer instead, so outputs
     never alias. Only for the CPU (CUDA has its own caching allocator) and only for buffers
-    of at least ``min_bytes``; at most ``max_keys`` shapes are kept (least recently used).
+    of at least ``min_bytes``; at most ``max_keys`` shapes and ``max_bytes`` in all are kept
+    (least recently used shapes are dropped first).
     """
 
-    def __init__(self, per_key: int = 3, max_keys: int = 16, min_bytes: int = 1 << 20) -> None:
+    def __init__(self, per_key: int = 3, max_keys: int = 16, min_bytes: int = 1 << 20,
+                 max_bytes: int = 1 << 30) -> None:
         self.per_key, self.max_keys, self.min_bytes = per_key, max_keys, min_bytes
+        self.max_bytes = max_bytes
         self.enabled = True
         self._buffers: OrderedDict[tuple, list[Tensor]] = OrderedDict()
         self._lock = threading.Lock()
@@ -73,9 +76,13 @@ class BufferPool:
                 base = torch.empty(shape, dtype=dtype)
             if len(entries) < self.per_key:
                 entries.append(base)
-            while len(self._buffers) > self.max_keys:
+            while len(self._buffers) > 1 and (len(self._buffers) > self.max_keys
+                                              or self._held_bytes() > self.max_bytes):
                 self._buffers.popitem(last=False)
             return base.view(shape)
+
+    def _held_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for e in self._buffers.values() for b in e)
 
     def clear(self) -> None:
         with self._lock:
