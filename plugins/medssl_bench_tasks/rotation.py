@@ -49,10 +49,15 @@ def rotated_copies(
     source = torch.arange(images.shape[0], device=images.device).repeat_interleave(copies)
     shape = (len(source), *images.shape[1:])
     out = BUFFERS.empty(shape, images.dtype, images.device)
+    fast = images.dim() == 5 and images.device.type == "cpu"
+    images = images.contiguous()
     scratch = None
     for label in range(len(table)):
         rows = (labels == label).nonzero().flatten()
         if not rows.numel():
+            continue
+        if fast:
+            out.index_copy_(0, rows, _rotated_rows(images, source[rows], *table[label]))
             continue
         if scratch is None:
             scratch = BUFFERS.empty(shape, images.dtype, images.device)
@@ -60,6 +65,44 @@ def rotated_copies(
         out.index_copy_(0, rows, _rotated(gathered, *table[label]))
     del scratch
     return out
+
+
+def _gather_rows(x: Tensor, volumes: Tensor, grid: Tensor) -> Tensor:
+    """``x[volumes]`` with its (D, H) grid of W-rows rearranged: output row ``(d, h)`` is input
+    row ``grid[d, h]`` (a flattened (D, H) index). One ``index_select`` of whole contiguous
+    rows into a reused buffer, so flips of D and H and turns in the (D, H) plane cost one
+    copy at memory speed."""
+    n, channels, depth, height, width = x.shape
+    plane = depth * height
+    base = (volumes.view(-1, 1) * channels + torch.arange(channels, device=x.device)) * plane
+    index = (base.view(-1, channels, 1) + grid.reshape(1, 1, plane)).flatten()
+    out = BUFFERS.empty((volumes.numel(), channels, depth, height, width), x.dtype, x.device)
+    torch.index_select(x.view(-1, width), 0, index, out=out.view(-1, width))
+    return out
+
+
+def _rotated_rows(x: Tensor, volumes: Tensor, k: int, axes: tuple[int, int]) -> Tensor:
+    """``torch.rot90(x[volumes], k, spatial axes)`` for a contiguous cubic ``(N, C, D, H, W)``
+    batch, built from whole-row gathers (:func:`_gather_rows`) and at most one
+    :func:`~medssl_bench_tasks.augment.permuted_copy`; only a half turn in a plane with W
+    reverses rows (``flip``)."""
+    depth, height = x.shape[2], x.shape[3]
+    ids = torch.arange(depth * height, device=x.device).view(depth, height)
+    k %= 4
+    a, b = axes
+    if k == 0:
+        return _gather_rows(x, volumes, ids)
+    if b != 2:  # the (D, H) plane: whole W-rows move
+        return _gather_rows(x, volumes, torch.rot90(ids, k, (a, b)))
+    order = [0, 1, 2, 3, 4]
+    order[a + 2], order[4] = 4, a + 2
+    if k == 2:
+        return _gather_rows(x, volumes, ids.flip(a)).flip(4)
+    if k == 3:  # flip a, then swap a and W
+        return permuted_copy(_gather_rows(x, volumes, ids.flip(a)), order)
+    # k == 1: flip W, then swap a and W == swap a and W, then flip the new axis a
+    swapped = permuted_copy(_gather_rows(x, volumes, ids), order)
+    return _gather_rows(swapped, torch.arange(volumes.numel(), device=x.device), ids.flip(a))
 
 
 def _rotated(x: Tensor, k: int, axes: tuple[int, int]) -> Tensor:
