@@ -375,3 +375,18 @@ def test_permuted_copy_matches_permute():
         for order in itertools.permutations((2, 3, 4)):
             full = (0, 1, *order)
             assert torch.equal(permuted_copy(x, full), x.permute(*full).contiguous())
+
+
+def test_cpc_quick_preset_runs_on_32_cubed_with_the_default_unet():
+    """Patches smaller than the 5-level U-Net's input are zero-padded up to it, so the quick
+    phantom (32^3) works; volumes_per_step bounds a step's cost."""
+    from medssl_bench_backbones.unet3d import UNet3D
+
+    task = CPC3D(CPC3D.Config(**CPC3D.presets["quick"]))
+    backbone = UNet3D(UNet3D.Config(filters=[4, 8, 16, 32, 64]))
+    encoder = backbone.build_encoder(1)
+    heads = task.build_heads(backbone, encoder)
+    batch = task.make_batch(torch.rand(4, 1, 32, 32, 32), torch.Generator().manual_seed(0))
+    assert batch["patches"].shape[0] == 2  # two volumes of the four
+    loss, _ = task.compute_loss(encoder, heads, batch)
+    assert torch.isfinite(loss)

@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from medssl_bench.config import PluginConfig
 from medssl_bench.errors import ConfigError
 from medssl_bench.interfaces import Backbone, Encoder, ProxyTask
-from medssl_bench_tasks.patches import BUFFERS
+from medssl_bench_tasks.patches import BUFFERS, PatchEmbedder
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,10 @@ class CPC3D(ProxyTask):
     spatial_dims = 3
     paper_input_size = (128, 128, 128)
     min_input_size = (32, 32, 32)
+    #: quick: the reference code's non-overlapping 4x4x4 grid (64 patches, not 343) on two
+    #: volumes per step, so a CPU step stays affordable when every patch is padded up to the
+    #: backbone's input size.
+    presets = {"quick": {"patches_per_side": 4, "overlap": 0.0, "volumes_per_step": 2}}
 
     class Config(PluginConfig):
         patches_per_side: int = Field(
@@ -197,6 +201,11 @@ class CPC3D(ProxyTask):
             default=127, ge=1, description="InfoNCE negatives per prediction, drawn at random "
             "from the other patches of the batch (other positions of the same volume and "
             "patches of other volumes; the paper draws them at random without a count).")
+        volumes_per_step: int | None = Field(
+            default=None, ge=1, description="Use only the first N volumes of each batch: every "
+            "patch passes through the full encoder, so a CPC step costs patches-per-volume times "
+            "a whole-volume step (the reference trains on about one volume per step). null: the "
+            "whole batch.")
         augment: bool = Field(
             default=False, description="The reference code's augmentation: random 95% crop "
             "of the volume zero-padded back, per patch a random 7/8 crop zero-padded back and "
@@ -204,9 +213,9 @@ class CPC3D(ProxyTask):
 
     def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
         c = self.config
-        self._min_patch = backbone.min_input_size()
         return nn.ModuleDict({
-            "patch": nn.Linear(encoder.embed_dim, c.patch_embedding),
+            # patches smaller than the backbone accepts are zero-padded up to it
+            "patch": PatchEmbedder.for_backbone(backbone, encoder, c.patch_embedding, "multiple"),
             "context": nn.GRU(c.patch_embedding, c.code_size, batch_first=True),
             # one linear predictor per step, stored as one layer with steps * dim outputs
             "predict": nn.Linear(c.code_size, c.predict_steps * c.patch_embedding),
@@ -225,20 +234,14 @@ class CPC3D(ProxyTask):
                         self.spatial_dims, self.target_gap)
 
     def grid(self, shape: tuple[int, ...]) -> Grid:
-        grid = grid_geometry(shape, self.config.patches_per_side, self.config.overlap)
-        need = getattr(self, "_min_patch", 1)
-        if min(grid.patch) < need:
-            raise ConfigError(
-                f"{self.name}: patches of {grid.patch} voxels are smaller than the {need} voxels the "
-                f"backbone's encoder pools down to; use larger images, fewer "
-                f"task.patches_per_side, or a backbone with fewer levels."
-            )
-        return grid
+        return grid_geometry(shape, self.config.patches_per_side, self.config.overlap)
 
     # ------------------------------------------------------------------ batches
 
     def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         c = self.config
+        if c.volumes_per_step is not None:
+            images = images[: c.volumes_per_step]
         b, n, device = images.shape[0], c.patches_per_side, images.device
         d = images.dim() - 2
         grid = self.grid(tuple(images.shape[2:]))
@@ -280,7 +283,7 @@ class CPC3D(ProxyTask):
         patches = batch["patches"]
         d = (patches.dim() - 2) // 2
         flat = patches.reshape(-1, *patches.shape[1 + d:])
-        z = heads["patch"](encoder.embed(flat))  # (P, dim)
+        z = heads["patch"](encoder, flat)  # (P, dim)
         _, state = heads["context"](z[batch["context_index"]])
         preds = heads["predict"](state[-1]).view(-1, c.predict_steps, c.patch_embedding)
         scores = torch.einsum("qsd,pd->qsp", preds.float(), z.float())  # against every patch

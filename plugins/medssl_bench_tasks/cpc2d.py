@@ -25,6 +25,7 @@ class CPC2D(CPC3D):
     paper_input_size = (224, 224)
     #: 96 px: 5 half-overlapping patches of 32 px, the deepest reduction of timm models.
     min_input_size = (96, 96)
+    presets = {}  # the 2D default grid (5x5, half overlap) is already cheap at 64 px
 
     class Config(CPC3D.Config):
         patches_per_side: int = Field(
