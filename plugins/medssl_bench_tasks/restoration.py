@@ -222,48 +222,67 @@ def local_shuffle_round(
     if active is not None:
         chosen &= active[:, None]
     chosen = chosen.view(shape)
-    inside, pos = [], []
-    for a, c in enumerate(max_sides):
+    # Per axis and cell, a table of each position's source coordinate times the axis stride
+    # (the own coordinate outside the window, the permuted one inside), or ``NEG`` where the
+    # position lies outside the window along that axis (or the cell is not chosen). The three
+    # tables broadcast-add into the flat source index of every voxel: a sum is negative iff
+    # the voxel lies outside its window, and then reads itself. The index is int32 when it
+    # fits (two full-volume adds, a compare-and-select and one ``index_select``).
+    numel = volumes.numel()
+    dtype = torch.int32 if numel < 2**27 else torch.long
+    neg = -(2**29) if dtype == torch.int32 else -(2**60)
+    strides = (spatial[1] * spatial[2], spatial[2], 1)
+    tables = []
+    view = [(1, kd, 1, 1, -1), (1, 1, kh, 1, -1), (1, 1, 1, kw, -1)]
+    for a, (c, o, k) in enumerate(zip(max_sides, offsets, counts, strict=True)):
         p = torch.arange(c, device=device)
         rel = p - start[..., a:a + 1]
-        inside.append((rel >= 0) & (rel < sides[..., a:a + 1]))
-        pos.append(p)
-    inside[0] = inside[0] & chosen[..., None]
-    # Source strides are those of the unpadded volume: the index is built in the padded
-    # block layout, cropped as a view, and gathers straight from the input.
-    strides = (spatial[1] * spatial[2], spatial[2], 1)
-    if separable:
-        moves = []
-        for a, c in enumerate(max_sides):
+        inside = (rel >= 0) & (rel < sides[..., a:a + 1])
+        if a == 0:
+            inside &= chosen[..., None]
+        own = (torch.arange(k * c, device=device) - o).view(view[a]) * strides[a]
+        if separable:
             perm = _masked_permutation(sides[..., a], c, generator)
-            rel = (pos[a] - start[..., a:a + 1]).clamp(0, c - 1)
-            move = (start[..., a:a + 1] + perm.gather(-1, rel) - pos[a]) * strides[a]
-            moves.append(_to_axis(move, a, max_sides[2]))
-        delta = torch.empty(torch.broadcast_shapes(moves[0].shape, moves[1].shape),
-                            dtype=torch.long, device=device)
-        torch.add(moves[0], moves[1], out=delta).add_(moves[2])
-    else:
-        delta = _full_permutation_delta(start, sides, max_sides, strides, generator)
-        delta = delta.contiguous()
-    axes = [_to_axis(~m, a, max_sides[2]) for a, m in enumerate(inside)]
-    outside = torch.empty(delta.shape, dtype=torch.bool, device=device)
-    torch.logical_or(axes[0], axes[1], out=outside).logical_or_(axes[2])
-    delta.masked_fill_(outside, 0)
-    own = [(torch.arange(n, device=device) - o) * st
-           for n, o, st in zip(padded, offsets, strides, strict=True)]
-    own = (own[0].view(-1, 1, 1) + own[1].view(1, -1, 1)) + own[2]
-    index = delta.view(batch, *padded).add_(own)
+            move = (start[..., a:a + 1] + perm.gather(-1, rel.clamp(0, c - 1)) - p) * strides[a]
+            own = own + move
+        else:
+            own = own.expand(inside.shape)
+        if a == 2:  # the sample's offset in the flat batch
+            own = own + (torch.arange(batch, device=device) * numel // batch).view(-1, 1, 1, 1, 1)
+        tables.append(_to_axis(torch.where(inside, own, neg).to(dtype), a, max_sides[2]))
+    summed = torch.empty(torch.broadcast_shapes(*[t.shape for t in tables]), dtype=dtype,
+                         device=device)
+    torch.add(tables[0], tables[1], out=summed).add_(tables[2])
+    if not separable:
+        summed += _full_permutation_delta(start, sides, max_sides, strides, generator).to(dtype)
     crop = tuple(slice(o, o + s) for o, s in zip(offsets, spatial, strict=True))
-    index = index[(slice(None), *crop)].reshape(batch, 1, -1)
-    flat = volumes.reshape(batch, channels, -1)
-    out = flat.gather(-1, index.expand(-1, channels, -1)).view(volumes.shape)
+    padded_sum = summed.view(batch, *padded)
+    source = padded_sum[(slice(None), *crop)].contiguous()
+    # max(source, own & sign): the sign mask (all ones iff negative, an arithmetic shift)
+    # keeps the own index outside windows; integer bit ops vectorize where ``where`` does not.
+    sign = source >> (31 if dtype == torch.int32 else 63)
+    index = torch.maximum(source, sign.bitwise_and_(_own_index(batch, tuple(spatial), numel // batch,
+                                                               dtype, str(device))))
+    index = index.view(batch, 1, -1)
+    if channels > 1:
+        index = index + (torch.arange(channels, device=device, dtype=dtype)
+                         * math.prod(spatial)).view(1, -1, 1)
+    out = volumes.reshape(-1).index_select(0, index.reshape(-1)).view(volumes.shape)
     if not return_windows:
         return out
     cell = torch.arange(n_cells, device=device).view(1, kd, 1, kh, 1, kw, 1)
     cell = cell.expand(1, kd, 1, kh, 1, kw, max_sides[2]).reshape(1, kd, 1, kh, 1, padded[2])
-    ids = torch.where(outside, torch.full((), -1, device=device), cell)
-    ids = ids.reshape(batch, *padded)
-    return out, ids[(slice(None), *crop)]
+    cell = cell.expand(batch, kd, max_sides[0], kh, max_sides[1], padded[2])
+    ids = cell.reshape(batch, *padded)[(slice(None), *crop)]
+    return out, torch.where(source < 0, torch.full((), -1, device=device), ids)
+
+
+@functools.lru_cache(maxsize=16)
+def _own_index(batch: int, spatial: tuple[int, ...], stride: int, dtype, device: str) -> Tensor:
+    """``(B, D, H, W)`` flat index of every voxel in a batch of samples ``stride`` apart
+    (cached: never written to)."""
+    own = torch.arange(math.prod(spatial), device=device, dtype=dtype).view(1, *spatial)
+    return own + (torch.arange(batch, device=device, dtype=dtype) * stride).view(-1, 1, 1, 1)
 
 
 def _full_permutation_delta(
