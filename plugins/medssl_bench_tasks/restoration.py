@@ -331,10 +331,8 @@ def local_shuffle(
 
 def box_mask(start: Tensor, sides: Tensor, used: Tensor, spatial: tuple[int, ...]) -> Tensor:
     """``(B, D, H, W)`` union of ``K`` boxes per sample (``start``/``sides`` ``(B, K, 3)``,
-    ``used`` ``(B, K)`` bool), by coordinate comparisons: each box adds +1 at its W start
-    and -1 at its W end in every (D, H) row its slab covers (a small scatter), and one
-    cumulative sum along W counts the boxes covering each voxel. The cost barely grows with
-    K (measured ~4x faster than OR-ing K box masks)."""
+    ``used`` ``(B, K)`` bool), from per-axis 1D interval masks: the number of boxes covering
+    a voxel is a batched matmul of the boxes' (D, H) slabs by their W intervals."""
     batch, k = used.shape
     device = start.device
     d, h, w = spatial
@@ -342,12 +340,12 @@ def box_mask(start: Tensor, sides: Tensor, used: Tensor, spatial: tuple[int, ...
     rows = [(torch.arange(n, device=device) >= start[..., a:a + 1])
             & (torch.arange(n, device=device) < end[..., a:a + 1]) for a, n in ((0, d), (1, h))]
     slab = rows[0][..., :, None] & rows[1][..., None, :] & used[..., None, None]  # (B,K,D,H)
-    weight = slab.permute(0, 2, 3, 1).to(torch.int16)  # (B, D, H, K)
-    diff = torch.zeros(batch, d, h, w + 1, dtype=torch.int16, device=device)
-    for edge, sign in ((start, 1), (end, -1)):
-        index = edge[..., 2].clamp(0, w).view(batch, 1, 1, k).expand(batch, d, h, k)
-        diff.scatter_add_(3, index.contiguous(), weight if sign > 0 else -weight)
-    return diff.cumsum(3, dtype=torch.int16)[..., :w] > 0
+    span = (torch.arange(w, device=device) >= start[..., 2:3]) & (
+        torch.arange(w, device=device) < end[..., 2:3])  # (B, K, W)
+    # Boxes covering each voxel: sum over k of slab_k (D, H) x span_k (W), one batched matmul
+    # of 0/1 floats (exact counts).
+    count = torch.bmm(slab.flatten(2).transpose(1, 2).float(), span.float())
+    return count.view(batch, d, h, w) > 0.5
 
 
 @functools.lru_cache(maxsize=64)
