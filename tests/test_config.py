@@ -95,6 +95,8 @@ def test_recipe_run_section_sets_preset_and_rejects_unknown_keys(registry, tmp_p
     config.write_text("run: {protocol: data-efficiency, task: rotation3d, preset: paper}\n")
     run = resolve_run(registry, None, None, config_file=str(config))
     assert run.preset == "paper" and run.configs["dataset"].size == 128
+    assert resolve_run(registry, "data-efficiency", "rotation3d").preset == "quick"
+    assert resolve_run(registry, "data-efficiency", "rotation3d", preset=None).preset is None
     assert resolve_run(registry, None, None, preset="quick", config_file=str(config)).preset == "quick"
     config.write_text("run: {protocol: data-efficiency, task: rotation3d, presett: paper}\n")
     with pytest.raises(ConfigError, match="presett"):

@@ -110,7 +110,7 @@ def _resolve(args: argparse.Namespace):
 
     registry = get_registry()
     run = resolve_run(
-        registry, args.protocol, args.task, args.backbone, args.dataset, args.preset,
+        registry, args.protocol, args.task, args.backbone, args.dataset, args.preset or "auto",
         args.config, parse_overrides(args.overrides), args.pretrain_dataset,
     )
     return registry, run

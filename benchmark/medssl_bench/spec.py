@@ -158,7 +158,7 @@ def resolve_run(
     task: str,
     backbone: str | None = None,
     dataset: str | None = None,
-    preset: str | None = None,
+    preset: str | None = "auto",
     config_file: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     pretrain_dataset: str | None = None,
@@ -191,7 +191,7 @@ def resolve_run(
             f"Config file {config_file!r}: run: unknown keys {bad_keys}; allowed are "
             f"{', '.join(sorted(RUN_KEYS))}."
         )
-    if preset is None:  # the command line wins, then the file, then quick
+    if preset == "auto":  # the command line wins, then the file's run.preset, then quick
         preset = run_section.get("preset", "quick")
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}.")
