@@ -471,6 +471,125 @@ def _apply_planar(work: Tensor, maps: Tensor, owned: bool) -> tuple[Tensor, bool
     return work, True
 
 
+def _bilinear_last(sub: Tensor, maps: Tensor, moving: Tensor) -> Tensor:
+    """2D bilinear resampling (zeros outside) of contiguous ``(n, C, D, H, W)`` over ``(D, H)``
+    through the ``(3, 3)`` 2D ``maps``, the contiguous ``W`` rows carried along; samples not
+    ``moving`` are copied unchanged.
+
+    Why: the rows are already in memory order, so every output row is one ``embedding_bag``
+    bag (the weighted sum of its four neighbouring input rows) without any transpose, and the
+    output lands in the input's layout, a new pooled batch. A sample that does not move is a
+    bag of one row each (a plain row copy in the same pass), so no sample is gathered out of
+    or scattered back into the batch. Same weights as :func:`_bilinear_rows`."""
+    n, channels, depth, height, width = sub.shape
+    pixels = depth * height
+    device = sub.device
+    m = maps.to(torch.float64)
+    half_d, half_h = (depth - 1) / 2, (height - 1) / 2
+    ui = (torch.arange(depth, device=device, dtype=torch.float64) - half_d).view(1, depth, 1)
+    uj = (torch.arange(height, device=device, dtype=torch.float64) - half_h).view(1, 1, height)
+    y = m[:, 0, 0].view(n, 1, 1) * ui + m[:, 0, 1].view(n, 1, 1) * uj + (m[:, 0, 2] + half_d).view(
+        n, 1, 1)
+    x = m[:, 1, 0].view(n, 1, 1) * ui + m[:, 1, 1].view(n, 1, 1) * uj + (m[:, 1, 2] + half_h).view(
+        n, 1, 1)
+    y0, x0 = y.floor(), x.floor()
+    wy, wx = (y - y0).float(), (x - x0).float()
+    y0, x0 = y0.long(), x0.long()
+    index, weight = [], []
+    for dy, fy in ((0, 1 - wy), (1, wy)):
+        for dx, fx in ((0, 1 - wx), (1, wx)):
+            yi, xi = y0 + dy, x0 + dx
+            inside = (yi >= 0) & (yi < depth) & (xi >= 0) & (xi < height)
+            index.append(yi.clamp(0, depth - 1) * height + xi.clamp(0, height - 1))
+            weight.append(fy * fx * inside)
+    index = torch.stack(index, -1).view(n, pixels, 4)
+    weight = torch.stack(weight, -1).to(sub.dtype).view(n, pixels, 4)
+    rows = sub.reshape(-1, width)
+    out = BUFFERS.empty(sub.shape, sub.dtype, device)
+    flat = out.view(n, channels, pixels, width)
+    # chunks of a few thousand rows: embedding_bag returns a fresh tensor; one that stays in
+    # cache and in the allocator's free lists makes the copy into the pooled output cheap
+    step = max(1, (1 << 21) // (width * sub.element_size()))
+    moves = moving.tolist()
+    for slab in range(n * channels):
+        sample, channel = divmod(slab, channels)
+        if not moves[sample]:
+            # a still sample is copied as it is (one contiguous copy, no gather)
+            flat[sample, channel].copy_(sub[sample, channel].view(pixels, width))
+            continue
+        shifted = index[sample] + slab * pixels
+        for first in range(0, pixels, step):
+            last = min(first + step, pixels)
+            flat[sample, channel, first:last] = F.embedding_bag(
+                shifted[first:last], rows, per_sample_weights=weight[sample, first:last],
+                mode="sum")
+    return out
+
+
+def _apply_planar_last(work: Tensor, maps: Tensor, owned: bool) -> tuple[Tensor, bool]:
+    """Like :func:`_apply_planar` for maps that mix the first two spatial axes and act on the
+    last (contiguous) one as a 1D scale and shift: that 1D part (a zoom) is one
+    :func:`_apply_planar` pass, the 2D part one :func:`_bilinear_last` pass; they act on
+    disjoint axes, so they factor exactly out of trilinear interpolation."""
+    n = work.shape[0]
+    eye = torch.eye(4, device=maps.device, dtype=maps.dtype)
+    along = eye.expand(n, 4, 4).clone()
+    along[:, 2, 2], along[:, 2, 3] = maps[:, 2, 2], maps[:, 2, 3]
+    work, owned = _apply_planar(work, along, owned)
+    plane = maps[:, [0, 1, 3]][:, :, [0, 1, 3]]
+    moving = (plane - eye[:3, :3]).abs().amax((1, 2)) > 0
+    if not bool(moving.any()):
+        return work, owned
+    return _bilinear_last(work.contiguous(), plane, moving), True
+
+
+def _apply_factored_cpu3d(images: Tensor, exact: Tensor, planar: Tensor) -> Tensor:
+    """:func:`apply_factored` for cubic 3D images on the CPU, with the axis relabellings kept
+    as views: each sample carries a signed permutation ``V`` (its logical image is
+    ``x(V u)``), an exact factor only updates ``V``, and a planar map ``A`` is applied in
+    physical coordinates, ``V A V^T``, so the carried axis is whichever physical axis ``V``
+    puts there. Carried ``W`` (rotations in the ``(D, H)`` plane): whole contiguous rows, no
+    transpose (:func:`_bilinear_last`); carried ``D``: :func:`_bilinear_rows`; carried ``H``:
+    one ``H``/``W`` swap first, then as ``W``. ``V`` is applied once at the end."""
+    n = images.shape[0]
+    eye = torch.eye(4, device=exact.device, dtype=exact.dtype)
+    swap_hw = eye[[0, 2, 1, 3]]
+    flip_last = torch.diag(torch.tensor([1.0, 1.0, -1.0, 1.0], device=eye.device,
+                                        dtype=eye.dtype))
+    view = eye.expand(n, 4, 4).clone()
+    work, owned = images, False
+    for i in range(planar.shape[1]):
+        view = view @ exact[:, i]
+        a_map = planar[:, i]
+        active = (a_map - eye).abs().amax((1, 2)) > 0
+        if not bool(active.any()):
+            continue
+        carried = view[:, :3, 0].abs().argmax(1)
+        swap = active & (carried == 1)
+        if bool(swap.any()):
+            # x(V u) = x'(T V u) with x' the H/W-swapped copy
+            work, owned = _apply_exact(work, torch.where(swap.view(n, 1, 1), swap_hw, eye),
+                                       owned)
+            view = torch.where(swap.view(n, 1, 1), swap_hw @ view, view)
+            carried = view[:, :3, 0].abs().argmax(1)
+        phys = view @ a_map @ view.transpose(1, 2)
+        group = (active & (carried == 0)).view(n, 1, 1)
+        if bool(group.any()):
+            work, owned = _apply_planar(work, torch.where(group, phys, eye), owned)
+        group = (active & (carried == 2)).view(n, 1, 1)
+        if bool(group.any()):
+            # a flip of the carried W axis stays a view: V A V^T = A' Z with Z that flip,
+            # x(A' Z V u) = x'(Z V u) for x' the image resampled through A'
+            flip = group & (phys[:, 2:3, 2:3] < 0)
+            flip_w = torch.where(flip, flip_last, eye)
+            work, owned = _apply_planar_last(work, torch.where(group, phys @ flip_w, eye),
+                                             owned)
+            view = flip_w @ view
+    view = view @ exact[:, -1]
+    work, owned = _apply_exact(work, view, owned)
+    return work if owned else BUFFERS.empty(work.shape, work.dtype, work.device).copy_(work)
+
+
 def _swap_with_first(rows: Tensor, d: int) -> Tensor:
     """``(n, d+1, d+1)`` transpositions exchanging axis 0 with axis ``rows[i]`` (identity
     where ``rows[i] == 0``); symmetric, so each is its own inverse."""
@@ -560,6 +679,8 @@ def apply_factored(images: Tensor, factors: AffineFactors) -> Tensor:
     merged = _merge_into_planar(_fold_idle_exact(factors))
     exact = merged.exact.to(images.device)
     planar = merged.planar.to(images.device)
+    if len(shape) == 3 and images.device.type == "cpu":
+        return _apply_factored_cpu3d(images, exact, planar)
     work, owned = images, False
     for i in range(planar.shape[1] + 1):
         work, owned = _apply_exact(work, exact[:, i], owned)
