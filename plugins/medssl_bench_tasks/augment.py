@@ -705,11 +705,28 @@ def color_jitter(
     on = _uniform(n, generator, device) < p
     delta = torch.where(on, _uniform(n, generator, device, -brightness, brightness), 0.0)
     factor = torch.where(on, _uniform(n, generator, device, *contrast), 1.0)
-    mean = images.flatten(1).mean(1)
-    # c * (x + delta - (mean + delta)) + mean + delta = c * x + (1 - c) * mean + delta
     shape = (n,) + (1,) * (images.dim() - 1)
     scale = factor.to(images.dtype).view(shape)
-    bias = ((1 - factor) * mean + delta).to(images.dtype).view(shape)
-    if inplace:
-        return torch.addcmul(bias, images, scale, out=images)  # one pass
-    return torch.addcmul(bias, images, scale)
+    # c * (x + delta - (mean + delta)) + mean + delta = c * x + (1 - c) * mean + delta
+    if not inplace:
+        mean = images.flatten(1).mean(1)
+        bias = ((1 - factor) * mean + delta).to(images.dtype).view(shape)
+        return torch.addcmul(bias, images, scale)
+    # in place, samples left unchanged are not touched at all: one mean and one multiply-add
+    # per run of consecutive jittered samples (each a slice, no copy)
+    flags = on.tolist()
+    start = 0
+    while start < n:
+        if not flags[start]:
+            start += 1
+            continue
+        stop = start
+        while stop < n and flags[stop]:
+            stop += 1
+        run = images[start:stop]
+        mean = run.flatten(1).mean(1)
+        bias = ((1 - factor[start:stop]) * mean + delta[start:stop]).to(images.dtype)
+        torch.addcmul(bias.view(-1, *shape[1:]), run, scale[start:stop],
+                      out=run)  # one pass
+        start = stop
+    return images
