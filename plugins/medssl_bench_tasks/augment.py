@@ -309,15 +309,21 @@ def _apply_exact(work: Tensor, maps: Tensor, owned: bool) -> tuple[Tensor, bool]
         return work, owned
     if len(present) == 1 and bool((codes == present[0]).all()):
         return _signed_permuted_copy(work, present[0], d), True
-    if not owned:
-        work = BUFFERS.empty(work.shape, work.dtype, work.device).copy_(work)
-    for code in present:
-        index = (codes == code).nonzero().flatten()
-        picked = torch.index_select(work, 0, index, out=BUFFERS.empty(
-            (index.numel(), *work.shape[1:]), work.dtype, work.device))
-        work.index_copy_(0, index, _signed_permuted_copy(picked, int(code), d))
-        del picked
-    return work, True
+    # mixed permutations: each run of consecutive samples with the same one is permuted from
+    # its slice straight into the output's slice (no gather, no scatter, no copy of the rest)
+    out = work if owned else BUFFERS.empty(work.shape, work.dtype, work.device)
+    flat = codes.tolist()
+    start = 0
+    while start < len(flat):
+        stop = start + 1
+        while stop < len(flat) and flat[stop] == flat[start]:
+            stop += 1
+        if flat[start] != identity:
+            out[start:stop].copy_(_signed_permuted_copy(work[start:stop], flat[start], d))
+        elif not owned:
+            out[start:stop].copy_(work[start:stop])
+        start = stop
+    return out, True
 
 
 def _signed_permuted_copy(x: Tensor, code: int, d: int) -> Tensor:
@@ -466,9 +472,26 @@ def _apply_planar(work: Tensor, maps: Tensor, owned: bool) -> tuple[Tensor, bool
     if every:
         return sampled, True
     if not owned:
-        work = BUFFERS.empty(work.shape, work.dtype, work.device).copy_(work)
+        # a new batch: only the samples that did not move are copied over
+        out = BUFFERS.empty(work.shape, work.dtype, work.device)
+        _copy_runs(out, work, ~moving)
+        work = out
     work.index_copy_(0, index, sampled)
     return work, True
+
+
+def _copy_runs(out: Tensor, source: Tensor, mask: Tensor) -> None:
+    """Copy the samples where ``mask`` holds from ``source`` into ``out``, one slice copy per
+    run of consecutive samples (no gather)."""
+    flags = mask.tolist()
+    start = 0
+    while start < len(flags):
+        stop = start + 1
+        while stop < len(flags) and flags[stop] == flags[start]:
+            stop += 1
+        if flags[start]:
+            out[start:stop].copy_(source[start:stop])
+        start = stop
 
 
 def _bilinear_last(sub: Tensor, maps: Tensor, moving: Tensor) -> Tensor:
