@@ -206,25 +206,30 @@ def permuted_copy(x: Tensor, order: Sequence[int]) -> Tensor:
 
     Why: a permuted copy whose innermost output axis is a far-strided input axis (the D axis
     moving last) costs 5-10x a plain copy in torch's element-wise copy on the CPU, while a
-    2D transpose is copied blockwise at near memory speed. Moving D last is the 2D transpose
-    of ``(N C D, H W)``; (W, H, D) and several slabs then take one more copy that keeps whole
-    rows of D contiguous. Other orders are copied directly."""
+    2D transpose is copied blockwise at near memory speed. (H, W, D) and (W, D, H) are per
+    slab one 2D transpose, ``(D, H W)^T`` and ``(D H, W)^T`` (one per slab is about 1.5x
+    faster than a batched 3D transpose); (W, H, D) is the 2D transpose of ``(N C D, H W)``
+    and one more copy that keeps whole rows of D contiguous. Other orders are copied
+    directly."""
     order = tuple(int(o) for o in order)
     n, c, *spatial = x.shape
     slabs = n * c
     shape = (n, c, *[x.shape[o] for o in order[2:]])
     x = x.contiguous()
-    if x.dim() != 5 or order[2:] not in ((3, 4, 2), (4, 3, 2)) or x.device.type != "cpu":
+    d, h, w = spatial if len(spatial) == 3 else (0, 0, 0)
+    if x.dim() == 5 and x.device.type == "cpu" and order[2:] in ((3, 4, 2), (4, 2, 3)):
+        rows, cols = (d, h * w) if order[2:] == (3, 4, 2) else (d * h, w)
+        out = BUFFERS.empty(shape, x.dtype, x.device)
+        src, dst = x.view(slabs, rows, cols), out.view(slabs, cols, rows)
+        for slab in range(slabs):
+            dst[slab].copy_(src[slab].t())
+        return out
+    if x.dim() != 5 or order[2:] != (4, 3, 2) or x.device.type != "cpu":
         return BUFFERS.empty(shape, x.dtype, x.device).copy_(x.permute(*order))
-    d, h, w = spatial
-    # (H, W, D): (slabs D, H W)^T = (H W, slabs, D)
+    # (W, H, D): (slabs D, H W)^T = (H W, slabs, D), then rows of D reordered
     t = BUFFERS.empty((h * w, slabs * d), x.dtype, x.device).copy_(x.view(-1, h * w).t())
     rows = t.view(h, w, n, c, d)
-    if order[2:] == (3, 4, 2):
-        if slabs == 1:
-            return t.view(shape)
-        return BUFFERS.empty(shape, x.dtype, x.device).copy_(rows.permute(2, 3, 0, 1, 4))
-    return BUFFERS.empty(shape, x.dtype, x.device).copy_(rows.permute(2, 3, 1, 0, 4))  # W, H, D
+    return BUFFERS.empty(shape, x.dtype, x.device).copy_(rows.permute(2, 3, 1, 0, 4))
 
 
 def to_grid_theta(matrices: Tensor, shape: tuple[int, ...]) -> Tensor:
