@@ -699,7 +699,9 @@ def apply_factored(images: Tensor, factors: AffineFactors) -> Tensor:
     exactly the trilinear result in one 2D pass, and only volumes with several arbitrary
     planes are interpolated once per plane, as the reference code does with one
     ``ndimage.rotate`` per plane. Images that are not square or cubic (where axis
-    relabellings change the shape) use the single composed resampling.
+    relabellings change the shape) use the single composed resampling. Cubic 3D images on
+    the CPU keep the relabellings as views (:func:`_apply_factored_cpu3d`), so a rotation in
+    the (D, H) plane resamples whole W rows in place order without any transpose.
     """
     shape = tuple(images.shape[2:])
     if len(shape) not in (2, 3) or len(set(shape)) != 1:
