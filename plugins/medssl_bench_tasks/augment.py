@@ -370,6 +370,32 @@ def _lerp_axis(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
         weights, 1).to(x.dtype), mode="sum").view(x.shape)
 
 
+def _bilinear_taps(maps: Tensor, height: int, width: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The four bilinear taps of every output pixel of a ``(height, width)`` plane under
+    per-sample 2D ``maps`` (centred voxel coordinates, ``grid_sample``'s align_corners=True):
+    flat source indices ``(n, height, width, 4)`` and weights, zero for taps outside."""
+    n, device = maps.shape[0], maps.device
+    m = maps.to(torch.float64)
+    half_h, half_w = (height - 1) / 2, (width - 1) / 2
+    ui = (torch.arange(height, device=device, dtype=torch.float64) - half_h).view(1, height, 1)
+    uj = (torch.arange(width, device=device, dtype=torch.float64) - half_w).view(1, 1, width)
+    y = m[:, 0, 0].view(n, 1, 1) * ui + m[:, 0, 1].view(n, 1, 1) * uj + (m[:, 0, 2] + half_h).view(
+        n, 1, 1)
+    x = m[:, 1, 0].view(n, 1, 1) * ui + m[:, 1, 1].view(n, 1, 1) * uj + (m[:, 1, 2] + half_w).view(
+        n, 1, 1)
+    y0, x0 = y.floor(), x.floor()
+    wy, wx = (y - y0).float(), (x - x0).float()
+    y0, x0 = y0.long(), x0.long()
+    index, weight = [], []
+    for dy, fy in ((0, 1 - wy), (1, wy)):
+        for dx, fx in ((0, 1 - wx), (1, wx)):
+            yi, xi = y0 + dy, x0 + dx
+            inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
+            index.append(yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1))
+            weight.append(fy * fx * inside)
+    return torch.stack(index, -1), torch.stack(weight, -1).to(dtype)
+
+
 def _bilinear_rows(sub: Tensor, maps: Tensor) -> Tensor:
     """2D bilinear resampling (zeros outside) of ``(n, C, L, H, W)`` over ``(H, W)`` through
     the 2D parts of ``maps``, the leading axis ``L`` carried along as a vector per pixel.
@@ -389,29 +415,12 @@ def _bilinear_rows(sub: Tensor, maps: Tensor) -> Tensor:
     # slower: its inner loop strides through memory)
     rows = BUFFERS.empty((pixels, slabs * length), sub.dtype, device)
     rows.copy_(sub.reshape(slabs * length, pixels).t())
-    m = maps.to(torch.float64)
-    half_h, half_w = (height - 1) / 2, (width - 1) / 2
-    ui = (torch.arange(height, device=device, dtype=torch.float64) - half_h).view(1, height, 1)
-    uj = (torch.arange(width, device=device, dtype=torch.float64) - half_w).view(1, 1, width)
-    y = m[:, 0, 0].view(n, 1, 1) * ui + m[:, 0, 1].view(n, 1, 1) * uj + (m[:, 0, 2] + half_h).view(
-        n, 1, 1)
-    x = m[:, 1, 0].view(n, 1, 1) * ui + m[:, 1, 1].view(n, 1, 1) * uj + (m[:, 1, 2] + half_w).view(
-        n, 1, 1)
-    y0, x0 = y.floor(), x.floor()
-    wy, wx = (y - y0).float(), (x - x0).float()
-    y0, x0 = y0.long(), x0.long()
-    index, weight = [], []
-    for dy, fy in ((0, 1 - wy), (1, wy)):
-        for dx, fx in ((0, 1 - wx), (1, wx)):
-            yi, xi = y0 + dy, x0 + dx
-            inside = (yi >= 0) & (yi < height) & (xi >= 0) & (xi < width)
-            index.append(yi.clamp(0, height - 1) * width + xi.clamp(0, width - 1))
-            weight.append(fy * fx * inside)
+    index, weight = _bilinear_taps(maps, height, width, sub.dtype)
     # bags in (output pixel, slab) order, so each result is again pixel-major
-    index = torch.stack(index, -1).view(n, 1, pixels, 4) * slabs
+    index = index.view(n, 1, pixels, 4) * slabs
     index = (index + torch.arange(slabs, device=device).view(n, channels, 1, 1)).view(
         slabs, pixels, 4).transpose(0, 1)
-    weight = torch.stack(weight, -1).to(sub.dtype).view(n, 1, pixels, 4).expand(
+    weight = weight.view(n, 1, pixels, 4).expand(
         n, channels, pixels, 4).reshape(slabs, pixels, 4).transpose(0, 1)
     out = BUFFERS.empty(sub.shape, sub.dtype, device)
     flat = out.view(slabs * length, pixels)
@@ -512,26 +521,8 @@ def _bilinear_last(sub: Tensor, maps: Tensor, moving: Tensor) -> Tensor:
     n, channels, depth, height, width = sub.shape
     pixels = depth * height
     device = sub.device
-    m = maps.to(torch.float64)
-    half_d, half_h = (depth - 1) / 2, (height - 1) / 2
-    ui = (torch.arange(depth, device=device, dtype=torch.float64) - half_d).view(1, depth, 1)
-    uj = (torch.arange(height, device=device, dtype=torch.float64) - half_h).view(1, 1, height)
-    y = m[:, 0, 0].view(n, 1, 1) * ui + m[:, 0, 1].view(n, 1, 1) * uj + (m[:, 0, 2] + half_d).view(
-        n, 1, 1)
-    x = m[:, 1, 0].view(n, 1, 1) * ui + m[:, 1, 1].view(n, 1, 1) * uj + (m[:, 1, 2] + half_h).view(
-        n, 1, 1)
-    y0, x0 = y.floor(), x.floor()
-    wy, wx = (y - y0).float(), (x - x0).float()
-    y0, x0 = y0.long(), x0.long()
-    index, weight = [], []
-    for dy, fy in ((0, 1 - wy), (1, wy)):
-        for dx, fx in ((0, 1 - wx), (1, wx)):
-            yi, xi = y0 + dy, x0 + dx
-            inside = (yi >= 0) & (yi < depth) & (xi >= 0) & (xi < height)
-            index.append(yi.clamp(0, depth - 1) * height + xi.clamp(0, height - 1))
-            weight.append(fy * fx * inside)
-    index = torch.stack(index, -1).view(n, pixels, 4)
-    weight = torch.stack(weight, -1).to(sub.dtype).view(n, pixels, 4)
+    index, weight = _bilinear_taps(maps, depth, height, sub.dtype)
+    index, weight = index.view(n, pixels, 4), weight.view(n, pixels, 4)
     rows = sub.reshape(-1, width)
     out = BUFFERS.empty(sub.shape, sub.dtype, device)
     flat = out.view(n, channels, pixels, width)
