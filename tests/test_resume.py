@@ -211,3 +211,22 @@ def test_parallel_writers_on_one_sqlite_store_lose_nothing(tmp_path):
     runs = tracker.finetune_runs()
     assert len(runs) == 36 and len({r.data.tags["medssl_bench.run_key"] for r in runs}) == 36
     assert all(len(tracker.client.get_metric_history(r.info.run_id, "val_x")) == 3 for r in runs[:5])
+
+
+def test_sigterm_closes_the_run_in_progress_as_killed(tmp_path):
+    """`kill` (SIGTERM) unwinds like Ctrl-C: exit 130 and nothing left RUNNING in MLflow."""
+    argv = ["run", "--protocol", "data-efficiency", "--task", "rotation3d", "--device", "cpu",
+            "--set", *TINY, "pretrain.epochs=30"]
+    db = tmp_path / "mlflow.db"
+    log = tmp_path / "run.log"
+    proc = _start(tmp_path, argv, log)
+    running = ("select count(*) from runs where status = 'RUNNING'")
+    deadline = time.monotonic() + 240
+    while _count(db, running) < 1:
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 130, log.read_text()
+    assert _count(db, running) == 0
+    assert _count(db, "select count(*) from runs where status = 'KILLED'") >= 1

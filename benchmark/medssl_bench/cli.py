@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -308,7 +310,15 @@ COMMANDS = {
 }
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM (a scheduler's cancel, `kill`) unwinds like Ctrl-C, so the run in progress is
+    closed as KILLED in MLflow instead of left RUNNING."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted before or after the subcommand
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
