@@ -61,12 +61,14 @@ def test_task_of_the_wrong_dims_is_refused_before_training(registry):
 def test_preflight_stops_an_impossible_task_before_any_training(tmp_path, monkeypatch, capsys):
     """A task that cannot build a batch at the dataset's size fails with one message and exit
     code 2 before scratch or anything else trains."""
-    import medssl_bench.engine as engine
+    import medssl_bench.protocol_runners as runners
     from medssl_bench import cli
 
     monkeypatch.chdir(tmp_path)
     trained = []
-    monkeypatch.setattr(engine, "pretrain", lambda *a, **k: trained.append(1))
+    # the runner imported these by name: patch them where it looks them up
+    monkeypatch.setattr(runners, "pretrain", lambda *a, **k: trained.append("pretrain"))
+    monkeypatch.setattr(runners, "finetune", lambda *a, **k: trained.append("finetune"))
     code = cli.main(["run", "--protocol", "data-efficiency", "--task", "jigsaw3d", "--device", "cpu",
                      "--set", "dataset.size=32", "task.grid=5", "task.jitter=10"])
     err = capsys.readouterr().err
