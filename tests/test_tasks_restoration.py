@@ -232,3 +232,21 @@ def test_decoder_transfer(registry, task_cls):
             assert torch.equal(value, pretrained[key]), key
     fresh = backbone.build_decoder(backbone.build_encoder(1), 2).state_dict()
     assert any(not torch.equal(fresh[k], decoder[k]) for k in decoder if not k.startswith("out."))
+
+
+def test_restoration_output_layer_never_transferred(registry):
+    """With one class per restored channel the output layers' shapes match; the restoration
+    layer must still not become the segmentation layer."""
+    backbone = _tiny_backbone(registry)
+    info = DatasetInfo(kind="segmentation", num_classes=1, channels=1, image_size=(16, 16, 16),
+                       class_names=("foreground",), metrics=("dice",), main_metric="dice")
+    cfg = PretrainConfig(epochs=1, batch_size=2, iterations_per_epoch=1)
+    result = pretrain(Genesis3D(), backbone, _Volumes(2, 16), info, cfg, torch.device("cpu"), 0)
+    pretrained = result.weights["decoder"]
+    torch.manual_seed(123)
+    model = build_downstream(backbone, info, result.weights, FinetuneConfig())
+    decoder = model.head.state_dict()
+    out_keys = [k for k in decoder if k.startswith("out.")]
+    assert out_keys and all(decoder[k].shape == pretrained[k].shape for k in out_keys)
+    assert not any(torch.equal(decoder[k], pretrained[k]) for k in out_keys)
+    assert all(torch.equal(decoder[k], pretrained[k]) for k in decoder if k not in out_keys)

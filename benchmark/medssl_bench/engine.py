@@ -300,7 +300,9 @@ def build_downstream(
     """The fine-tuning model, initialised from ``pretrained`` weights where given.
 
     A pretrained ``decoder`` (Models Genesis) is loaded into the segmentation decoder except
-    for its output layer, whose class count differs.
+    for its output layer (``out``, see :meth:`Backbone.build_decoder`): it predicted restored
+    intensities, not classes, so it is never transferred, even where the class count happens
+    to equal the channel count and the shapes match.
     """
     encoder = backbone.build_encoder(info.channels)
     if info.kind == "segmentation":
@@ -322,7 +324,7 @@ def build_downstream(
         if "decoder" in pretrained and info.kind == "segmentation":
             own = head.state_dict()
             usable = {k: v for k, v in pretrained["decoder"].items()
-                      if k in own and own[k].shape == v.shape}
+                      if k in own and own[k].shape == v.shape and not k.startswith("out.")}
             own.update(usable)
             head.load_state_dict(own)
     return DownstreamModel(encoder, head, backbone.size_multiple())

@@ -86,6 +86,8 @@ class Backbone(Plugin):
         """A decoder mapping ``encoder(x)`` back to ``out_channels`` maps at ``x``'s size.
 
         ``skip_connections=False`` gives the plain encoder-decoder Parts2Whole pretrains.
+        The final layer must be the attribute ``out``: fine-tuning replaces it (and only it)
+        when a pretrained decoder is reused.
         """
         raise NotImplementedError
 
