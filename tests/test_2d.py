@@ -242,6 +242,25 @@ def test_slices_of_phantom3d():
     assert train.isdisjoint(test), "slices of one volume crossed splits"
 
 
+def test_slices_label_fractions_count_volumes():
+    """10 % of the labels on slices means 10 % of the annotated volumes, with all their
+    slices (the same annotation effort as the 3D task), unless label_unit is 'slice'."""
+    from medssl_bench.engine import label_subset
+
+    source = {"size": 16, "n_unlabeled": 2, "n_train": 10, "n_val": 1, "n_test": 1}
+    data = Slices(Slices.Config(source_config=source, axis=0, stride=4)).load()
+    assert len(data.train) == 10 * 4 and len(data.train_groups) == len(data.train)
+    volume = {i: data.train.case_of(i)[0] for i in range(len(data.train))}
+    for fraction, volumes in ((0.1, 1), (0.25, 3), (0.5, 5), (1.0, 10)):
+        chosen = label_subset(len(data.train), fraction, 0, data.train_groups)
+        assert len({volume[i] for i in chosen}) == volumes
+        assert len(chosen) == 4 * volumes  # every slice of a chosen volume
+    per_slice = Slices(Slices.Config(source_config=source, axis=0, stride=4,
+                                     label_unit="slice")).load()
+    assert per_slice.train_groups == []
+    assert len(label_subset(len(per_slice.train), 0.1, 0, per_slice.train_groups)) == 4
+
+
 # --------------------------------------------------------------------------- protocol
 
 

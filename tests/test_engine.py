@@ -33,6 +33,19 @@ def test_label_subsets_nested_nonempty_deterministic():
         label_subset(10, 0, 0)
 
 
+def test_label_subsets_by_group_take_whole_groups_nested():
+    groups = [f"v{i // 3}" for i in range(30)]  # ten groups of three cases
+    subsets = [set(label_subset(30, f, 0, groups)) for f in (0.1, 0.25, 0.5, 1.0)]
+    assert [len(s) for s in subsets] == [3, 9, 15, 30]
+    assert all(a <= b for a, b in zip(subsets, subsets[1:], strict=False))
+    for chosen in subsets:
+        picked = {groups[i] for i in chosen}
+        assert chosen == {i for i, g in enumerate(groups) if g in picked}
+    assert label_subset(30, 0.25, 1, groups) != label_subset(30, 0.25, 0, groups)
+    with pytest.raises(ValueError):
+        label_subset(30, 0.5, 0, groups[:-1])
+
+
 def test_weights_roundtrip_and_corrupt_file(tmp_path):
     parts = {"encoder": {"a.weight": torch.randn(3, 2)}, "decoder": {"b": torch.arange(4)}}
     path = save_weights(parts, tmp_path / "w.safetensors", {"note": "x"})

@@ -497,15 +497,25 @@ def finetune(
     return FinetuneResult(test_metrics, history, best_epoch, time.perf_counter() - t0, best_state)
 
 
-def label_subset(n_train: int, fraction: float, seed: int) -> list[int]:
+def label_subset(
+    n_train: int, fraction: float, seed: int, groups: Sequence[str] | None = None
+) -> list[int]:
     """Indices of the labeled training cases used at ``fraction`` (0 < fraction <= 1).
 
     One permutation per seed; a fraction takes its first ``ceil(fraction * n)`` entries (at
     least one), so subsets are nested (5 % inside 10 % inside ...) and identical for every
-    task, the scratch baseline included.
+    task, the scratch baseline included. With ``groups`` (one per case, e.g. the volume of a
+    2D slice) the fraction counts groups and takes every case of a chosen group: 10 % of the
+    labels means 10 % of the annotated volumes, whatever the number of slices per volume.
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"label fraction {fraction} outside (0, 1]")
+    if groups:
+        if len(groups) != n_train:
+            raise ValueError(f"{len(groups)} groups for {n_train} training cases")
+        unique = list(dict.fromkeys(groups))
+        chosen = {unique[i] for i in label_subset(len(unique), fraction, seed)}
+        return [i for i, group in enumerate(groups) if group in chosen]
     permutation = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed)).tolist()
     count = max(1, math.ceil(round(fraction * n_train, 6)))
     return sorted(permutation[:count])

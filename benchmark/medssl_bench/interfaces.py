@@ -198,6 +198,10 @@ class DataSplits:
     split_hash: str
     #: Case identifiers of the labeled train split, in order (for recorded label subsets).
     train_ids: list[str] = field(default_factory=list)
+    #: The unit a label fraction counts, per train item (e.g. the source volume of each 2D
+    #: slice): a fraction labels that share of the groups, with all their items. Empty: every
+    #: item is its own group.
+    train_groups: list[str] = field(default_factory=list)
 
 
 class Dataset(Plugin):

@@ -268,7 +268,7 @@ class Sweep:
         ctx = self.ctx
         info = data.info
         metric = info.main_metric if self.protocol_cfg.metric == "auto" else self.protocol_cfg.metric
-        indices = label_subset(len(data.train), fraction / 100, seed)
+        indices = label_subset(len(data.train), fraction / 100, seed, data.train_groups)
         ids = [data.train_ids[i] if data.train_ids else str(i) for i in indices]
         what = f"{task.name} {fraction:g}% seed {seed}"
         key = key_of({

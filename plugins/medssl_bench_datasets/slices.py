@@ -74,6 +74,11 @@ class Slices(Dataset):
         stride: int = Field(default=1, ge=1,
                             description="Keep every stride-th slice (neighbours are nearly "
                             "identical; 1 keeps all).")
+        label_unit: Literal["volume", "slice"] = Field(
+            default="volume",
+            description="What a label fraction counts: 'volume' = that share of the annotated "
+            "training volumes with all their slices (a fair comparison with the 3D tasks: the "
+            "same annotation effort), 'slice' = that share of the individual slices.")
 
     presets = {"quick": {"source_preset": "quick", "stride": 4},
                "paper": {"source_preset": "paper"}}
@@ -126,4 +131,6 @@ class Slices(Dataset):
             split_hash=stable_hash({"source": cfg.source, "split": data.split_hash,
                                     "axis": cfg.axis, "stride": cfg.stride}),
             train_ids=train_ids,
+            train_groups=([volume_ids[train.case_of(i)[0]] for i in range(len(train))]
+                          if cfg.label_unit == "volume" else []),
         )
