@@ -221,6 +221,7 @@ def test_fundus_errors_name_the_file(tmp_path):
     missing.write_bytes(b"not a png")
     with pytest.raises(DataError, match=f"{rows[3][0]}.png.*cannot be read"):
         Fundus(Fundus.Config(root=str(root), cache_dir=cache, image_size=16)).load()
+    assert not list((tmp_path / "cache").rglob("*.tmp*")), "a failed cache build left a file"
     (root / "train.csv").write_text("id_code,diagnosis\nabc,7\n")
     with pytest.raises(DataError, match="line 2"):
         Fundus(Fundus.Config(root=str(root), cache_dir=cache)).load()

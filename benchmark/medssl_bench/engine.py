@@ -225,6 +225,8 @@ def pretrain(
         generator.set_state(resume["generator"].to(generator.get_state().device)
                             if hasattr(resume["generator"], "to") else resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(resume["cuda_rng"], device)  # dropout etc. on the GPU
         start_epoch, history = resume["epoch"], list(resume["history"])
     multiple = backbone.size_multiple()
     loaders = EpochLoader(unlabeled, cfg.batch_size, cfg.iterations_per_epoch, cfg.num_workers,
@@ -266,6 +268,7 @@ def pretrain(
                 "encoder": encoder.state_dict(), "heads": heads.state_dict(),
                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             })
     weights: StateDicts = {"encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}}
     if "decoder" in task.transfers and "decoder" in heads:

@@ -169,14 +169,17 @@ def cached_images(paths: list[Path], size: int, threshold: int, cache_dir: Path,
     target = cache_dir / f"fundus-{tag}-{size}px-{key}.npy"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                        shape=(len(paths), 3, size, size))
-        for i, path in enumerate(paths):
-            out[i] = load_fundus_image(path, size, threshold)
-        out.flush()
-        del out
-        os.replace(tmp, target)
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")  # concurrent builders
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                            shape=(len(paths), 3, size, size))
+            for i, path in enumerate(paths):
+                out[i] = load_fundus_image(path, size, threshold)
+            out.flush()
+            del out
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed build leaves nothing behind
     try:
         return np.load(target, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
