@@ -39,7 +39,8 @@ def _row(rows, task, fraction):
     return next(r for r in rows if r.task == task and r.fraction == fraction)
 
 
-def test_mean_std_ci_and_welch_match_scipy():
+def test_mean_std_ci_and_paired_tests_match_scipy():
+    """Same seeds = same label subsets: task and scratch are compared pairwise."""
     rows = lb.aggregate(_results())
     for (task, fraction), vals in VALUES.items():
         row = _row(rows, task, fraction)
@@ -50,15 +51,36 @@ def test_mean_std_ci_and_welch_match_scipy():
         low, high = stats.t.interval(0.95, len(arr) - 1, loc=arr.mean(), scale=stats.sem(arr))
         assert (row.ci_low, row.ci_high) == (pytest.approx(low), pytest.approx(high))
         if task != "scratch":
-            expected = stats.ttest_ind(arr, VALUES[("scratch", fraction)], equal_var=False).pvalue
-            assert row.p_vs_scratch == pytest.approx(expected)
+            scratch = np.array(VALUES[("scratch", fraction)])
+            assert row.p_vs_scratch == pytest.approx(stats.ttest_rel(arr, scratch).pvalue)
+            assert row.p_test == "paired"
+            diff = arr - scratch
+            assert row.delta_vs_scratch == pytest.approx(diff.mean())
+            low, high = stats.t.interval(0.95, 2, loc=diff.mean(), scale=stats.sem(diff))
+            assert (row.delta_ci_low, row.delta_ci_high) == (pytest.approx(low), pytest.approx(high))
     best = _row(rows, "rotation3d", 10)
     assert best.rank == 1 and best.p_vs_best is None
     jig = _row(rows, "jigsaw3d", 10)
     assert jig.rank == 2
     assert jig.p_vs_best == pytest.approx(
-        stats.ttest_ind(VALUES[("jigsaw3d", 10)], VALUES[("rotation3d", 10)], equal_var=False).pvalue)
+        stats.ttest_rel(VALUES[("jigsaw3d", 10)], VALUES[("rotation3d", 10)]).pvalue)
     assert _row(rows, "scratch", 10).rank == 3
+
+
+def test_unpaired_seeds_fall_back_to_welch():
+    results = _results()
+    for r in results:
+        if r["task"] == "scratch":
+            r["seed"] += 10  # no seed in common: nothing to pair
+    rows = lb.aggregate(results)
+    row = _row(rows, "rotation3d", 10)
+    a, b = np.array(VALUES[("rotation3d", 10)]), np.array(VALUES[("scratch", 10)])
+    assert row.p_test == "welch"
+    assert row.p_vs_scratch == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    assert row.delta_vs_scratch == pytest.approx(a.mean() - b.mean())
+    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert (row.delta_ci_low, row.delta_ci_high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert "(welch)" in lb.as_markdown(rows)
 
 
 def test_p_value_formatting_marks_not_significant():

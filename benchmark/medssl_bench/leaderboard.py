@@ -1,9 +1,16 @@
 """The leaderboard: finished fine-tunes from MLflow, aggregated over seeds.
 
-Per (task, pretraining corpus, fraction): mean, std, n, 95 % t confidence interval, Welch's
-t-test against the best entry and against scratch at that fraction (Models Genesis reports
-t-tests over trials), a rank per fraction and the mean rank across fractions, the annotation
-saving of Models Genesis, and published reference rows where dataset and metric match.
+Per (task, pretraining corpus, fraction): mean, std, n, 95 % t confidence interval, the
+difference to scratch with its 95 % interval, t-tests against the best entry and against
+scratch at that fraction (Models Genesis reports t-tests over trials), a rank per fraction and
+the mean rank across fractions, the annotation saving of Models Genesis, and published
+reference rows where dataset and metric match.
+
+Comparisons are paired where the design pairs them: a seed fixes the label subset (and the
+fine-tuning initialisation), so a task and scratch at the same seed saw the same labels, and
+the difference per seed removes the subset-to-subset variance that dominates at small
+fractions. With at least two seeds in common the paired t-test (and a CI of the mean
+difference) is used; otherwise Welch's t-test on the two samples. ``p_test`` says which.
 
 Results are only ever ranked inside one (protocol, spec version, dataset, backbone, metric):
 a spec version bump means the numbers stopped being comparable, so each version is its own
@@ -16,6 +23,7 @@ import csv
 import io
 import json
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -66,6 +74,13 @@ class Row:
     rank: int = 0
     dataset_ref: str = ""
     values: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    #: Mean difference to scratch (paired over common seeds where possible) and its 95 % CI.
+    delta_vs_scratch: float | None = None
+    delta_ci_low: float | None = None
+    delta_ci_high: float | None = None
+    #: "paired" or "welch": the test behind p_vs_scratch.
+    p_test: str = ""
 
     @property
     def section(self) -> tuple:
@@ -161,31 +176,72 @@ def welch_p(a: np.ndarray, b: np.ndarray) -> float | None:
     """Two-sided Welch t-test p-value; None when it is undefined (n < 2 or no variance)."""
     if len(a) < 2 or len(b) < 2:
         return None
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         p = stats.ttest_ind(a, b, equal_var=False).pvalue
     return None if p is None or math.isnan(p) else float(p)
 
 
+def paired_p(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Two-sided paired t-test p-value; None when undefined (n < 2 or identical differences)."""
+    if len(a) < 2:
+        return None
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # near-identical differences
+        p = stats.ttest_rel(a, b).pvalue
+    return None if p is None or math.isnan(p) else float(p)
+
+
+def compare(row: Row, other: Row) -> tuple[float | None, str, float, float, float]:
+    """``row`` against ``other``: (p, "paired"|"welch", mean difference, its 95 % CI).
+
+    Paired over the seeds both have (each seed once in each) when there are at least two;
+    otherwise Welch on all values, with the difference of the means and a Welch interval.
+    """
+    mine = dict(zip(row.seeds, row.values, strict=False))  # rows built without seeds: Welch
+    theirs = dict(zip(other.seeds, other.values, strict=False))
+    common = sorted(set(mine) & set(theirs))
+    unique = len(mine) == len(row.values) and len(theirs) == len(other.values)
+    if unique and len(common) >= 2:
+        a = np.array([mine[s] for s in common])
+        b = np.array([theirs[s] for s in common])
+        low, high = mean_ci(a - b)
+        return paired_p(a, b), "paired", float((a - b).mean()), low, high
+    a, b = np.array(row.values), np.array(other.values)
+    delta = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return None, "welch", delta, math.nan, math.nan
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return None, "welch", delta, delta, delta
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    half = stats.t.ppf(0.975, dof) * math.sqrt(va + vb)
+    return welch_p(a, b), "welch", delta, delta - half, delta + half
+
+
 def aggregate(results: list[dict[str, Any]]) -> list[Row]:
-    """Mean, std, n, 95 % CI per group; Welch p-values against the best entry and against
-    scratch at the same fraction; rank per fraction (1 = best)."""
-    groups: dict[tuple, list[float]] = defaultdict(list)
+    """Mean, std, n, 95 % CI per group; p-values against the best entry and against scratch
+    at the same fraction (paired over seeds where possible, see the module docstring), the
+    difference to scratch with its CI; rank per fraction (1 = best)."""
+    groups: dict[tuple, list[tuple[int, float]]] = defaultdict(list)
     refs: dict[tuple, str] = {}
     for r in results:
         key = group_key(r, GROUP_KEYS)
-        groups[key].append(r["value"])
+        groups[key].append((int(r.get("seed", -1)), r["value"]))
         refs[key] = r.get("dataset_ref", r["dataset"])
     rows = []
-    for key, values in groups.items():
+    for key, entries in groups.items():
+        entries.sort()
         fields = dict(zip(GROUP_KEYS, key, strict=True))
-        arr = np.array(values, dtype=float)
+        arr = np.array([v for _, v in entries], dtype=float)
         low, high = mean_ci(arr)
         rows.append(Row(**fields, mean=float(arr.mean()),
                         std=float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, n=len(arr),
                         ci_low=low, ci_high=high, p_vs_best=None, p_vs_scratch=None,
                         label=task_label(fields["task"], fields["pretrain_dataset"],
                                          fields["dataset"], fields["protocol"]),
-                        dataset_ref=refs[key], values=[float(v) for v in arr]))
+                        dataset_ref=refs[key], values=[float(v) for v in arr],
+                        seeds=[s for s, _ in entries]))
     setups: dict[tuple, set[str]] = defaultdict(set)
     for row in rows:
         setups[(*row.section, row.label)].add(row.task_setup)
@@ -202,9 +258,10 @@ def aggregate(results: list[dict[str, Any]]) -> list[Row]:
         for rank, row in enumerate(entries, 1):
             row.rank = rank
             if row is not best:
-                row.p_vs_best = welch_p(np.array(row.values), np.array(best.values))
+                row.p_vs_best = compare(row, best)[0]
             if scratch is not None and row is not scratch:
-                row.p_vs_scratch = welch_p(np.array(row.values), np.array(scratch.values))
+                (row.p_vs_scratch, row.p_test, row.delta_vs_scratch, row.delta_ci_low,
+                 row.delta_ci_high) = compare(row, scratch)
     rows.sort(key=lambda r: (r.protocol, r.spec_version, r.dataset, r.backbone, r.metric,
                              r.fraction, r.rank))
     return rows
@@ -323,8 +380,9 @@ def as_json(rows: list[Row], with_summary: bool = False) -> str:
 
 
 COLUMNS = ("protocol", "spec_version", "dataset", "backbone", "fraction", "rank", "label", "task",
-           "pretrain_dataset", "metric", "mean", "std", "n", "ci_low", "ci_high", "p_vs_best",
-           "p_vs_scratch")
+           "pretrain_dataset", "metric", "mean", "std", "n", "ci_low", "ci_high",
+           "delta_vs_scratch", "delta_ci_low", "delta_ci_high", "p_vs_best", "p_vs_scratch",
+           "p_test")
 
 
 def _fmt(value: Any) -> str:
@@ -340,6 +398,16 @@ def fmt_p(p: float | None) -> str:
     if p is None:
         return "-"
     return f"{p:.3f}" + (" n.s." if p > ALPHA else "")
+
+
+def fmt_delta(row: Row) -> str:
+    """``+0.0412 [0.0101, 0.0723] (paired)``: the difference to scratch and its 95 % CI."""
+    if row.delta_vs_scratch is None:
+        return "-"
+    text = f"{row.delta_vs_scratch:+.4f}"
+    if row.delta_ci_low is not None and not math.isnan(row.delta_ci_low):
+        text += f" [{row.delta_ci_low:+.4f}, {row.delta_ci_high:+.4f}]"
+    return f"{text} ({row.p_test})"
 
 
 def as_csv(rows: list[Row]) -> str:
@@ -361,14 +429,16 @@ def _saving_text(s: dict[str, Any]) -> str:
 
 def as_markdown(rows: list[Row]) -> str:
     cols = ("protocol", "dataset", "backbone", "fraction", "rank", "label", "metric", "mean",
-            "std", "n", "ci_low", "ci_high", "p_vs_best", "p_vs_scratch")
+            "std", "n", "ci_low", "ci_high", "vs scratch", "p_vs_best", "p_vs_scratch")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = []
         for c in cols:
-            v = getattr(r, c)
+            v = getattr(r, c, None)
             if c == "protocol":
                 v = f"{r.protocol} v{r.spec_version}"
+            if c == "vs scratch":
+                v = fmt_delta(r)
             cells.append(fmt_p(v) if c.startswith("p_vs") else _fmt(v))
         lines.append("| " + " | ".join(cells) + " |")
     extra = summary(rows)
@@ -409,8 +479,10 @@ def as_rich_tables(rows: list[Row]) -> list[Any]:
         protocol, version, dataset, backbone, metric, _setup = section
         table = Table(title=f"{protocol} v{version} · {dataset} · {backbone} · test {metric} "
                       "(mean over seeds)")
-        for c in ("fraction", "rank", "entry", "mean ± std", "n", "95% CI", "p vs best",
-                  "p vs scratch"):
+        table.caption = ("vs scratch: mean difference [95% CI]; p: paired t-test over seeds "
+                         "(same label subset per seed), Welch where seeds differ")
+        for c in ("fraction", "rank", "entry", "mean ± std", "n", "95% CI", "vs scratch",
+                  "p vs best", "p vs scratch"):
             table.add_column(c, justify="right" if c in ("fraction", "rank", "n") else "left")
         previous = None
         for r in entries:
@@ -420,8 +492,8 @@ def as_rich_tables(rows: list[Row]) -> list[Any]:
             entry = f"[bold]{r.label}[/bold]" if r.task != "scratch" else "[dim]scratch[/dim]"
             spread = f"{r.mean:.4f} ± {r.std:.4f}" if r.n > 1 else f"{r.mean:.4f}"
             table.add_row(f"{r.fraction:g}%", str(r.rank), entry, spread,
-                          str(r.n), f"[{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]", fmt_p(r.p_vs_best),
-                          fmt_p(r.p_vs_scratch))
+                          str(r.n), f"[{_fmt(r.ci_low)}, {_fmt(r.ci_high)}]", fmt_delta(r),
+                          fmt_p(r.p_vs_best), fmt_p(r.p_vs_scratch))
         refs = [p for p in extra["published"]
                 if tuple(p[k] for k in SECTION_KEYS) == section]
         if refs:
@@ -429,7 +501,7 @@ def as_rich_tables(rows: list[Row]) -> list[Any]:
             for p in refs:
                 value = f"{p['value']:.4f}" + (f" ± {p['std']:.4f}" if p.get("std") else "")
                 table.add_row("100%*", "ref", f"[italic]{p['method']}[/italic] ({p['source']})",
-                              value, "-", "-", "-", p["split"])
+                              value, "-", "-", "-", "-", p["split"])
         tables.append(table)
         ranks = [d for d in extra["mean_ranks"] if tuple(d[k] for k in SECTION_KEYS) == section]
         savings = [s for s in extra["annotation_saving"]
