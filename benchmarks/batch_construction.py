@@ -13,7 +13,9 @@ What counts: everything ``make_batch`` does to turn a batch of volumes into the 
 inputs. cpc3d copies its overlapping patches into one contiguous tensor there (the encoder
 needs them materialised, so that copy is batch construction, not loss computation).
 rotation3d builds ``copies_per_volume`` rotated copies per volume (4 by default), so its
-per-sample time covers several 128^3 copies; the table also shows the time per copy.
+per-sample time (``--json``: per input volume, like every task) covers several 128^3 copies.
+The reference rotates one copy per volume per visit, so the table's speed-up for rotation3d
+compares per rotated copy (the ``ms/copy`` column): like with like.
 
 The physical floor: every task here writes at least one 128^3 float32 tensor (8 MB) per
 sample, or more (rotation: one per copy; cpc: 343 overlapping 32^3 patches, 45 MB). The
@@ -181,11 +183,13 @@ def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
             continue
         ref = REFERENCE_MS_PER_SAMPLE.get(name)
         ms = row["ms_per_sample"]
+        per_copy = ms / row["copies"]  # the reference's unit: one rotated copy per volume
         table.add_row(
             name, size, f"{ms:.3f}", f"{row['min_ms_per_sample']:.3f}",
-            f"{ms / row['copies']:.3f}" if row["copies"] > 1 else "-",
+            f"{per_copy:.3f}" if row["copies"] > 1 else "-",
             f"{ref[0]:g}" if ref else "-",
-            f"{ref[0] / ms:.1f}x" if ref and ms > 0 else "-",
+            (f"{ref[0] / per_copy:.1f}x" + (" per copy" if row["copies"] > 1 else ""))
+            if ref and ms > 0 else "-",
         )
     Console().print(table)
 
