@@ -94,6 +94,35 @@ def test_nan_loss_stops_with_clear_message(registry, monkeypatch):
                  torch.device("cpu"), 0)
 
 
+def test_batches_are_built_outside_mixed_precision(registry, monkeypatch):
+    """make_batch runs in full precision (bf16 would round augmentation matrices); only the
+    loss runs under autocast. CPU bf16 autocast stands in for CUDA's here."""
+    import medssl_bench.engine as engine
+
+    data, backbone = _tiny(registry)
+    task_cls = registry.get("task", "rotation3d")
+    task = task_cls(task_cls.Config(hidden=8))
+    seen = {}
+    make_batch, compute_loss = task_cls.make_batch, task_cls.compute_loss
+
+    def spy_batch(self, images, generator):
+        seen["make_batch"] = torch.is_autocast_enabled("cpu")
+        return make_batch(self, images, generator)
+
+    def spy_loss(self, encoder, heads, batch):
+        seen["compute_loss"] = torch.is_autocast_enabled("cpu")
+        return compute_loss(self, encoder, heads, batch)
+
+    monkeypatch.setattr(task_cls, "make_batch", spy_batch)
+    monkeypatch.setattr(task_cls, "compute_loss", spy_loss)
+    monkeypatch.setattr(engine, "autocast",
+                        lambda device, enabled=True: torch.autocast("cpu", dtype=torch.bfloat16))
+    pretrain(task, backbone, data.unlabeled, data.info,
+             PretrainConfig(epochs=1, iterations_per_epoch=1, batch_size=2),
+             torch.device("cpu"), 0)
+    assert seen == {"make_batch": False, "compute_loss": True}
+
+
 def test_pretrained_encoder_transfers_with_channel_adaptation(registry):
     data1, backbone = _tiny(registry, channels=1)
     data2, _ = _tiny(registry, channels=2)

@@ -68,12 +68,24 @@ def test_resumed_pretraining_equals_uninterrupted(registry):
 
     pretrain(task_cls(task_cls.Config(hidden=8)), backbone, data.unlabeled, data.info,
              cfg.model_copy(update={"epochs": 1}), device, 0, on_checkpoint=keep_first)
+    saved["state"] = load_checkpoint(saved["path"])
+    assert saved["state"]["device_type"] == "cpu"
     resumed = pretrain(task_cls(task_cls.Config(hidden=8)), backbone, data.unlabeled, data.info,
                        cfg, device, 0, resume=load_checkpoint(saved["path"]))
     saved["path"].unlink()
     for k, v in straight.weights["encoder"].items():
         assert torch.allclose(v, resumed.weights["encoder"][k]), k
     assert len(resumed.history) == 2
+
+    # A checkpoint from another device type (a CUDA generator's 16-byte state, or an
+    # explicit device_type): resumes with weights and epoch, the batch stream reseeded.
+    cuda_written = dict(saved["state"], device_type="cuda")
+    older_format = dict(saved["state"], generator=torch.zeros(16, dtype=torch.uint8))
+    del older_format["device_type"]
+    for state in (cuda_written, older_format):
+        again = pretrain(task_cls(task_cls.Config(hidden=8)), backbone, data.unlabeled,
+                         data.info, cfg, device, 0, resume=state)
+        assert len(again.history) == 2 and again.history[0] == resumed.history[0]
 
 
 def test_retrying_client_waits_out_locks():

@@ -404,3 +404,37 @@ def test_cpc_quick_preset_runs_on_32_cubed_with_the_default_unet():
     assert batch["patches"].shape[0] == 2  # two volumes of the four
     loss, _ = task.compute_loss(encoder, heads, batch)
     assert torch.isfinite(loss)
+
+
+def test_cpc_context_and_scores_stay_fp32_under_autocast():
+    """Under mixed precision the GRU and the InfoNCE scores run in fp32 (CUDA autocast would
+    put a cuDNN GRU in fp16 without a grad scaler and round einsum's logits to bf16)."""
+    backbone, build = _tiny()
+    encoder = build(1)
+    task = CPC3D(CPC3D.Config(patches_per_side=4, overlap=0.0, code_size=32, num_negatives=7))
+    heads = task.build_heads(backbone, encoder)
+    batch = task.make_batch(_images(2), torch.Generator().manual_seed(0))
+    dtypes = {}
+    def record(name):
+        def hook(module, args, out):
+            dtypes[name] = (out[0] if isinstance(out, tuple) else out).dtype
+        return hook
+
+    for name in ("context", "predict"):
+        heads[name].register_forward_hook(record(name))
+    einsum = torch.einsum
+
+    def spy(*args):
+        result = einsum(*args)
+        dtypes["scores"] = result.dtype
+        return result
+
+    torch.einsum = spy
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = task.compute_loss(encoder, heads, batch)
+    finally:
+        torch.einsum = einsum
+    assert dtypes == {"context": torch.float32, "predict": torch.float32,
+                      "scores": torch.float32}
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)

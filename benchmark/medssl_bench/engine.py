@@ -222,12 +222,18 @@ def pretrain(
         encoder.load_state_dict(resume["encoder"])
         heads.load_state_dict(resume["heads"])
         optimizer.load_state_dict(resume["optimizer"])
-        generator.set_state(resume["generator"].to(generator.get_state().device)
-                            if hasattr(resume["generator"], "to") else resume["generator"])
+        start_epoch, history = resume["epoch"], list(resume["history"])
+        try:
+            if resume.get("device_type", device.type) != device.type:
+                raise RuntimeError("checkpoint written on another device type")
+            generator.set_state(resume["generator"])
+        except RuntimeError:
+            # A CPU generator's state cannot continue on CUDA (or back): weights, optimizer and
+            # epoch carry over; the batch stream restarts from a seed of its own.
+            generator = make_generator(seed * 1_000_003 + start_epoch, device)
         torch.set_rng_state(resume["torch_rng"])
         if device.type == "cuda" and resume.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(resume["cuda_rng"], device)  # dropout etc. on the GPU
-        start_epoch, history = resume["epoch"], list(resume["history"])
     multiple = backbone.size_multiple()
     loaders = EpochLoader(unlabeled, cfg.batch_size, cfg.iterations_per_epoch, cfg.num_workers,
                           device.type == "cuda")
@@ -242,8 +248,10 @@ def pretrain(
         for images in loader:
             images = images.to(device, non_blocking=True)
             images, _ = pad_to_multiple(images, multiple)
+            # Batch construction in full precision: under bf16 autocast the augmentations'
+            # small affine matrices would be rounded to 8 bits (non-rigid "rotations").
+            batch = task.make_batch(images, generator)
             with autocast(device, cfg.amp):
-                batch = task.make_batch(images, generator)
                 loss, logs = task.compute_loss(encoder, heads, batch)
             _check_finite(loss, f"Pretraining {task.name!r} (epoch {epoch + 1}, step {steps + 1})",
                           cfg.lr)
@@ -269,6 +277,7 @@ def pretrain(
                 "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "device_type": device.type,
             })
     weights: StateDicts = {"encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}}
     if "decoder" in task.transfers and "decoder" in heads:

@@ -221,6 +221,12 @@ class Sweep:
                 for epoch, logs in enumerate(resume["history"]):
                     ctx.tracker.log_metrics(run_id, logs, epoch)
                 ctx.echo(f"Resuming {label} from its epoch-{resume['epoch']} checkpoint")
+                written_on = resume.get("device_type", ctx.device.type)
+                if written_on != ctx.device.type:
+                    ctx.echo(f"[yellow]The checkpoint was written on {written_on}, this run is on "
+                             f"{ctx.device.type}[/yellow]: weights, optimizer and epoch carry "
+                             "over; the random batch stream restarts (results will differ from "
+                             "an uninterrupted run).")
 
             def on_checkpoint(state: dict[str, Any]) -> None:
                 save_checkpoint(state, checkpoint)

@@ -139,7 +139,7 @@ def environment_tags(device: str) -> dict[str, str]:
         "device": device,
     }
     if device.startswith("cuda") and torch.cuda.is_available():
-        tags["device.name"] = torch.cuda.get_device_name()
+        tags["device.name"] = torch.cuda.get_device_name(torch.device(device))
     sha = git_sha()
     if sha:
         tags["git.sha"] = sha

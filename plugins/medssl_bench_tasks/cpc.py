@@ -284,9 +284,12 @@ class CPC3D(ProxyTask):
         d = (patches.dim() - 2) // 2
         flat = patches.reshape(-1, *patches.shape[1 + d:])
         z = heads["patch"](encoder, flat)  # (P, dim)
-        _, state = heads["context"](z[batch["context_index"]])
-        preds = heads["predict"](state[-1]).view(-1, c.predict_steps, c.patch_embedding)
-        scores = torch.einsum("qsd,pd->qsp", preds.float(), z.float())  # against every patch
+        # The GRU and the scores in fp32 even under bf16 autocast: CUDA autocast casts cuDNN
+        # RNNs to fp16 (no grad scaler here) and einsum to bf16 (logits to ~3 digits).
+        with torch.autocast(z.device.type, enabled=False):
+            _, state = heads["context"](z[batch["context_index"]].float())
+            preds = heads["predict"](state[-1]).view(-1, c.predict_steps, c.patch_embedding)
+            scores = torch.einsum("qsd,pd->qsp", preds.float(), z.float())  # every patch
         positive = scores.gather(2, batch["target_index"].unsqueeze(-1))
         if c.loss == "infonce":
             negative = scores.gather(2, batch["negative_index"])
