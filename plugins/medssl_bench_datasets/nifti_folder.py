@@ -3,8 +3,11 @@ folder of label maps matched by name.
 
 Without ``labels`` the folder is a pretraining corpus only (labeled splits raise a
 DataError; ``info.extra["pretraining_only"]``). With ``labels`` it is a segmentation
-dataset: every image needs the label map of the same case id, and the cases are split
-deterministically by patient (the case id, or the part ``patient_regex`` captures).
+dataset: the images with the label map of the same case id are split deterministically by
+patient (the case id, or the part ``patient_regex`` captures). An image without a label map
+is an error by default; with ``unlabeled_images: pretrain`` it joins the pretraining pool
+only (never a train/val/test case), unless its patient has labeled cases in a held-out split
+(test, or val when val is not in ``pool``): such scans are left out of pretraining.
 Case ids are file names without the volume suffix and without ``image_suffix`` /
 ``label_suffix``, so ``brain1_image.nrrd`` and ``brain1_label.nrrd`` (one folder, suffixes
 ``_image`` and ``_label``) are the case ``brain1``. Classes are the label values found
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -43,6 +47,9 @@ class NiftiFolder(VolumeDataset):
     name = "nifti-folder"
 
     class Config(VolumeConfig):
+        root: str = Field(default="", description="Folder of the images (.nii.gz, .nii, .nrrd, "
+                          ".nhdr, .mha, .mhd), one volume per case; the case id is the file name "
+                          "without extension and image_suffix. Nothing is downloaded.")
         labels: str = Field(default="", description="Folder of label maps matched to the images "
                             "by case id (may be dataset.root itself, with suffixes); empty: an "
                             "unlabeled pretraining corpus.")
@@ -59,6 +66,12 @@ class NiftiFolder(VolumeDataset):
                                    "patient of a case id (keeps a patient's scans in one split); "
                                    "empty: every case is its own patient.")
         recursive: bool = Field(default=False, description="Also read volumes in subfolders.")
+        unlabeled_images: Literal["error", "pretrain"] = Field(
+            default="error", description="With `labels`: what an image without a label map is. "
+            "error: a problem, reported by name. pretrain: an unlabeled scan for the "
+            "pretraining pool only (never a train/val/test case; scans of a patient whose "
+            "labeled cases are held out, in test or in val when val is not in `pool`, are left "
+            "out of the pool).")
 
     def catalog(self) -> Catalog:
         cfg = self.config
@@ -81,13 +94,18 @@ class NiftiFolder(VolumeDataset):
                             + " (.nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd); the folder is empty.")
         allowed = tuple(sorted(cfg.class_names)) if cfg.class_names else None
         pattern = re.compile(cfg.patient_regex) if cfg.patient_regex else None
-        cases, problems = [], []
+        cases, unlabeled, problems = [], [], []
         for case, image in images.items():
             match = pattern.search(case) if pattern else None
             patient = match.group(1) if match and match.groups() else case
             if cfg.labels and case not in labels:
+                if cfg.unlabeled_images == "pretrain":
+                    unlabeled.append(CaseSource(case, patient, (str(image),), None, ct, 0))
+                    continue
                 problems.append(f"{image}: image without its label (no label map named "
-                                f"{case}{cfg.label_suffix}.* in {cfg.labels}).")
+                                f"{case}{cfg.label_suffix}.* in {cfg.labels}); add it, or set "
+                                "dataset.unlabeled_images=pretrain to pretrain on images "
+                                "without labels.")
                 continue
             label = str(labels[case]) if cfg.labels else None
             cases.append(CaseSource(case, patient, (str(image),), label, ct, 0, allowed))
@@ -97,5 +115,5 @@ class NiftiFolder(VolumeDataset):
         hint = ("Give the folder of label maps with --set dataset.labels=DIR to fine-tune on it, or "
                 "use it for pretraining in the transfer protocol.")
         if cfg.labels:
-            return Catalog(cases, [], cfg.class_names, None, problems, hint)
+            return Catalog(cases, unlabeled, cfg.class_names, None, problems, hint)
         return Catalog([], cases, None, None, problems, hint)

@@ -47,8 +47,8 @@ def slug(name: str) -> str:
 class VolumeConfig(PluginConfig):
     """Settings shared by every 3D volume dataset (Taleb et al. appendix defaults)."""
 
-    root: str = Field(default="", description="Folder of the dataset as distributed (see the "
-                      "dataset's docstring for the layout). Nothing is downloaded.")
+    root: str = Field(default="", description="Folder of the dataset as distributed (layouts: "
+                      "the README section 'Your own data'). Nothing is downloaded.")
     size: int = Field(default=128, ge=8, le=512, description="Edge length every volume is "
                       "resized to (128 as in Taleb et al.; e.g. 32 on a CPU).")
     patch_size: int | None = Field(
@@ -81,7 +81,8 @@ class VolumeConfig(PluginConfig):
     split_seed: int = Field(default=0, description="Seed of the patient-level split.")
     pool: list[Literal["train", "val"]] = Field(
         default=["train", "val"], description="Labeled splits whose images (without labels) join "
-        "the pretraining pool, beside the unlabeled images; the test split never does.")
+        "the pretraining pool, beside the unlabeled images; the test split never does, nor do "
+        "unlabeled scans of a patient in a split left out of the pool.")
     workers: int = Field(default=0, ge=0, description="Preprocessing worker processes (0: one "
                          "per core, at most 4; 1: in this process).")
     cache_dir: str = Field(default="", description="Cache folder of preprocessed volumes "
@@ -206,7 +207,12 @@ class VolumeDataset(Dataset):
         splits = split_patients(catalog.labeled, cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
         by_id = {c.case_id: c for c in catalog.labeled}
         labeled = [by_id[i] for s in SPLITS for i in splits[s]]
-        pool_sources = [by_id[i] for s in cfg.pool for i in splits[s]] + list(catalog.unlabeled)
+        # Unlabeled scans of a patient whose labeled cases are held out (test, and val unless
+        # it is in the pool) would leak that patient into pretraining: they are left out.
+        held_out = {by_id[i].patient for s in SPLITS if s != "train" and s not in cfg.pool
+                    for i in splits[s]}
+        pool_sources = [by_id[i] for s in cfg.pool for i in splits[s]] + [
+            c for c in catalog.unlabeled if c.patient not in held_out]
         lab_entries = prepare(labeled, self.prep("labeled"), "labeled", directory, cfg.workers,
                               self.cache_stats)
         pool_entries = prepare(pool_sources, self.prep("pretrain"), "pretrain", directory,
