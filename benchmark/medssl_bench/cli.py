@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +19,25 @@ from rich.console import Console
 from medssl_bench import __version__, data_check
 from medssl_bench.errors import BenchError, ConfigError
 
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+#: Console width when the output is not a terminal (a pipe, a file, a scheduler's log):
+#: wide enough that no table cell is cut to rich's 80-column default. Tables only take the
+#: width their content needs, so short ones stay short.
+WIDE = 1000
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console for stdout (or stderr): the terminal's width on a terminal, :data:`WIDE`
+    otherwise, so `bench leaderboard > lb.txt` keeps every cell whole."""
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        tty = bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):  # a closed or unusual stream
+        tty = False
+    return Console(stderr=stderr, soft_wrap=True, width=None if tty else WIDE)
+
+
+console = make_console()
+err_console = make_console(stderr=True)
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -106,7 +126,10 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 
 
 def _resolve(args: argparse.Namespace):
+    """What `bench run` and `bench validate` share, so they accept and refuse the same runs:
+    the resolved run (plugins, configs and their cross-checks) and the device."""
     from medssl_bench.config import parse_overrides
+    from medssl_bench.device import resolve_device
     from medssl_bench.plugins import get_registry
     from medssl_bench.spec import resolve_run
 
@@ -115,15 +138,29 @@ def _resolve(args: argparse.Namespace):
         registry, args.protocol, args.task, args.backbone, args.dataset, args.preset or "auto",
         args.config, parse_overrides(args.overrides), args.pretrain_dataset,
     )
-    return registry, run
+    device = resolve_device(args.device)
+    return registry, run, device
+
+
+def _warn(run: Any, device: Any) -> None:
+    """One yellow line per legal but probably unintended choice, at the start of a run."""
+    warnings = list(run.warnings)
+    if device.type == "cpu" and run.preset == "paper":
+        warnings.append("the paper preset on the CPU will take very long (days or more: the "
+                        "papers' epochs at full image size). Use --device cuda on a GPU "
+                        "machine, or --preset quick for a trial run.")
+    for text in warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {text}", highlight=False)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from medssl_bench.spec import instantiate
+    from medssl_bench.spec import check_data_paths, instantiate
 
-    registry, run = _resolve(args)
+    registry, run, device = _resolve(args)
+    check_data_paths(run)
     instantiate(registry, run)
     console.print_json(json.dumps(run.as_dict()))
+    _warn(run, device)
     console.print("[green]valid[/green]")
     return 0
 
@@ -145,18 +182,64 @@ class RichProgress:
         self.progress.remove_task(handle)
 
 
+class PlainProgress:
+    """Progress for logs (nohup, SLURM, a pipe): no bars, which a non-terminal never shows,
+    but one plain line at most every ``interval`` seconds (and always for the last epoch of
+    a training) with the epoch, its mean losses and the training's time so far, mid-epoch
+    when an epoch is long; after a pretraining's last epoch a ``pretrained <task> in N s``
+    line. Without these a paper run logs nothing for hours between "Dataset ..." and the
+    first fine-tune result."""
+
+    EPOCH = re.compile(r"^(?P<what>.*?) epoch (?P<n>\d+)/(?P<total>\d+)")
+
+    def __init__(self, echo, interval: float = 30.0, clock=time.monotonic) -> None:
+        self.echo, self.interval, self.clock = echo, interval, clock
+        self.last = clock()
+        self.began: dict[str, float] = {}  # training -> when its first epoch started
+
+    def start(self, description: str, total: int) -> dict[str, Any]:
+        match = self.EPOCH.match(description)
+        what = match["what"] if match else description
+        self.began.setdefault(what, self.clock())
+        return {"description": description, "what": what, "total": total, "steps": 0, "sums": {},
+                "last_epoch": bool(match and match["n"] == match["total"])}
+
+    def advance(self, handle: dict[str, Any], logs: dict[str, float]) -> None:
+        handle["steps"] += 1
+        for key, value in logs.items():
+            handle["sums"][key] = handle["sums"].get(key, 0.0) + value
+        mid_epoch = handle["steps"] < (handle["total"] or 0)  # stop() reports the epoch's end
+        if mid_epoch and self.clock() - self.last >= self.interval:  # a long epoch
+            self._line(handle, f" step {handle['steps']}/{handle['total']}")
+
+    def stop(self, handle: dict[str, Any]) -> None:
+        if handle["last_epoch"] or self.clock() - self.last >= self.interval:
+            self._line(handle, "")
+        if handle["last_epoch"]:
+            seconds = self.clock() - self.began.pop(handle["what"], self.clock())
+            if handle["what"].startswith("pretrain "):
+                task = handle["what"].removeprefix("pretrain ")
+                self.echo(f"pretrained {task} in {seconds:.0f} s")
+
+    def _line(self, handle: dict[str, Any], where: str) -> None:
+        steps = max(handle["steps"], 1)
+        logs = " ".join(f"{k} {v / steps:.4f}" for k, v in handle["sums"].items())
+        elapsed = self.clock() - self.began.get(handle["what"], self.clock())
+        self.echo(f"{handle['description']}{where}: {logs or 'no steps'} ({elapsed:.0f} s)")
+        self.last = self.clock()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from medssl_bench.device import configure_backend, resolve_device
+    from medssl_bench.device import configure_backend
     from medssl_bench.engine import Progress as EngineProgress
     from medssl_bench.protocol_runners import RunContext
     from medssl_bench.spec import instantiate
     from medssl_bench.tracking import Tracker
 
-    registry, run = _resolve(args)
+    registry, run, device = _resolve(args)
     plugins = instantiate(registry, run)
-    device = resolve_device(args.device)
     configure_backend(device)
     uri = _tracking_uri(args)
     tracker = Tracker(uri)
@@ -169,11 +252,15 @@ def cmd_run(args: argparse.Namespace) -> int:
            else "") +
         f"preset={run.preset} device={device} tracking={uri}"
     )
-    with Progress(
+    _warn(run, device)
+    bars = console.is_terminal
+    with (Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"), console=console, transient=True,
-    ) as bar:
-        rich_progress = RichProgress(bar)
+    ) if bars else contextlib.nullcontext()) as bar:
+        rich_progress: Any = (RichProgress(bar) if bars else
+                              PlainProgress(lambda line: console.print(line, markup=False,
+                                                                       highlight=False)))
         ctx = RunContext(
             registry=registry, run=run, plugins=plugins, device=device, tracker=tracker,
             cache_dir=cache_dir, force=args.force,
@@ -256,9 +343,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from medssl_bench import leaderboard
     from medssl_bench.tracking import Tracker
 
-    tracker = Tracker(_tracking_uri(args))
-    results = leaderboard.filter_results(leaderboard.collect(tracker), args.protocol, args.dataset,
-                                         args.task, args.spec_version)
+    tracker = Tracker.existing(_tracking_uri(args))  # None: no store file, nothing run yet
+    results = leaderboard.select(leaderboard.collect(tracker) if tracker else [], args.protocol,
+                                 args.dataset, args.task, args.spec_version)
     mixed = leaderboard.mixed_versions(results)
     for protocol, versions in mixed.items():
         err_console.print(f"note: {protocol} has results of spec versions {versions}; each version "
@@ -285,12 +372,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from medssl_bench import report
     from medssl_bench.tracking import Tracker
 
-    tracker = Tracker(_tracking_uri(args))
+    tracker = Tracker.existing(_tracking_uri(args))  # None: no store file, nothing run yet
     written = report.write_report(
         tracker, Path(args.out), protocol=args.protocol, dataset=args.dataset, task=args.task,
         spec_version=args.spec_version, target=args.target, error_bars=args.error_bars,
         log_to_mlflow=not args.no_mlflow, echo=console.print,
-    )
+    ) if tracker else []
     if not written:
         console.print("No finished results to report yet. Run one: "
                       "`bench run --protocol data-efficiency --task rotation3d`")
