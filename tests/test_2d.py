@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from medssl_bench.errors import DataError
+from medssl_bench.errors import ConfigError, DataError
 from medssl_bench.plugins import build_registry
 from medssl_bench.weights import adapt_in_channels
 from medssl_bench_backbones.timm2d import Timm2D
@@ -277,12 +277,37 @@ def test_2d_runs_get_the_appendix_defaults():
     assert three.configs["finetune"].warmup_epochs == 25
 
 
-def _run(tmp_path, dataset: str, *extra: str) -> int:
+def test_2d_datasets_get_a_2d_backbone_by_default(registry):
+    """Without --backbone a 2D dataset gets timm2d (unet3d crashed deep inside PyTorch); a
+    backbone of the wrong dims is refused before anything trains, naming one that fits."""
+    from medssl_bench.spec import resolve_run
+
+    for dataset in ("phantom2d", "fundus", "slices"):
+        run = resolve_run(registry, "data-efficiency", "rotation2d", dataset=dataset)
+        assert run.names["backbone"] == "timm2d", dataset
+    assert resolve_run(registry, "data-efficiency", "rotation3d").names["backbone"] == "unet3d"
+    with pytest.raises(ConfigError, match=r"Backbone 'unet3d' is 3D but dataset 'phantom2d' is "
+                       r"2D\. Use a 2D backbone: --backbone timm2d"):
+        resolve_run(registry, "data-efficiency", "rotation2d", "unet3d", "phantom2d")
+    with pytest.raises(ConfigError, match=r"'timm2d' is 2D .* --backbone unet3d"):
+        resolve_run(registry, "data-efficiency", "rotation3d", "timm2d")
+
+
+def test_validate_refuses_a_backbone_of_other_dims(capsys):
+    from medssl_bench.cli import main
+
+    code = main(["validate", "--protocol", "data-efficiency", "--task", "rotation2d",
+                 "--dataset", "fundus", "--backbone", "unet3d"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--backbone timm2d" in err and "Traceback" not in err
+
+
+def _run(tmp_path, dataset: str, *extra: str, backbone: str | None = "timm2d") -> int:
     from medssl_bench.cli import main
 
     return main([
         "run", "--protocol", "data-efficiency", "--task", "rotation2d", "--dataset", dataset,
-        "--backbone", "timm2d", "--device", "cpu",
+        *(["--backbone", backbone] if backbone else []), "--device", "cpu",
         "--tracking-uri", f"sqlite:///{tmp_path}/m.db",
         "--set", "pretrain.epochs=1", "finetune.epochs=1", "protocol.fractions=[100]",
         "protocol.seeds=[0]", "pretrain.iterations_per_epoch=2",
@@ -297,7 +322,8 @@ def test_end_to_end_2d_runs(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     assert _run(tmp_path, "phantom2d", "dataset.size=32", "dataset.n_unlabeled=4",
-                "dataset.n_train=4", "dataset.n_val=2", "dataset.n_test=3") == 0
+                "dataset.n_train=4", "dataset.n_val=2", "dataset.n_test=3",
+                backbone=None) == 0  # the 2D default backbone, end to end
     write_aptos(tmp_path / "aptos", per_grade=2)
     assert _run(tmp_path, "fundus", f"dataset.root={tmp_path / 'aptos'}",
                 "dataset.image_size=32") == 0
@@ -306,6 +332,7 @@ def test_end_to_end_2d_runs(tmp_path, monkeypatch):
     finished = [r for r in runs if "test_kappa" in r.data.metrics]
     assert sorted(r.data.tags["dataset"] for r in finished) == ["fundus"] * 2 + ["phantom2d"] * 2
     assert {r.data.tags["task"] for r in finished} == {"rotation2d", "scratch"}
+    assert {r.data.tags["backbone"] for r in finished} == {"timm2d"}
 
 
 def test_fundus_eyepacs_keeps_both_eyes_of_a_patient_together(tmp_path):

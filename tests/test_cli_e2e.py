@@ -40,6 +40,9 @@ def _runs(db):
 
 def test_run_leaderboard_rerun_force(workdir, capsys):
     assert _run() == 0
+    out = capsys.readouterr().out  # not a terminal: plain progress lines, no bars
+    assert "pretrain rotation3d epoch 1/1: loss " in out and "pretrained rotation3d in " in out
+    assert "rotation3d 50% seed 0 epoch 1/1: loss " in out
     db = workdir / "mlflow.db"
     assert db.exists(), "the default tracking store is sqlite:///mlflow.db in the working dir"
     runs = _runs(db)

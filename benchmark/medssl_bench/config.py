@@ -16,14 +16,14 @@ Each section is validated by its own pydantic model, so an error names the dotte
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from medssl_bench.errors import ConfigError
+from medssl_bench.errors import ConfigError, did_you_mean
 
 
 class PluginConfig(BaseModel):
@@ -80,29 +80,64 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with a clear message when the file is missing or malformed."""
+    """Read a YAML mapping, with one clear message when the path is missing, a folder, not
+    readable, not UTF-8 text, or not a YAML mapping (never a raw decoding traceback)."""
     path = Path(path)
+    name = str(path)
+    if path.is_dir():
+        inside = sorted(str(p) for p in (*path.glob("*.yaml"), *path.glob("*.yml")))
+        example = f", e.g. --config {inside[0]}" if inside else ""
+        raise ConfigError(f"Config file {name!r} is a folder, not a file. Give the path of a "
+                          f"YAML file{example}.")
     if not path.is_file():
-        raise ConfigError(f"Config file {str(path)!r} does not exist. Check the path.")
+        raise ConfigError(f"Config file {name!r} does not exist. Check the path.")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"Config file {name!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+            f"offset {exc.start}). Is it a YAML file? If so, save it with UTF-8 encoding."
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"Config file {name!r} cannot be read: {exc.strerror or exc}.") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"Config file {name!r} is not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"Config file {str(path)!r} must hold a mapping at the top level.")
+        raise ConfigError(f"Config file {name!r} must hold a mapping at the top level.")
     return data
 
 
-def format_validation_error(exc: ValidationError, prefix: str, source: str | None = None) -> str:
-    """One readable message per failing field, each with its full dotted path."""
+def format_validation_error(
+    exc: ValidationError,
+    prefix: str,
+    source: str | None = None,
+    model: type[BaseModel] | None = None,
+    unknown_hint: Callable[[str], str] | None = None,
+    schema: str = "",
+) -> str:
+    """One readable message per failing field, each with its full dotted path.
+
+    An unknown top-level field of ``model`` gets a did-you-mean among its fields (a typo is the
+    usual cause), and ``unknown_hint(field)`` may add where the field does exist (another
+    plugin than the one in effect). ``schema`` names the ``bench schema`` arguments that list
+    the section's fields (e.g. ``dataset msd``)."""
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; `bench schema` lists the fields)"
+            hint = ""
+            if model is not None and len(err["loc"]) == 1:
+                key = str(err["loc"][0])
+                hint = did_you_mean(key, model.model_fields)
+                hint += unknown_hint(key) if unknown_hint else ""
+            command = f"`bench schema {schema}`" if schema else "`bench schema`"
+            msg = (f"unknown field.{hint} {command} lists the fields." if hint else
+                   f"unknown field (check the spelling; {command} lists the fields)")
         given = err.get("input")
         shown = "" if err["type"] in ("extra_forbidden", "missing") else f" (got {given!r})"
         lines.append(f"{loc}: {msg}{shown}")
@@ -111,15 +146,22 @@ def format_validation_error(exc: ValidationError, prefix: str, source: str | Non
 
 
 def validate_section(
-    model: type[BaseModel], values: Mapping[str, Any] | None, prefix: str, source: str | None = None
+    model: type[BaseModel],
+    values: Mapping[str, Any] | None,
+    prefix: str,
+    source: str | None = None,
+    unknown_hint: Callable[[str], str] | None = None,
+    schema: str = "",
 ) -> Any:
-    """Validate ``values`` with ``model``; raise :class:`ConfigError` naming the dotted path."""
+    """Validate ``values`` with ``model``; raise :class:`ConfigError` naming the dotted path
+    (``unknown_hint``, ``schema``: see :func:`format_validation_error`)."""
     if values is not None and not isinstance(values, Mapping):
         raise ConfigError(f"{prefix}: expected a mapping of settings, got {values!r}.")
     try:
         return model.model_validate(dict(values or {}))
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, prefix, source)) from None
+        raise ConfigError(format_validation_error(exc, prefix, source, model, unknown_hint,
+                                                  schema)) from None
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -8,7 +8,7 @@ overrides.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from medssl_bench.config import (
     ConfigError,
     deep_merge,
+    flatten,
     load_yaml,
     validate_section,
 )
@@ -33,6 +34,12 @@ SECTIONS = ("task", "backbone", "dataset", "protocol", "pretrain", "finetune")
 ALL_SECTIONS = (*SECTIONS, "pretrain_dataset")
 PRESETS = ("quick", "paper")
 RUN_KEYS = frozenset({"protocol", "task", "backbone", "dataset", "pretrain_dataset", "preset"})
+#: The backbone a run gets without --backbone, by the dataset's spatial dims.
+DEFAULT_BACKBONES = {3: "unet3d", 2: "timm2d"}
+DEFAULT_DATASET = "phantom3d"
+#: Whether a built-in protocol reads a second corpus (--pretrain-dataset): True required,
+#: False refused. Another protocol may declare ``uses_pretrain_dataset`` on its class.
+PRETRAIN_DATASET_PROTOCOLS = {"transfer": True, "data-efficiency": False, "convergence": False}
 
 
 class ProtocolSpec(BaseModel):
@@ -96,6 +103,8 @@ class ResolvedRun:
     #: A sweep over several proxy tasks (``--task a,b`` or ``all``): name -> validated
     #: Config; ``names["task"]``/``configs["task"]`` are the first of them.
     task_configs: dict[str, Any] = field(default_factory=dict)
+    #: Legal but probably unintended settings; `bench run` and `bench validate` print them.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def task_names(self) -> list[str]:
@@ -152,6 +161,92 @@ def _check_task_keys(values: dict[str, Any], many: list[str], registry: Registry
                           f"that setting; use task.<task name>.<setting> for one task only.")
 
 
+def backbones_of_dims(registry: Registry, dims: int) -> list[str]:
+    """Registered backbones for images of ``dims`` spatial dims."""
+    return [n for n in registry.names("backbone")
+            if getattr(registry.get("backbone", n), "spatial_dims", 3) == dims]
+
+
+def default_backbone(registry: Registry, dims: int) -> str:
+    """The backbone of a run without --backbone: unet3d for 3D datasets, timm2d for 2D ones
+    (else the first registered backbone of those dims). One fixed default would hand 2D
+    images to a 3D network, which fails only deep inside PyTorch."""
+    names = backbones_of_dims(registry, dims)
+    preferred = DEFAULT_BACKBONES.get(dims)
+    if preferred in names:
+        return preferred
+    return names[0] if names else DEFAULT_BACKBONES[3]  # none fits: check_backbone_dims says so
+
+
+def check_backbone_dims(registry: Registry, backbone: str, dataset: str) -> None:
+    """Refuse a backbone whose spatial dims differ from the dataset's before anything
+    trains, naming the backbones that fit."""
+    bb_dims = getattr(registry.get("backbone", backbone), "spatial_dims", 3)
+    ds_dims = getattr(registry.get("dataset", dataset), "spatial_dims", 3)
+    if bb_dims == ds_dims:
+        return
+    fits = backbones_of_dims(registry, ds_dims)
+    if fits:
+        fix = (f"Use a {ds_dims}D backbone: --backbone {fits[0]}"
+               + (f" (or {', '.join(fits[1:])})" if fits[1:] else "")
+               + f" (leaving --backbone out picks one), or a {bb_dims}D dataset.")
+    else:
+        fix = f"No {ds_dims}D backbone is installed (`bench plugins`); use a {bb_dims}D dataset."
+    raise ConfigError(f"Backbone {backbone!r} is {bb_dims}D but dataset {dataset!r} is "
+                      f"{ds_dims}D. {fix}")
+
+
+def check_pretrain_dataset(protocol_cls: Any, given: bool, section_given: bool) -> None:
+    """The transfer protocol needs --pretrain-dataset; same-dataset protocols refuse it
+    (they would silently ignore it). Checked when resolving, so `bench validate` and
+    `bench run` agree before anything loads."""
+    name = protocol_cls.name
+    uses = getattr(protocol_cls, "uses_pretrain_dataset", PRETRAIN_DATASET_PROTOCOLS.get(name))
+    if uses is True and not given:
+        raise ConfigError(f"The {name} protocol needs the pretraining corpus: add "
+                          "--pretrain-dataset NAME (or run.pretrain_dataset in --config), "
+                          "configured by --set pretrain_dataset.key=value.")
+    if uses is False and (given or section_given):
+        what = "--pretrain-dataset" if given else "A pretrain_dataset section"
+        raise ConfigError(f"{what} belongs to the transfer protocol; {name} pretrains on "
+                          "--dataset itself. Drop it, or use --protocol transfer.")
+
+
+def _unknown_hint(registry: Registry, kind: str, name: str, flag: str,
+                  defaulted: bool) -> Callable[[str], str]:
+    """For an unknown field of a plugin section: which plugin is in effect (saying so when
+    it is the default, e.g. --dataset forgotten) and which other plugins have the field."""
+    def hint(key: str) -> str:
+        others = [n for n in registry.names(kind) if n != name
+                  and key in registry.get(kind, n).Config.model_fields]
+        if not defaulted and not others:
+            return ""
+        has = f"{kind}s with a {key!r} setting: {', '.join(others)}" if others else ""
+        if defaulted:
+            return (f" No {flag} was given, so the {kind} is the default {name!r}, which has no "
+                    f"{key!r}. Give {flag} NAME (or run.{kind} in --config)"
+                    + (f"; {has}." if has else "."))
+        return f" {kind.capitalize()} {name!r} has no {key!r}; {has} ({flag} NAME)."
+    return hint
+
+
+def _check_warmup(cfg: FinetuneConfig, user: Mapping[str, Any], preset: str | None) -> list[str]:
+    """warmup_epochs >= epochs freezes the pretrained encoder for the whole fine-tuning: an
+    error when the user set warmup_epochs, a warning when it comes from the spec or preset
+    (a quick --set finetune.epochs=1 trial) and only epochs was lowered."""
+    if cfg.freeze != "warmup" or cfg.warmup_epochs < cfg.epochs:
+        return []
+    problem = (f"finetune.warmup_epochs={cfg.warmup_epochs} is not below finetune.epochs="
+               f"{cfg.epochs}: with freeze=warmup the pretrained encoder stays frozen for the "
+               "whole fine-tuning")
+    fix = ("Lower warmup_epochs (e.g. --set finetune.warmup_epochs=0), raise finetune.epochs, "
+           "or set finetune.freeze=frozen for a linear probe.")
+    if "warmup_epochs" in user:
+        raise ConfigError(f"{problem}. {fix}")
+    origin = f"the {preset} preset's" if preset else "the spec's"
+    return [f"{problem} (warmup_epochs is {origin} default). {fix}"]
+
+
 def resolve_run(
     registry: Registry,
     protocol: str,
@@ -173,22 +268,26 @@ def resolve_run(
     run_section = file_data.pop("run", {}) or {}
     unknown = set(file_data) - set(ALL_SECTIONS)
     if unknown:
+        first = sorted(unknown)[0]
         raise ConfigError(
-            f"Config file {config_file!r}: unknown top-level keys {sorted(unknown)}; allowed are "
+            f"Config file {config_file!r}: unknown top-level keys {sorted(unknown)}."
+            f"{did_you_mean(first, ('run', *ALL_SECTIONS))} Allowed are "
             f"'run' and {', '.join(ALL_SECTIONS)}."
         )
     overrides = dict(overrides or {})
     bad = set(overrides) - set(ALL_SECTIONS)
     if bad:
         key = sorted(bad)[0]
+        dotted = next(iter(flatten({key: overrides[key]})), key)  # the whole key as typed
         raise ConfigError(
-            f"--set {key}...: unknown section {key!r}.{did_you_mean(key, ALL_SECTIONS)} "
+            f"--set {dotted}: unknown section {key!r}.{did_you_mean(key, ALL_SECTIONS)} "
             f"Sections: {', '.join(ALL_SECTIONS)}."
         )
     if not isinstance(run_section, dict) or set(run_section) - RUN_KEYS:
         bad_keys = sorted(set(run_section) - RUN_KEYS) if isinstance(run_section, dict) else run_section
+        hint = did_you_mean(str(bad_keys[0]), RUN_KEYS) if isinstance(run_section, dict) else ""
         raise ConfigError(
-            f"Config file {config_file!r}: run: unknown keys {bad_keys}; allowed are "
+            f"Config file {config_file!r}: run: unknown keys {bad_keys}.{hint} Allowed are "
             f"{', '.join(sorted(RUN_KEYS))}."
         )
     if preset == "auto":  # the command line wins, then the file's run.preset, then quick
@@ -202,21 +301,29 @@ def resolve_run(
     if not (task or run_section.get("task")):
         raise ConfigError("No task: give --task NAME (or run.task in --config).")
     spec = load_spec(protocol)
+    backbone = backbone or run_section.get("backbone")
+    dataset = dataset or run_section.get("dataset")
     names = {
         "protocol": protocol,
         "task": task or run_section.get("task") or "",
-        "backbone": backbone or run_section.get("backbone") or "unet3d",
-        "dataset": dataset or run_section.get("dataset") or "phantom3d",
+        "dataset": dataset or DEFAULT_DATASET,
     }
     dataset_cls = registry.get("dataset", names["dataset"])
-    many = expand_tasks(registry, names["task"], getattr(dataset_cls, "spatial_dims", 3))
+    dims = getattr(dataset_cls, "spatial_dims", 3)
+    names["backbone"] = backbone or default_backbone(registry, dims)
+    many = expand_tasks(registry, names["task"], dims)
     names["task"] = many[0]
+    check_backbone_dims(registry, names["backbone"], names["dataset"])
     pre_name = pretrain_dataset or run_section.get("pretrain_dataset")
+    pre_section = bool(file_data.get("pretrain_dataset") or overrides.get("pretrain_dataset"))
+    check_pretrain_dataset(registry.get("protocol", protocol), bool(pre_name), pre_section)
     if pre_name:
         names["pretrain_dataset"] = pre_name
-    elif file_data.get("pretrain_dataset") or overrides.get("pretrain_dataset"):
+    elif pre_section:
         raise ConfigError("A pretrain_dataset section was given without naming the dataset: "
                           "add --pretrain-dataset NAME (or run.pretrain_dataset in the file).")
+    flags = {"task": ("--task", False), "backbone": ("--backbone", not backbone),
+             "dataset": ("--dataset", not dataset)}
     classes = {
         "task": registry.get("task", names["task"]),
         "backbone": registry.get("backbone", names["backbone"]),
@@ -249,25 +356,64 @@ def resolve_run(
                 cls = registry.get("task", name)
                 merged = deep_merge(cls.presets.get(preset, {}) if preset else {},
                                     _task_values(shared, name, cls, many))
-                task_configs[name] = validate_section(cls.Config, merged, f"task.{name}", source)
+                task_configs[name] = validate_section(cls.Config, merged, f"task.{name}", source,
+                                                      schema=f"task {name}")
             configs["task"] = task_configs[many[0]]
             continue
-        configs[section] = validate_section(model, values, section, source)
+        hint = (_unknown_hint(registry, section, names[section], *flags[section])
+                if section in flags else None)
+        schema = section if section in ("pretrain", "finetune") else f"{section} {names[section]}"
+        configs[section] = validate_section(model, values, section, source, hint, schema)
     task_configs = task_configs or {many[0]: configs["task"]}
+    user_finetune = deep_merge(file_data.get("finetune") or {}, overrides.get("finetune") or {})
+    warnings = _check_warmup(configs["finetune"], user_finetune, preset)
     if pre_name:
         pre_cls = registry.get("dataset", pre_name)
         values = pre_cls.presets.get(preset, {}) if preset else {}
         values = deep_merge(values, spec_preset.get("pretrain_dataset", {}))
         values = deep_merge(values, file_data.get("pretrain_dataset") or {})
         values = deep_merge(values, overrides.get("pretrain_dataset") or {})
-        configs["pretrain_dataset"] = validate_section(pre_cls.Config, values, "pretrain_dataset",
-                                                       source)
+        configs["pretrain_dataset"] = validate_section(
+            pre_cls.Config, values, "pretrain_dataset", source,
+            _unknown_hint(registry, "dataset", pre_name, "--pretrain-dataset", False),
+            f"dataset {pre_name}")
         if getattr(pre_cls, "spatial_dims", 3) != getattr(dataset_cls, "spatial_dims", 3):
             raise ConfigError(f"--pretrain-dataset {pre_name!r} is {pre_cls.spatial_dims}D but "
                               f"--dataset {names['dataset']!r} is {dataset_cls.spatial_dims}D; "
                               "transfer needs the same spatial dims.")
     return ResolvedRun(spec=spec, names=names, configs=configs, preset=preset,
-                       task_configs=task_configs)
+                       task_configs=task_configs, warnings=warnings)
+
+
+def _path_settings(values: Mapping[str, Any], prefix: str):
+    """(dotted key, value, kind) of every ``root`` (a folder) and ``path`` (a file) setting,
+    nested ones included (slices' ``source_config``)."""
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            yield from _path_settings(value, f"{prefix}.{key}")
+        elif key in ("root", "path") and isinstance(value, str):
+            yield f"{prefix}.{key}", value, "folder" if key == "root" else "file"
+
+
+def check_data_paths(run: ResolvedRun) -> None:
+    """Refuse an unset or missing dataset ``root``/``path`` with one message. Cheap (no file
+    is read), so `bench validate` finds what `bench run` would fail on when loading data; it is
+    not part of :func:`resolve_run`, which must accept recipes' placeholder roots anywhere."""
+    for section in ("dataset", "pretrain_dataset"):
+        if section not in run.configs:
+            continue
+        name = run.names[section]
+        values = run.configs[section].model_dump(mode="json")
+        for key, value, kind in _path_settings(values, section):
+            if not value:
+                raise ConfigError(f"{key} is not set: dataset {name!r} reads its data from a "
+                                  f"{kind} there. Add --set {key}=/path/to/data "
+                                  f"(`bench schema dataset {name}` describes it).")
+            found = Path(value).expanduser()
+            if not (found.is_dir() if kind == "folder" else found.is_file()):
+                what = "does not exist" if not found.exists() else f"is not a {kind}"
+                raise ConfigError(f"{key}={value!r} (dataset {name!r}) {what}. Check the path "
+                                  f"(--set {key}=...).")
 
 
 def instantiate(registry: Registry, run: ResolvedRun) -> dict[str, Any]:
