@@ -191,3 +191,101 @@ def test_results_of_different_setups_never_pool():
     assert len({r.section for r in rows}) == 2
     paper_labels = {r.label for r in rows if r.setup == "paper"}
     assert len(paper_labels) == 2 and all("[" in label for label in paper_labels)
+
+
+# --------------------------------------------------------------------------- walkthrough fixes
+
+QUICKSTART = {  # rotation3d last at every fraction, one noisy 50 % mean above scratch@100
+    ("rotation3d", 10): [0.10, 0.12, 0.11],
+    ("rotation3d", 25): [0.15, 0.17, 0.16],
+    ("rotation3d", 50): [0.2339, 0.2539, 0.2439],
+    ("rotation3d", 100): [0.1623, 0.1823, 0.1723],
+    ("scratch", 10): [0.13, 0.15, 0.14],
+    ("scratch", 25): [0.19, 0.21, 0.20],
+    ("scratch", 50): [0.25, 0.27, 0.26],
+    ("scratch", 100): [0.2307, 0.2507, 0.2407],
+}
+
+
+def test_annotation_saving_is_not_claimed_from_a_noisy_point():
+    """Below scratch at 100 %: not reached, whatever one intermediate mean says."""
+    rows = lb.aggregate(_results(values=QUICKSTART))
+    (rot,) = lb.annotation_saving(rows)
+    assert rot["reached"] is False and rot["fraction_needed"] is None and rot["saving"] is None
+    assert rot["delta_at_100"] == pytest.approx(0.1723 - 0.2407)
+    assert rot["p_at_100"] is not None and rot["p_test_at_100"] == "paired"
+    md = lb.as_markdown(rows)
+    assert "saves" not in md and "not reached (up to 100%)" in md
+    assert "-0.0684 (p " in md  # the difference at 100 % with its test, next to the claim
+
+
+def test_annotation_saving_counts_from_where_the_curve_stays_above():
+    # above at 25 %, below at 50 %, above again at 100 %: interpolate between 50 and 100 only
+    assert lb.interpolate_fraction([10, 25, 50, 100], [0.5, 0.7, 0.6, 0.8], 0.65) == \
+        pytest.approx(62.5)
+    assert lb.interpolate_fraction([10, 25, 50, 100], [0.7, 0.5, 0.7, 0.8], 0.6) == \
+        pytest.approx(25 + 0.1 * 25 / 0.2)
+    assert lb.interpolate_fraction([10, 50, 100], [0.7, 0.8, 0.5], 0.6) is None  # ends below
+    assert lb.interpolate_fraction([10, 50], [0.7, 0.8], 0.6) == 10  # upper bound
+    assert lb.interpolate_fraction([10, 100], [0.6, 0.7], 0.6) == 10  # "at or above"
+    assert lb.interpolate_fraction([], [], 0.6) is None
+
+
+def test_single_value_differences_carry_no_test_label():
+    values = {("rotation3d", 100): [0.7], ("scratch", 100): [0.6012]}
+    rows = lb.aggregate(_results(values=values))
+    rot = _row(rows, "rotation3d", 100)
+    assert rot.p_vs_scratch is None and rot.p_test == ""
+    assert rot.delta_vs_scratch == pytest.approx(0.0988)
+    assert lb.fmt_delta(rot) == "+0.0988"
+    md = lb.as_markdown(rows)
+    assert "(welch)" not in md and "(paired)" not in md
+    assert "no test possible" in lb.stats_legend(rows) and "paired" not in lb.stats_legend(rows)
+    caption = lb.as_rich_tables(rows)[0].caption
+    assert "no test possible" in caption and "Welch" not in caption
+    # one side with one value, the other with three: still no test
+    values = {("rotation3d", 100): [0.7], ("scratch", 100): [0.6, 0.61, 0.62]}
+    rot = _row(lb.aggregate(_results(values=values)), "rotation3d", 100)
+    assert rot.p_test == "" and rot.p_vs_scratch is None
+
+
+def test_legend_names_only_the_tests_used():
+    legend = lb.stats_legend(lb.aggregate(_results()))
+    assert "paired t-test" in legend and "Welch" not in legend and "no test" not in legend
+
+
+def test_single_fraction_has_no_annotation_saving():
+    values = {("rotation3d", 100): [0.7, 0.72], ("scratch", 100): [0.6, 0.62]}
+    rows = lb.aggregate(_results(protocol="convergence", values=values))
+    assert lb.annotation_saving(rows) == []
+    assert "Annotation saving" not in lb.as_markdown(rows)
+    assert len(lb.as_rich_tables(rows)) == 1  # no "across fractions" table for one fraction
+    # several fractions, but one entry run at a single fraction: that entry gets none
+    values = {**VALUES, ("genesis3d", 100): [0.7, 0.72, 0.71]}
+    labels = {s["label"] for s in lb.annotation_saving(lb.aggregate(_results(values=values)))}
+    assert labels == {"rotation3d", "jigsaw3d"}
+
+
+def test_a_filter_that_matches_nothing_says_what_exists():
+    results = _results()
+    assert lb.select(results, protocol="data-efficiency") == results
+    assert lb.select([], protocol="data-efficiency") == []  # nothing run yet
+    with pytest.raises(BenchError, match="Did you mean 'data-efficiency'") as typo:
+        lb.select(results, protocol="data-effciency")
+    assert typo.value.exit_code == 2 and "data-efficiency" in str(typo.value)
+    with pytest.raises(lb.NoMatchingResults, match="--dataset phantom2d") as none:
+        lb.select(results, dataset="phantom2d")  # a real dataset, just not run
+    assert none.value.exit_code == 1 and "phantom3d" in str(none.value)
+    with pytest.raises(lb.NoMatchingResults, match="--protocol transfer"):
+        lb.select(results, protocol="transfer")
+    with pytest.raises(lb.NoMatchingResults, match=r"--spec-version 7.*\b1\b"):
+        lb.select(results, spec_version=7)
+    # the task filter keeps scratch, so scratch alone is no match for a task that is absent
+    with pytest.raises(lb.NoMatchingResults, match="--task genesis3d.*jigsaw3d, rotation3d"):
+        lb.select(results, task="genesis3d")
+    with pytest.raises(BenchError, match="Did you mean 'rotation3d'"):
+        lb.select(results, task="rotatoin3d")
+    assert {r["task"] for r in lb.select(results, task="rotation3d,genesis3d")} == \
+        {"rotation3d", "scratch"}
+    with pytest.raises(BenchError, match="Unknown protocol"):  # a typo even in an empty store
+        lb.select([], protocol="data-effciency")

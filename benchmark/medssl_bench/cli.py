@@ -343,9 +343,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from medssl_bench import leaderboard
     from medssl_bench.tracking import Tracker
 
-    tracker = Tracker(_tracking_uri(args))
-    results = leaderboard.filter_results(leaderboard.collect(tracker), args.protocol, args.dataset,
-                                         args.task, args.spec_version)
+    tracker = Tracker.existing(_tracking_uri(args))  # None: no store file, nothing run yet
+    results = leaderboard.select(leaderboard.collect(tracker) if tracker else [], args.protocol,
+                                 args.dataset, args.task, args.spec_version)
     mixed = leaderboard.mixed_versions(results)
     for protocol, versions in mixed.items():
         err_console.print(f"note: {protocol} has results of spec versions {versions}; each version "
@@ -372,12 +372,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from medssl_bench import report
     from medssl_bench.tracking import Tracker
 
-    tracker = Tracker(_tracking_uri(args))
+    tracker = Tracker.existing(_tracking_uri(args))  # None: no store file, nothing run yet
     written = report.write_report(
         tracker, Path(args.out), protocol=args.protocol, dataset=args.dataset, task=args.task,
         spec_version=args.spec_version, target=args.target, error_bars=args.error_bars,
         log_to_mlflow=not args.no_mlflow, echo=console.print,
-    )
+    ) if tracker else []
     if not written:
         console.print("No finished results to report yet. Run one: "
                       "`bench run --protocol data-efficiency --task rotation3d`")

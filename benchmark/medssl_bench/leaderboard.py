@@ -3,14 +3,16 @@
 Per (task, pretraining corpus, fraction): mean, std, n, 95 % t confidence interval, the
 difference to scratch with its 95 % interval, t-tests against the best entry and against
 scratch at that fraction (Models Genesis reports t-tests over trials), a rank per fraction and
-the mean rank across fractions, the annotation saving of Models Genesis, and published
-reference rows where dataset and metric match.
+the mean rank across fractions, the annotation saving of Models Genesis (see
+:func:`interpolate_fraction`), and published reference rows where dataset and metric match.
 
 Comparisons are paired where the design pairs them: a seed fixes the label subset (and the
 fine-tuning initialisation), so a task and scratch at the same seed saw the same labels, and
 the difference per seed removes the subset-to-subset variance that dominates at small
 fractions. With at least two seeds in common the paired t-test (and a CI of the mean
-difference) is used; otherwise Welch's t-test on the two samples. ``p_test`` says which.
+difference) is used; otherwise Welch's t-test on the two samples. ``p_test`` says which, and
+is empty when either side has a single value: then only the difference of the means is
+shown, no test is possible.
 
 Results are only ever ranked inside one (protocol, spec version, dataset, backbone, metric):
 a spec version bump means the numbers stopped being comparable, so each version is its own
@@ -34,7 +36,7 @@ import numpy as np
 import yaml
 from scipy import stats
 
-from medssl_bench.errors import BenchError
+from medssl_bench.errors import BenchError, did_you_mean
 from medssl_bench.tracking import Tracker
 
 GROUP_KEYS = ("protocol", "spec_version", "dataset", "pretrain_dataset", "task", "backbone",
@@ -79,7 +81,7 @@ class Row:
     delta_vs_scratch: float | None = None
     delta_ci_low: float | None = None
     delta_ci_high: float | None = None
-    #: "paired" or "welch": the test behind p_vs_scratch.
+    #: "paired" or "welch": the test behind p_vs_scratch; "" when none is possible (n < 2).
     p_test: str = ""
 
     @property
@@ -144,6 +146,83 @@ def filter_results(results: list[dict[str, Any]], protocol: str | None = None,
     return results
 
 
+class NoMatchingResults(BenchError):
+    """The store has finished results, but the filters select none of them."""
+
+    exit_code = 1
+
+
+def _registered(kind: str) -> set[str] | None:
+    """Installed plugin names of ``kind``; None when the registry cannot be built."""
+    try:
+        from medssl_bench.plugins import get_registry
+
+        return set(get_registry().names(kind))
+    except Exception:  # the hint is optional; never fail the leaderboard for it
+        return None
+
+
+def select(results: list[dict[str, Any]], protocol: str | None = None,
+           dataset: str | None = None, task: str | None = None,
+           spec_version: int | None = None) -> list[dict[str, Any]]:
+    """:func:`filter_results`, refusing a filter that selects nothing.
+
+    An empty store gives an empty list (nothing run yet). A filter that matches no result
+    raises: :class:`NoMatchingResults` (exit 1) naming the filter and the values that do have
+    results, or a plain :class:`BenchError` (exit 2) when the name is not even an installed
+    plugin (a typo), with a did-you-mean hint. A task filter always keeps scratch, so it
+    counts as matching only when one of the named tasks other than scratch has results.
+    """
+    wanted_tasks = {t.strip() for t in task.split(",")} - {"scratch"} if task else set()
+    checks: list[tuple[str, str, str, Any]] = []  # (option, field, plugin kind, value)
+    if protocol:
+        checks.append(("--protocol", "protocol", "protocol", protocol))
+    if dataset:
+        checks.append(("--dataset", "dataset", "dataset", dataset))
+    if spec_version is not None:
+        checks.append(("--spec-version", "spec_version", "", spec_version))
+    checks += [("--task", "task", "task", t) for t in sorted(wanted_tasks)]
+    present = {field_: {r[field_] for r in results} for _, field_, _, _ in checks}
+    for option, field_, kind, value in checks:  # typos first, even in an empty store
+        if kind and value not in present[field_]:
+            known = _registered(kind)
+            if known is not None and value not in known:
+                have = present[field_]
+                where = (f"Finished results exist for {kind}: {', '.join(sorted(have))}." if have
+                         else f"Installed {kind}s: {', '.join(sorted(known))}.")
+                raise BenchError(f"Unknown {kind} {value!r} ({option})."
+                                 f"{did_you_mean(value, known | have)} {where}")
+    if not results:
+        return []
+    selected = filter_results(results, protocol, dataset, task, spec_version)
+    matched = (any(r["task"] in wanted_tasks for r in selected) if wanted_tasks
+               else bool(selected))
+    if matched:
+        return selected
+    # Which filter empties the selection: apply them one by one, in the order above.
+    steps = [(option, field_, value) for option, field_, _, value in checks if option != "--task"]
+    if wanted_tasks:
+        steps.append(("--task", "task", ",".join(sorted(wanted_tasks))))
+    narrowed = results
+    applied: list[str] = []
+    for option, field_, value in steps:
+        kind = {"protocol": "protocol", "dataset": "dataset"}.get(field_, "")
+        after = [r for r in narrowed
+                 if (r["task"] in wanted_tasks if option == "--task" else r[field_] == value)]
+        if not after:
+            have = sorted({r[field_] for r in narrowed} - {"scratch"})
+            within = f" (with {', '.join(applied)})" if applied else ""
+            known = _registered(kind) if kind else None  # a real name: no "did you mean"
+            hint = "" if known and value in known else did_you_mean(str(value), map(str, have))
+            raise NoMatchingResults(
+                f"No finished results match {option} {value}{within}.{hint} "
+                f"Results exist for {field_.replace('_', ' ')}: "
+                f"{', '.join(map(str, have)) or 'none'}.")
+        narrowed = after
+        applied.append(f"{option} {value}")
+    return selected  # not reached: some filter above must have emptied the selection
+
+
 def mixed_versions(results: list[dict[str, Any]]) -> dict[str, list[int]]:
     """Protocols whose results come from several spec versions (ranked separately)."""
     versions: dict[str, set[int]] = defaultdict(set)
@@ -196,7 +275,8 @@ def compare(row: Row, other: Row) -> tuple[float | None, str, float, float, floa
     """``row`` against ``other``: (p, "paired"|"welch", mean difference, its 95 % CI).
 
     Paired over the seeds both have (each seed once in each) when there are at least two;
-    otherwise Welch on all values, with the difference of the means and a Welch interval.
+    otherwise Welch on all values, with the difference of the means and a Welch interval; with
+    a single value on either side no test at all (p None, test "", no interval).
     """
     mine = dict(zip(row.seeds, row.values, strict=False))  # rows built without seeds: Welch
     theirs = dict(zip(other.seeds, other.values, strict=False))
@@ -209,8 +289,8 @@ def compare(row: Row, other: Row) -> tuple[float | None, str, float, float, floa
         return paired_p(a, b), "paired", float((a - b).mean()), low, high
     a, b = np.array(row.values), np.array(other.values)
     delta = float(a.mean() - b.mean())
-    if len(a) < 2 or len(b) < 2:
-        return None, "welch", delta, math.nan, math.nan
+    if len(a) < 2 or len(b) < 2:  # a single value on one side: a difference, but no test
+        return None, "", delta, math.nan, math.nan
     va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
     if va + vb == 0:
         return None, "welch", delta, delta, delta
@@ -285,9 +365,18 @@ def mean_ranks(rows: list[Row]) -> list[dict[str, Any]]:
 
 
 def annotation_saving(rows: list[Row]) -> list[dict[str, Any]]:
-    """Models Genesis' annotation saving: the smallest label fraction at which a pretrained
-    entry matches scratch trained on all labels (100 %), interpolated linearly between the
-    measured fractions; ``reached`` False when no measured fraction gets there."""
+    """Models Genesis' annotation saving: the label fraction a pretrained entry needs to match
+    scratch trained on all labels (100 %), by :func:`interpolate_fraction` (robust to a noisy
+    mean at one fraction: the entry has to stay at or above the target from that fraction on,
+    up to the largest fraction it was run at).
+
+    Per entry: ``fraction_needed`` and ``saving`` (None and ``reached`` False when the entry
+    does not stay at scratch's 100 % score, e.g. when it is below it at 100 % itself),
+    ``at_most`` when already matched at the smallest fraction (an upper bound), and the
+    entry's difference to scratch at 100 % with its p-value and test (``delta_at_100``,
+    ``p_at_100``, ``p_test_at_100``; None when the entry was not run at 100 %). Entries run at
+    a single fraction get none: one point is no curve (e.g. the convergence protocol).
+    """
     sections: dict[tuple, list[Row]] = defaultdict(list)
     for r in rows:
         sections[r.section].append(r)
@@ -301,9 +390,12 @@ def annotation_saving(rows: list[Row]) -> list[dict[str, Any]]:
             if r.task != "scratch":
                 curves[r.label].append(r)
         for label, curve in curves.items():
+            if len(curve) < 2:
+                continue
             curve.sort(key=lambda r: r.fraction)
             needed = interpolate_fraction([r.fraction for r in curve], [r.mean for r in curve],
                                           full.mean)
+            at_100 = next((r for r in curve if r.fraction == 100), None)
             out.append({
                 **dict(zip(SECTION_KEYS, section, strict=True)), "label": label,
                 "task": curve[0].task, "pretrain_dataset": curve[0].pretrain_dataset,
@@ -313,21 +405,34 @@ def annotation_saving(rows: list[Row]) -> list[dict[str, Any]]:
                 # already matched at the smallest measured fraction: an upper bound only
                 "at_most": needed is not None and needed == curve[0].fraction,
                 "fractions": [r.fraction for r in curve],
+                "delta_at_100": None if at_100 is None else at_100.delta_vs_scratch,
+                "p_at_100": None if at_100 is None else at_100.p_vs_scratch,
+                "p_test_at_100": None if at_100 is None else at_100.p_test,
             })
     return out
 
 
 def interpolate_fraction(fractions: list[float], means: list[float], target: float) -> float | None:
-    """The first fraction where the piecewise-linear curve through (fraction, mean) reaches
-    ``target``; the smallest measured fraction if it is already there (an upper bound);
-    None when no measured point reaches it."""
-    for i, (f, m) in enumerate(zip(fractions, means, strict=True)):
-        if m >= target:
-            if i == 0:
-                return float(f)
-            f0, m0 = fractions[i - 1], means[i - 1]
-            return float(f0 + (target - m0) * (f - f0) / (m - m0))
-    return None
+    """The label fraction from which the curve through (fraction, mean), fractions ascending,
+    stays at or above ``target``.
+
+    The fraction counted is the smallest measured one from which the mean is at or above
+    ``target`` at *every* larger measured fraction; the result is interpolated linearly
+    between it and the measured fraction just below it (whose mean is below ``target``).
+    A mean above ``target`` at one fraction followed by one below it is noise, not a saving:
+    it is ignored. None ("not reached") when the mean at the largest fraction is below
+    ``target``, e.g. an entry below scratch at 100 %; the smallest measured fraction (an
+    upper bound) when every mean is at or above ``target``.
+    """
+    if not means or means[-1] < target:
+        return None
+    i = len(means) - 1
+    while i > 0 and means[i - 1] >= target:
+        i -= 1
+    if i == 0:
+        return float(fractions[0])
+    f0, m0, f1, m1 = fractions[i - 1], means[i - 1], fractions[i], means[i]
+    return float(f0 + (target - m0) * (f1 - f0) / (m1 - m0))
 
 
 # --------------------------------------------------------------------------- published rows
@@ -401,13 +506,32 @@ def fmt_p(p: float | None) -> str:
 
 
 def fmt_delta(row: Row) -> str:
-    """``+0.0412 [0.0101, 0.0723] (paired)``: the difference to scratch and its 95 % CI."""
+    """``+0.0412 [0.0101, 0.0723] (paired)``: the difference to scratch, its 95 % CI and the
+    test; the bare difference when no test is possible (a single value on either side)."""
     if row.delta_vs_scratch is None:
         return "-"
     text = f"{row.delta_vs_scratch:+.4f}"
     if row.delta_ci_low is not None and not math.isnan(row.delta_ci_low):
         text += f" [{row.delta_ci_low:+.4f}, {row.delta_ci_high:+.4f}]"
-    return f"{text} ({row.p_test})"
+    return f"{text} ({row.p_test})" if row.p_test else text
+
+
+_TEST_NOTES = {
+    "paired": "paired = paired t-test over the seeds both have (a seed fixes the label subset)",
+    "welch": "welch = Welch's t-test (seeds differ)",
+    "": "a difference without a test label: one side has a single value, no test possible",
+}
+
+
+def stats_legend(rows: list[Row]) -> str:
+    """What the tests behind ``vs scratch`` and the p columns are, for those that occur."""
+    used = [t for t in _TEST_NOTES
+            if any(r.task != "scratch" and r.delta_vs_scratch is not None and r.p_test == t
+                   for r in rows)]
+    text = "vs scratch: mean difference to scratch [95% CI] (test)"
+    if used:
+        text += "; p: two-sided t-tests, " + "; ".join(_TEST_NOTES[t] for t in used)
+    return text
 
 
 def as_csv(rows: list[Row]) -> str:
@@ -427,6 +551,16 @@ def _saving_text(s: dict[str, Any]) -> str:
            f"{100 * s['saving']:.0f}%)"
 
 
+def _at_100_text(s: dict[str, Any]) -> str:
+    """The entry against scratch at 100 %: ``+0.0123 (p 0.412 n.s., paired)``."""
+    delta = s.get("delta_at_100")
+    if delta is None:
+        return "-"
+    if s.get("p_at_100") is None:
+        return f"{delta:+.4f} (no test)"
+    return f"{delta:+.4f} (p {fmt_p(s['p_at_100'])}, {s['p_test_at_100']})"
+
+
 def as_markdown(rows: list[Row]) -> str:
     cols = ("protocol", "dataset", "backbone", "fraction", "rank", "label", "metric", "mean",
             "std", "n", "ci_low", "ci_high", "vs scratch", "p_vs_best", "p_vs_scratch")
@@ -441,6 +575,8 @@ def as_markdown(rows: list[Row]) -> str:
                 v = fmt_delta(r)
             cells.append(fmt_p(v) if c.startswith("p_vs") else _fmt(v))
         lines.append("| " + " | ".join(cells) + " |")
+    if rows:
+        lines += ["", stats_legend(rows) + "."]
     extra = summary(rows)
     if extra["mean_ranks"]:
         lines += ["", "Mean rank across fractions", "",
@@ -450,11 +586,13 @@ def as_markdown(rows: list[Row]) -> str:
                   f"{d['metric']} | {d['label']} | {d['mean_rank']:.2f} | {d['fractions']} |"
                   for d in extra["mean_ranks"]]
     if extra["annotation_saving"]:
-        lines += ["", "Annotation saving (labels needed to match scratch at 100 %)", "",
-                  "| protocol | dataset | backbone | metric | entry | scratch 100% | needed |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "Annotation saving (labels needed to match scratch at 100 %: the smallest "
+                  "fraction from which the entry stays at or above it, interpolated)", "",
+                  "| protocol | dataset | backbone | metric | entry | scratch 100% | needed | "
+                  "vs scratch at 100% |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {s['protocol']} v{s['spec_version']} | {s['dataset']} | {s['backbone']} | "
-                  f"{s['metric']} | {s['label']} | {s['scratch_100']:.4f} | {_saving_text(s)} |"
+                  f"{s['metric']} | {s['label']} | {s['scratch_100']:.4f} | {_saving_text(s)} | "
+                  f"{_at_100_text(s)} |"
                   for s in extra["annotation_saving"]]
     if extra["published"]:
         lines += ["", "Published reference rows (same dataset and metric; read split/protocol)", "",
@@ -479,8 +617,7 @@ def as_rich_tables(rows: list[Row]) -> list[Any]:
         protocol, version, dataset, backbone, metric, _setup = section
         table = Table(title=f"{protocol} v{version} · {dataset} · {backbone} · test {metric} "
                       "(mean over seeds)")
-        table.caption = ("vs scratch: mean difference [95% CI]; p: paired t-test over seeds "
-                         "(same label subset per seed), Welch where seeds differ")
+        table.caption = stats_legend(entries)
         for c in ("fraction", "rank", "entry", "mean ± std", "n", "95% CI", "vs scratch",
                   "p vs best", "p vs scratch"):
             table.add_column(c, justify="right" if c in ("fraction", "rank", "n") else "left")
@@ -508,13 +645,20 @@ def as_rich_tables(rows: list[Row]) -> list[Any]:
                    if tuple(s[k] for k in SECTION_KEYS) == section]
         if len({r.fraction for r in entries}) > 1 or savings:
             summ = Table(title=f"{protocol} v{version} · {dataset} · across fractions")
-            for c in ("entry", "mean rank", "fractions", "annotation saving"):
+            columns = ["entry", "mean rank", "fractions"]
+            if savings:
+                columns += ["annotation saving", "vs scratch at 100%"]
+                summ.caption = ("annotation saving: labels needed to match scratch at 100%, from "
+                                "the smallest fraction from which the entry stays at or above it")
+            for c in columns:
                 summ.add_column(c)
             by_label = {s["label"]: s for s in savings}
             for d in ranks:
                 s = by_label.get(d["label"])
-                summ.add_row(d["label"], f"{d['mean_rank']:.2f}", str(d["fractions"]),
-                             _saving_text(s) if s else "-")
+                cells = [d["label"], f"{d['mean_rank']:.2f}", str(d["fractions"])]
+                if savings:
+                    cells += [_saving_text(s), _at_100_text(s)] if s else ["-", "-"]
+                summ.add_row(*cells)
             tables.append(summ)
     return tables
 

@@ -135,9 +135,11 @@ def write_report(
     log_to_mlflow: bool = True,
     echo: Any = print,
 ) -> list[Path]:
-    """Write plots, ``report.json`` and ``report.md`` to ``out``; the paths written."""
-    results = leaderboard.filter_results(leaderboard.collect(tracker), protocol, dataset, task,
-                                         spec_version)
+    """Write plots, ``report.json`` and ``report.md`` to ``out``; the paths written (none when
+    nothing was run yet). Filters that match no result raise, as in ``bench leaderboard``
+    (:func:`leaderboard.select`)."""
+    results = leaderboard.select(leaderboard.collect(tracker), protocol, dataset, task,
+                                 spec_version)
     if not results:
         return []
     out.mkdir(parents=True, exist_ok=True)

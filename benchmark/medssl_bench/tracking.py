@@ -20,13 +20,15 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,13 +148,85 @@ def environment_tags(device: str) -> dict[str, str]:
     return tags
 
 
-def absolute_uri(uri: str) -> str:
-    """``sqlite:///mlflow.db`` relative to the working directory, made absolute (MLflow caches
-    stores by URI, so a relative one would follow the first directory it was opened in)."""
+SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
+#: Store names MLflow accepts that are not paths (no ``://``).
+_NAMED_STORES = ("databricks", "databricks-uc", "uc")
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI; None for other URIs and in-memory stores."""
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+    if not uri.startswith(prefix):
+        return None
+    path = uri[len(prefix):].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def absolute_uri(uri: str) -> str:
+    """The tracking URI medssl-bench opens, made unambiguous; a :class:`BenchError` for a
+    location that cannot work.
+
+    - ``sqlite:///mlflow.db`` (relative to the working directory) is made absolute: MLflow
+      caches stores by URI, so a relative one would follow the first directory it was opened
+      in. Its directory must exist (SQLite would create the file, MLflow also the missing
+      directories, silently, wherever a typo points).
+    - A plain path ending in ``.db``, ``.sqlite`` or ``.sqlite3`` means that SQLite file:
+      ``/data/mlflow.db`` becomes ``sqlite:////data/mlflow.db``. Other plain paths (and
+      ``file:`` URIs) would be MLflow's file store, which medssl-bench does not use: refused,
+      naming the ``sqlite:///`` URI to use instead.
+    - Everything else (``http(s)://``, ``postgresql://``, ...) is passed on unchanged.
+    """
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme == "file" or (not scheme and not uri.startswith("sqlite:")
+                            and uri not in _NAMED_STORES):
+        path = Path(uri[len("file://"):] if scheme == "file" else uri).expanduser().resolve()
+        if path.suffix.lower() in SQLITE_SUFFIXES and scheme != "file":
+            uri = f"sqlite:///{path}"
+        else:
+            target = (path / "mlflow.db" if path.is_dir() else path if path.is_file()
+                      else path.with_name(path.name + ".db"))
+            raise BenchError(
+                f"Tracking URI {uri!r} is a path, which MLflow reads as its deprecated file "
+                f"store (not supported here). For an SQLite store pass sqlite:///{target} (or a "
+                "path ending in .db).")
+    db = sqlite_path(uri)
+    if db is not None:
+        db = db.expanduser().resolve()
+        if not db.parent.is_dir():
+            raise BenchError(
+                f"The directory of the SQLite tracking store does not exist: {db.parent} "
+                f"(tracking URI {uri!r}). Create it, or pick another path.")
+        uri = "sqlite:///" + str(db) + (uri[uri.index("?"):] if "?" in uri else "")
     return uri
+
+
+def short_error(exc: BaseException) -> str:
+    """The essential line of a tracking-store error (no urllib3 retry chains, no essays)."""
+    text = " ".join(str(exc).split())
+    reason = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+    if reason:  # a connection error wrapped in retry/pool text: the OS reason is the news
+        return f"cannot connect ({reason.group(1).strip()})"
+    if "unsupported uri" in text.lower():
+        return ("unsupported URI scheme; use sqlite:///PATH, http(s)://HOST:PORT (an MLflow "
+                "server) or a database URI such as postgresql://HOST/DB")
+    first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    return (first[:197] + "...") if len(first) > 200 else first or type(exc).__name__
+
+
+@contextmanager
+def _few_http_retries(retries: int = 2) -> Iterator[None]:
+    """Opening a store: give up on an unreachable server after a few seconds, not after
+    MLflow's default retries (minutes); later calls keep the defaults. A value the user set
+    in MLFLOW_HTTP_REQUEST_MAX_RETRIES is respected."""
+    name = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+    if name in os.environ:
+        yield
+        return
+    os.environ[name] = str(retries)
+    try:
+        yield
+    finally:
+        os.environ.pop(name, None)
 
 
 class Tracker:
@@ -168,12 +242,22 @@ class Tracker:
         self.mlflow = mlflow
         try:
             self.client = RetryingClient(MlflowClient(tracking_uri=uri))
-            self.client.search_experiments(max_results=1)
+            with _few_http_retries():
+                self.client.search_experiments(max_results=1)
         except Exception as exc:
             raise BenchError(
-                f"Cannot open the MLflow tracking store {uri!r}: {type(exc).__name__}: {exc}. "
+                f"Cannot open the MLflow tracking store {uri!r}: {short_error(exc)}. "
                 "Check --tracking-uri (default sqlite:///mlflow.db in the working directory)."
             ) from None
+
+    @classmethod
+    def existing(cls, uri: str = DEFAULT_TRACKING_URI) -> Tracker | None:
+        """A tracker for reading results; None when ``uri`` is an SQLite store whose file does
+        not exist (nothing was run there yet), without creating it as opening would."""
+        db = sqlite_path(absolute_uri(uri))
+        if db is not None and not db.exists():
+            return None
+        return cls(uri)
 
     # ------------------------------------------------------------------ experiments
     def experiment_id(self, protocol: str) -> str:
