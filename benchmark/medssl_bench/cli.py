@@ -46,7 +46,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help="Proxy task name, e.g. rotation3d (see `bench "
                    "plugins`); several as rotation3d,jigsaw3d, or all (every pretraining task of "
                    "the dataset's dims). Each pretrains once; scratch runs once.")
-    p.add_argument("--backbone", help="Backbone name (default unet3d).")
+    p.add_argument("--backbone", help="Backbone name (default: unet3d for 3D datasets, timm2d "
+                   "for 2D ones).")
     p.add_argument("--dataset", help="Dataset name (default phantom3d, built in, no download).")
     p.add_argument("--pretrain-dataset", help="transfer protocol: the dataset whose unlabeled pool "
                    "pretraining reads (configure it with --set pretrain_dataset.key=value).")
