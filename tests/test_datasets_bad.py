@@ -121,3 +121,21 @@ def test_data_check_clean_dataset_exits_zero(tmp_path, capsys):
                      "dataset.workers=1"])
     out = capsys.readouterr().out
     assert code == 0 and "no problems found" in out and "5 labeled" in out
+
+
+def test_data_check_of_a_dataset_without_file_checks_reports_its_splits(capsys):
+    """phantom3d has no per-file check: loading it is the check, and the report gives the
+    split sizes it produced (not a 'cases' count that does not add up)."""
+    from medssl_bench import cli
+
+    code = cli.main(["data", "check", "--dataset", "phantom3d", "--json", "--set",
+                     "dataset.size=16", "dataset.n_unlabeled=3", "dataset.n_train=4",
+                     "dataset.n_val=2", "dataset.n_test=1"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["problems"] == []
+    assert report["splits"] == {"train": 4, "val": 2, "test": 1, "unlabeled": report["splits"]["unlabeled"]}
+    assert report["splits"]["unlabeled"] >= 3
+    assert cli.main(["data", "check", "--dataset", "phantom3d", "--set", "dataset.size=16",
+                     "dataset.n_unlabeled=3", "dataset.n_train=4", "dataset.n_val=2",
+                     "dataset.n_test=1"]) == 0
+    assert "labeled: train 4, val 2, test 1" in capsys.readouterr().out

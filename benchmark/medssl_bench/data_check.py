@@ -51,12 +51,18 @@ def _range(values: list[float]) -> str:
 def build_report(dataset: Any) -> dict[str, Any]:
     """A JSON-ready report: problems, counts and summaries of the good cases."""
     if not hasattr(dataset, "check"):
+        # datasets without a per-file check (fundus, medmnist3d, slices, phantoms): loading
+        # them validates every file; report the split sizes it produced
+        root = str(getattr(dataset.config, "root", None) or getattr(dataset.config, "path", "")
+                   or "")
         try:
             data = dataset.load()
         except DataError as exc:
-            return {"dataset": dataset.name, "problems": [str(exc)], "cases": 0, "good": 0}
-        return {"dataset": dataset.name, "problems": [], "cases": len(data.unlabeled),
-                "good": len(data.unlabeled), "labeled": len(data.train) + len(data.val) + len(data.test)}
+            return {"dataset": dataset.name, "root": root, "problems": [str(exc)],
+                    "splits": {}, "good": 0}
+        splits = {name: len(getattr(data, name)) for name in ("train", "val", "test", "unlabeled")}
+        return {"dataset": dataset.name, "root": root, "problems": [], "splits": splits,
+                "good": splits["train"] + splits["val"] + splits["test"]}
     report = dataset.check()
     good = report.good
     labels: Counter[int] = Counter(v for m in good for v in m.label_values)
@@ -79,8 +85,16 @@ def print_report(report: dict[str, Any], console: Any) -> None:
     problems = report["problems"]
     console.print(f"[bold]bench data check[/bold] dataset={report['dataset']} "
                   f"root={report.get('root', '')}", highlight=False)
-    console.print(f"cases: {report['cases']} ({report.get('labeled', 0)} labeled, "
-                  f"{report.get('unlabeled', 0)} unlabeled); good: {report['good']}", highlight=False)
+    if "splits" in report:
+        sizes = report["splits"]
+        if sizes:
+            console.print(f"labeled: train {sizes['train']}, val {sizes['val']}, test "
+                          f"{sizes['test']}; pretraining pool: {sizes['unlabeled']}",
+                          highlight=False)
+    else:
+        console.print(f"cases: {report['cases']} ({report.get('labeled', 0)} labeled, "
+                      f"{report.get('unlabeled', 0)} unlabeled); good: {report['good']}",
+                      highlight=False)
     if report.get("shapes"):
         console.print("shapes: " + ", ".join(f"{s} ({n})" for s, n in report["shapes"].items()),
                       highlight=False)
