@@ -63,7 +63,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default sqlite:///mlflow.db in the working directory; "
                    "a few parallel sweeps may share it, many writers want an MLflow server: "
-                   "http://host:5000).")
+                   "http://host:5000). A plain path ending in .db/.sqlite means "
+                   "sqlite:///<absolute path>.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--format", choices=["table", "markdown", "csv", "json"], default="table")
     board.add_argument("--summary", action="store_true", help="JSON: an object with rows, "
                        "mean_ranks, annotation_saving and published instead of a list of rows.")
-    board.add_argument("--tracking-uri", default=None, help="MLflow tracking URI.")
+    board.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking URI (default sqlite:///mlflow.db; a plain .db path "
+                       "works too).")
 
     report = sub.add_parser("report", help="Plots (data-efficiency and convergence curves) and "
                             "a JSON/Markdown summary, written to a folder and logged to MLflow.")
@@ -115,7 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "score (default: the protocol's, 0.95).")
     report.add_argument("--error-bars", choices=["std", "ci"], default="std")
     report.add_argument("--no-mlflow", action="store_true", help="Do not log the report to MLflow.")
-    report.add_argument("--tracking-uri", default=None, help="MLflow tracking URI.")
+    report.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default sqlite:///mlflow.db; a plain .db path "
+                        "works too).")
     data_check.add_parser(sub)
     return parser
 
