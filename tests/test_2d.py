@@ -82,7 +82,8 @@ def test_rotation2d_labels_undo_to_the_input():
     assert set(batch["labels"].tolist()) <= set(range(4))
     for i, label in enumerate(batch["labels"].tolist()):
         undone = rotate(batch["inputs"][i : i + 1], label, inverse=True, table=ROTATIONS_2D)
-        torch.testing.assert_close(undone[0], images[i // copies])
+        torch.testing.assert_close(undone[0], images[batch["sources"][i]])
+    assert batch["sources"].bincount().tolist() == [copies] * 3
     rotated = [rotate(images[:1], k, table=ROTATIONS_2D) for k in range(4)]
     assert all(not torch.equal(rotated[a], rotated[b])
                for a in range(4) for b in range(a + 1, 4))

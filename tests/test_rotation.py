@@ -44,11 +44,24 @@ def test_undoing_the_labelled_rotation_restores_the_input_copies():
     task = Rotation3D(Rotation3D.Config(copies_per_volume=4))
     images = _cube(batch=3, channels=2)
     batch = task.make_batch(images, torch.Generator().manual_seed(0))
-    copies = images.repeat_interleave(4, dim=0)
-    assert batch["inputs"].shape == copies.shape and batch["labels"].shape == (12,)
+    assert batch["inputs"].shape == (12, 2, 6, 6, 6) and batch["labels"].shape == (12,)
+    assert batch["sources"].bincount().tolist() == [4, 4, 4]  # every image, 4 copies
+    assert batch["labels"].tolist() == sorted(batch["labels"].tolist())  # class blocks
     for i, label in enumerate(batch["labels"].tolist()):
         restored = rotate(batch["inputs"][i : i + 1], label, inverse=True)
-        assert torch.equal(restored, copies[i : i + 1])
+        source = int(batch["sources"][i])
+        assert torch.equal(restored, images[source : source + 1])
+
+
+def test_rotated_copies_with_scattered_classes_keep_their_rows():
+    """Labels in any order (each class's rows not one block) take the scatter path."""
+    from medssl_bench_tasks.rotation import rotated_copies
+
+    images = _cube(batch=3, size=8)
+    labels = torch.tensor([4, 0, 4, 9, 1, 9, 6, 6, 2, 5, 4, 7])
+    out = rotated_copies(images, labels, copies=4)
+    for row, label in enumerate(labels.tolist()):
+        assert torch.equal(out[row : row + 1], rotate(images[row // 4 : row // 4 + 1], label))
 
 
 def test_rotate_batch_applies_each_sample_its_own_class():

@@ -200,7 +200,7 @@ def _apply_code(x: Tensor, code: int, d: int) -> Tensor:
     return y.permute(*order)
 
 
-def permuted_copy(x: Tensor, order: Sequence[int]) -> Tensor:
+def permuted_copy(x: Tensor, order: Sequence[int], out: Tensor | None = None) -> Tensor:
     """``x.permute(*order)`` of a contiguous ``(N, C, D, H, W)`` tensor as a new contiguous
     tensor (from :data:`BUFFERS`), with batch and channel kept in place.
 
@@ -210,7 +210,7 @@ def permuted_copy(x: Tensor, order: Sequence[int]) -> Tensor:
     slab one 2D transpose, ``(D, H W)^T`` and ``(D H, W)^T`` (one per slab is about 1.5x
     faster than a batched 3D transpose); (W, H, D) is the 2D transpose of ``(N C D, H W)``
     and one more copy that keeps whole rows of D contiguous. Other orders are copied
-    directly."""
+    directly. The result goes into ``out`` (contiguous, of the permuted shape) when given."""
     order = tuple(int(o) for o in order)
     n, c, *spatial = x.shape
     slabs = n * c
@@ -219,17 +219,18 @@ def permuted_copy(x: Tensor, order: Sequence[int]) -> Tensor:
     d, h, w = spatial if len(spatial) == 3 else (0, 0, 0)
     if x.dim() == 5 and x.device.type == "cpu" and order[2:] in ((3, 4, 2), (4, 2, 3)):
         rows, cols = (d, h * w) if order[2:] == (3, 4, 2) else (d * h, w)
-        out = BUFFERS.empty(shape, x.dtype, x.device)
+        out = BUFFERS.empty(shape, x.dtype, x.device) if out is None else out
         src, dst = x.view(slabs, rows, cols), out.view(slabs, cols, rows)
         for slab in range(slabs):
             dst[slab].copy_(src[slab].t())
         return out
+    out = BUFFERS.empty(shape, x.dtype, x.device) if out is None else out
     if x.dim() != 5 or order[2:] != (4, 3, 2) or x.device.type != "cpu":
-        return BUFFERS.empty(shape, x.dtype, x.device).copy_(x.permute(*order))
+        return out.copy_(x.permute(*order))
     # (W, H, D): (slabs D, H W)^T = (H W, slabs, D), then rows of D reordered
     t = BUFFERS.empty((h * w, slabs * d), x.dtype, x.device).copy_(x.view(-1, h * w).t())
     rows = t.view(h, w, n, c, d)
-    return BUFFERS.empty(shape, x.dtype, x.device).copy_(rows.permute(2, 3, 1, 0, 4))
+    return out.copy_(rows.permute(2, 3, 1, 0, 4))
 
 
 def to_grid_theta(matrices: Tensor, shape: tuple[int, ...]) -> Tensor:

@@ -35,74 +35,86 @@ def rotate(
 
 
 def rotated_copies(
-    images: Tensor, labels: Tensor, copies: int = 1, table: RotationTable = ROTATIONS_3D
+    images: Tensor, labels: Tensor, copies: int = 1, table: RotationTable = ROTATIONS_3D,
+    sources: Tensor | None = None,
 ) -> Tensor:
-    """``copies`` rotated versions of every image, copy ``j`` of image ``i`` at row
-    ``i * copies + j`` rotated by ``labels[row]``.
+    """Rotated copies of ``images``: output row ``r`` is image ``sources[r]`` rotated by
+    ``labels[r]``; by default ``copies`` per image, copy ``j`` of image ``i`` at row
+    ``i * copies + j``.
 
     One gather and one ``rot90`` per class present, never per sample, and no intermediate
     batch of unrotated copies: at 128^3 this is memory-bound, so every avoided copy counts.
-    The output and the gather's scratch come from the reused buffers of
-    :data:`~medssl_bench_tasks.patches.BUFFERS` (fresh 128^3 batches cost page faults several
-    times the copy).
+    Where a class's rows are one contiguous block (labels sorted, as
+    :meth:`Rotation3D.make_batch` arranges them) its copies are written straight into that
+    block of the output; scattered rows cost one more copy (``index_copy_``). The output and
+    scratch come from the reused buffers of :data:`~medssl_bench_tasks.patches.BUFFERS`
+    (fresh 128^3 batches cost page faults several times the copy).
     """
-    source = torch.arange(images.shape[0], device=images.device).repeat_interleave(copies)
-    shape = (len(source), *images.shape[1:])
+    if sources is None:
+        sources = torch.arange(images.shape[0], device=images.device).repeat_interleave(copies)
+    shape = (len(sources), *images.shape[1:])
     out = BUFFERS.empty(shape, images.dtype, images.device)
     fast = images.dim() == 5 and images.device.type == "cpu"
     images = images.contiguous()
-    scratch = None
-    for label in range(len(table)):
+    for label in torch.unique(labels).tolist():
         rows = (labels == label).nonzero().flatten()
-        if not rows.numel():
-            continue
+        first, count = int(rows[0]), rows.numel()
+        block = out[first:first + count] if int(rows[-1]) - first + 1 == count else None
         if fast:
-            out.index_copy_(0, rows, _rotated_rows(images, source[rows], *table[label]))
-            continue
-        if scratch is None:
-            scratch = BUFFERS.empty(shape, images.dtype, images.device)
-        gathered = torch.index_select(images, 0, source[rows], out=scratch[: rows.numel()])
-        out.index_copy_(0, rows, _rotated(gathered, *table[label]))
-    del scratch
+            rotated = _rotated_rows(images, sources[rows], *table[label], out=block)
+        else:
+            gathered = torch.index_select(images, 0, sources[rows])
+            rotated = _rotated(gathered, *table[label])
+            if block is not None:
+                block.copy_(rotated)
+                continue
+        if block is None:
+            out.index_copy_(0, rows, rotated)
+        elif rotated.data_ptr() != block.data_ptr():
+            block.copy_(rotated)
     return out
 
 
-def _gather_rows(x: Tensor, volumes: Tensor, grid: Tensor) -> Tensor:
+def _gather_rows(x: Tensor, volumes: Tensor, grid: Tensor, out: Tensor | None = None) -> Tensor:
     """``x[volumes]`` with its (D, H) grid of W-rows rearranged: output row ``(d, h)`` is input
     row ``grid[d, h]`` (a flattened (D, H) index). One ``index_select`` of whole contiguous
-    rows into a reused buffer, so flips of D and H and turns in the (D, H) plane cost one
-    copy at memory speed."""
+    rows into ``out`` (or a reused buffer), so flips of D and H and turns in the (D, H) plane
+    cost one copy at memory speed."""
     n, channels, depth, height, width = x.shape
     plane = depth * height
     base = (volumes.view(-1, 1) * channels + torch.arange(channels, device=x.device)) * plane
     index = (base.view(-1, channels, 1) + grid.reshape(1, 1, plane)).flatten()
-    out = BUFFERS.empty((volumes.numel(), channels, depth, height, width), x.dtype, x.device)
+    if out is None:
+        out = BUFFERS.empty((volumes.numel(), channels, depth, height, width), x.dtype, x.device)
     torch.index_select(x.view(-1, width), 0, index, out=out.view(-1, width))
     return out
 
 
-def _rotated_rows(x: Tensor, volumes: Tensor, k: int, axes: tuple[int, int]) -> Tensor:
+def _rotated_rows(
+    x: Tensor, volumes: Tensor, k: int, axes: tuple[int, int], out: Tensor | None = None
+) -> Tensor:
     """``torch.rot90(x[volumes], k, spatial axes)`` for a contiguous cubic ``(N, C, D, H, W)``
     batch, built from whole-row gathers (:func:`_gather_rows`) and at most one
-    :func:`~medssl_bench_tasks.augment.permuted_copy`; only a half turn in a plane with W
-    reverses rows (``flip``)."""
+    :func:`~medssl_bench_tasks.augment.permuted_copy`, the last step written into ``out``
+    when given; only a half turn in a plane with W reverses rows (``flip``)."""
     depth, height = x.shape[2], x.shape[3]
     ids = torch.arange(depth * height, device=x.device).view(depth, height)
     k %= 4
     a, b = axes
     if k == 0:
-        return _gather_rows(x, volumes, ids)
+        return _gather_rows(x, volumes, ids, out)
     if b != 2:  # the (D, H) plane: whole W-rows move
-        return _gather_rows(x, volumes, torch.rot90(ids, k, (a, b)))
+        return _gather_rows(x, volumes, torch.rot90(ids, k, (a, b)), out)
     order = [0, 1, 2, 3, 4]
     order[a + 2], order[4] = 4, a + 2
     if k == 2:
         return _gather_rows(x, volumes, ids.flip(a)).flip(4)
     if k == 3:  # flip a, then swap a and W
-        return permuted_copy(_gather_rows(x, volumes, ids.flip(a)), order)
+        return permuted_copy(_gather_rows(x, volumes, ids.flip(a)), order, out)
     # k == 1: flip W, then swap a and W == swap a and W, then flip the new axis a
     swapped = permuted_copy(_gather_rows(x, volumes, ids), order)
-    return _gather_rows(swapped, torch.arange(volumes.numel(), device=x.device), ids.flip(a))
+    return _gather_rows(swapped, torch.arange(volumes.numel(), device=x.device), ids.flip(a),
+                        out)
 
 
 def _rotated(x: Tensor, k: int, axes: tuple[int, int]) -> Tensor:
@@ -163,10 +175,17 @@ class Rotation3D(ProxyTask):
         return self.config.copies_per_volume
 
     def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """``inputs`` row ``r`` is image ``sources[r]`` rotated by class ``labels[r]``, each
+        image ``copies`` times. Rows are ordered by class (the loss and the network's
+        normalisation do not depend on row order), so each class is written straight into
+        its block of the batch, one copy less than a scatter."""
         count = images.shape[0] * self.copies
         labels = randint(len(self.rotations), (count,), generator, images.device)
-        return {"inputs": rotated_copies(images, labels, self.copies, self.rotations),
-                "labels": labels}
+        labels, order = labels.sort(stable=True)
+        sources = torch.arange(images.shape[0], device=images.device).repeat_interleave(
+            self.copies)[order]
+        return {"inputs": rotated_copies(images, labels, self.copies, self.rotations, sources),
+                "labels": labels, "sources": sources}
 
     def compute_loss(self, encoder, heads, batch):
         logits = heads["classifier"](encoder.embed(batch["inputs"]))
