@@ -89,3 +89,21 @@ def test_unlabeled_scans_of_held_out_patients_stay_out_of_pretraining(tmp_path, 
     assert not {i.split("_")[0] for i in pooled} & held_out
     for s in ("train", "val", "test"):  # unlabeled scans never become labeled cases
         assert not any(i.endswith("_followup") for i in splits[s])
+
+
+def test_label_maps_in_the_image_folder_never_become_pretraining_images(tmp_path):
+    """Images and label maps in one folder (labels named <case>_label) without an image
+    suffix: with unlabeled_images=pretrain the label maps must not join the pool."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "all"
+    for i in range(5):
+        image, label = blob_case(rng, values=(1,), lo=0, hi=200)
+        save_nifti(folder / f"case{i}.nii.gz", image)
+        save_nifti(folder / f"case{i}_label.nii.gz", label)
+    ds = NiftiFolder(NiftiFolder.Config(
+        root=str(folder), labels=str(folder), label_suffix="_label", size=16, workers=1,
+        cache_dir=str(tmp_path / "cache"), unlabeled_images="pretrain"))
+    data = ds.load()
+    every = list(data.unlabeled.ids) + [i for ids in _splits(data).values() for i in ids]
+    assert not [i for i in every if i.endswith("_label")]
+    assert sorted(i for ids in _splits(data).values() for i in ids) == [f"case{i}" for i in range(5)]

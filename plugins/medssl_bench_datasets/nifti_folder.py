@@ -86,6 +86,10 @@ class NiftiFolder(VolumeDataset):
             if label_dir.resolve() == root.resolve() and cfg.image_suffix == cfg.label_suffix:
                 raise DataError(f"{root}: images and label maps share a folder; set "
                                 "dataset.image_suffix and dataset.label_suffix to tell them apart.")
+            # label maps found again among the images (a shared folder without image_suffix,
+            # or the labels folder inside a recursive root) are never images
+            label_paths = {Path(p).resolve() for p in labels.values()}
+            images = {c: p for c, p in images.items() if Path(p).resolve() not in label_paths}
         else:
             labels = {}
         if not images:
