@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("BENCH_DISABLE_PLUGIN_AUTOLOAD", "1")
+# Tests read the CLI's plain output: a CI image that forces colour or a terminal (rich reads
+# these when the consoles are created at import) must not turn it into escape codes.
+for _name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "CLICOLOR_FORCE"):
+    os.environ.pop(_name, None)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

@@ -349,3 +349,15 @@ def test_fundus_eyepacs_keeps_both_eyes_of_a_patient_together(tmp_path):
         for i in indices:
             assert patient_split.setdefault(patient_of(ids[i]), name) == name
     assert sorted(i for part in splits.values() for i in part) == list(range(60))
+
+
+def test_validate_checks_the_slices_source_data_path(tmp_path, monkeypatch, capsys):
+    from medssl_bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["validate", "--protocol", "data-efficiency", "--task", "rotation2d",
+            "--dataset", "slices", "--device", "cpu", "--set", "dataset.source=msd"]
+    assert main(argv) == 2
+    assert "dataset.source_config.root is not set" in capsys.readouterr().err
+    (tmp_path / "Task").mkdir()
+    assert main([*argv, f"dataset.source_config.root={tmp_path / 'Task'}"]) == 0

@@ -95,13 +95,19 @@ def test_run_warns_on_paper_cpu_and_picks_progress_by_terminal(workdir, capsys, 
     monkeypatch.setattr(runners.DataEfficiency, "run",
                         lambda self, ctx: seen.append(type(ctx.progress.start.__self__)) or [])
     argv = ["run", "--protocol", "data-efficiency", "--task", "rotation3d", "--device", "cpu"]
+    monkeypatch.setenv("FORCE_COLOR", "1")  # colour forced is still not a terminal
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
     assert cli.main([*argv, "--preset", "paper"]) == 0
     err = capsys.readouterr().err
     assert err.count("warning:") == 1 and "paper preset on the CPU" in err
     assert "--device cuda" in err and "--preset quick" in err
     assert seen == [cli.PlainProgress]
 
-    monkeypatch.setattr(cli, "console", Console(file=io.StringIO(), force_terminal=True))
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(cli, "console", Console(file=Terminal(), force_terminal=True))
     assert cli.main(argv) == 0
     assert "warning" not in capsys.readouterr().err  # quick preset: no warning
     assert seen[-1] is cli.RichProgress

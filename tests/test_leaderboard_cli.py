@@ -63,6 +63,10 @@ def test_an_empty_directory_gets_no_store_created(tmp_path, monkeypatch, capsys,
     out = capsys.readouterr().out
     assert "No finished results" in out or out.strip() == "[]"
     assert list(tmp_path.iterdir()) == []  # no mlflow.db, no report folder
+    # a typo'd filter is a typo even before anything has run, for both commands
+    assert cli.main([*command, "--protocol", "data-effciency"]) == 2
+    assert "data-efficiency" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_plain_db_path_is_an_sqlite_store(store, capsys):

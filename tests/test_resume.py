@@ -83,8 +83,11 @@ def test_resumed_pretraining_equals_uninterrupted(registry):
     older_format = dict(saved["state"], generator=torch.zeros(16, dtype=torch.uint8))
     del older_format["device_type"]
     for state in (cuda_written, older_format):
+        epochs_run = []
         again = pretrain(task_cls(task_cls.Config(hidden=8)), backbone, data.unlabeled,
-                         data.info, cfg, device, 0, resume=state)
+                         data.info, cfg, device, 0, resume=state,
+                         on_epoch=lambda logs, epoch, seen=epochs_run: seen.append(epoch))
+        assert epochs_run == [1]  # resumed after epoch 1: only the second epoch trained
         assert len(again.history) == 2 and again.history[0] == resumed.history[0]
 
 

@@ -69,3 +69,15 @@ def test_an_unreachable_server_fails_fast_with_one_line():
     text = str(exc.value)
     assert "Max retries" not in text and "HTTPConnectionPool" not in text and "\n" not in text
     assert "cannot connect" in text
+
+
+def test_validate_refuses_the_tracking_uris_run_refuses(tmp_path, monkeypatch, capsys):
+    from medssl_bench import cli
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["validate", "--protocol", "data-efficiency", "--task", "rotation3d", "--device", "cpu"]
+    assert cli.main([*argv, "--tracking-uri", "mlruns"]) == 2
+    assert "sqlite:///" in capsys.readouterr().err
+    assert cli.main([*argv, "--tracking-uri", f"sqlite:///{tmp_path}/missing/x.db"]) == 2
+    assert cli.main([*argv, "--tracking-uri", str(tmp_path / "ok.db")]) == 0
+    assert list(tmp_path.iterdir()) == []  # validating creates nothing

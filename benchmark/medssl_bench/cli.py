@@ -25,14 +25,17 @@ from medssl_bench.errors import BenchError, ConfigError
 WIDE = 1000
 
 
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream is not None and stream.isatty())
+    except (AttributeError, ValueError):  # a closed or unusual stream
+        return False
+
+
 def make_console(stderr: bool = False) -> Console:
     """A console for stdout (or stderr): the terminal's width on a terminal, :data:`WIDE`
     otherwise, so `bench leaderboard > lb.txt` keeps every cell whole."""
-    stream = sys.stderr if stderr else sys.stdout
-    try:
-        tty = bool(stream is not None and stream.isatty())
-    except (AttributeError, ValueError):  # a closed or unusual stream
-        tty = False
+    tty = _isatty(sys.stderr if stderr else sys.stdout)
     return Console(stderr=stderr, soft_wrap=True, width=None if tty else WIDE)
 
 
@@ -160,11 +163,13 @@ def _warn(run: Any, device: Any) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from medssl_bench.spec import check_data_paths, instantiate
+    from medssl_bench.spec import check_data_paths, check_source_paths, instantiate
+    from medssl_bench.tracking import absolute_uri
 
     registry, run, device = _resolve(args)
     check_data_paths(run)
-    instantiate(registry, run)
+    check_source_paths(instantiate(registry, run))
+    absolute_uri(_tracking_uri(args))  # refuses what bench run refuses, creates nothing
     console.print_json(json.dumps(run.as_dict()))
     _warn(run, device)
     console.print("[green]valid[/green]")
@@ -256,10 +261,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"dataset={run.names['dataset']} "
         + (f"pretrain_dataset={run.names['pretrain_dataset']} " if "pretrain_dataset" in run.names
            else "") +
-        f"preset={run.preset} device={device} tracking={uri}"
+        f"preset={run.preset} device={device} tracking={tracker.uri}"
     )
     _warn(run, device)
-    bars = console.is_terminal
+    # the stream itself, not rich's is_terminal (FORCE_COLOR/TTY_COMPATIBLE would put live
+    # bars into a log file)
+    bars = _isatty(console.file)
     with (Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"), console=console, transient=True,
@@ -280,9 +287,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(_summary_table(ctx.outcomes))
     console.print(
         "Summary: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-        + f". Results: `bench leaderboard --tracking-uri {uri}`; "
-        + (f"browse: {uri}" if uri.startswith("http") else
-           f"browse: `mlflow ui --backend-store-uri {uri}`.")
+        + f". Results: `bench leaderboard --tracking-uri {tracker.uri}`; "
+        + (f"browse: {tracker.uri}" if tracker.uri.startswith("http") else
+           f"browse: `mlflow ui --backend-store-uri {tracker.uri}`.")
     )
     failed = [o for o in ctx.outcomes if o.status == "failed"]
     for o in failed:
@@ -379,6 +386,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     from medssl_bench.tracking import Tracker
 
     tracker = Tracker.existing(_tracking_uri(args))  # None: no store file, nothing run yet
+    if tracker is None:  # still answer a typo'd filter as the leaderboard does
+        from medssl_bench import leaderboard
+
+        leaderboard.select([], args.protocol, args.dataset, args.task, args.spec_version)
     written = report.write_report(
         tracker, Path(args.out), protocol=args.protocol, dataset=args.dataset, task=args.task,
         spec_version=args.spec_version, target=args.target, error_bars=args.error_bars,

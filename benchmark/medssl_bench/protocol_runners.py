@@ -221,7 +221,10 @@ class Sweep:
                 for epoch, logs in enumerate(resume["history"]):
                     ctx.tracker.log_metrics(run_id, logs, epoch)
                 ctx.echo(f"Resuming {label} from its epoch-{resume['epoch']} checkpoint")
-                written_on = resume.get("device_type", ctx.device.type)
+                # checkpoints from before device_type was stored: a CUDA generator's state
+                # is 16 bytes, a CPU one's 5056
+                written_on = resume.get("device_type") or (
+                    "cuda" if resume["generator"].numel() == 16 else "cpu")
                 if written_on != ctx.device.type:
                     ctx.echo(f"[yellow]The checkpoint was written on {written_on}, this run is on "
                              f"{ctx.device.type}[/yellow]: weights, optimizer and epoch carry "

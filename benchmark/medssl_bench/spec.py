@@ -400,20 +400,31 @@ def check_data_paths(run: ResolvedRun) -> None:
     is read), so `bench validate` finds what `bench run` would fail on when loading data; it is
     not part of :func:`resolve_run`, which must accept recipes' placeholder roots anywhere."""
     for section in ("dataset", "pretrain_dataset"):
-        if section not in run.configs:
-            continue
-        name = run.names[section]
-        values = run.configs[section].model_dump(mode="json")
-        for key, value, kind in _path_settings(values, section):
-            if not value:
-                raise ConfigError(f"{key} is not set: dataset {name!r} reads its data from a "
-                                  f"{kind} there. Add --set {key}=/path/to/data "
-                                  f"(`bench schema dataset {name}` describes it).")
-            found = Path(value).expanduser()
-            if not (found.is_dir() if kind == "folder" else found.is_file()):
-                what = "does not exist" if not found.exists() else f"is not a {kind}"
-                raise ConfigError(f"{key}={value!r} (dataset {name!r}) {what}. Check the path "
-                                  f"(--set {key}=...).")
+        if section in run.configs:
+            _check_paths(run.configs[section].model_dump(mode="json"), section,
+                         run.names[section])
+
+
+def check_source_paths(plugins: Mapping[str, Any]) -> None:
+    """:func:`check_data_paths` for an adapter's source dataset (``slices`` of ``msd``): its
+    ``source_config`` is a free dict, so only the built source's validated config shows the
+    defaults (an unset ``root``)."""
+    source = getattr(plugins.get("dataset"), "source", None)
+    if isinstance(source, Dataset):
+        _check_paths(source.config.model_dump(mode="json"), "dataset.source_config", source.name)
+
+
+def _check_paths(values: Mapping[str, Any], section: str, name: str) -> None:
+    for key, value, kind in _path_settings(values, section):
+        if not value:
+            raise ConfigError(f"{key} is not set: dataset {name!r} reads its data from a "
+                              f"{kind} there. Add --set {key}=/path/to/data "
+                              f"(`bench schema dataset {name}` describes it).")
+        found = Path(value).expanduser()
+        if not (found.is_dir() if kind == "folder" else found.is_file()):
+            what = "does not exist" if not found.exists() else f"is not a {kind}"
+            raise ConfigError(f"{key}={value!r} (dataset {name!r}) {what}. Check the path "
+                              f"(--set {key}=...).")
 
 
 def instantiate(registry: Registry, run: ResolvedRun) -> dict[str, Any]:
