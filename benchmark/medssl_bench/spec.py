@@ -243,8 +243,8 @@ def _check_warmup(cfg: FinetuneConfig, user: Mapping[str, Any], preset: str | No
            "or set finetune.freeze=frozen for a linear probe.")
     if "warmup_epochs" in user:
         raise ConfigError(f"{problem}. {fix}")
-    origin = f"the {preset} preset's" if preset else "the spec's"
-    return [f"{problem} (warmup_epochs is {origin} default). {fix}"]
+    return [f"{problem} (warmup_epochs is a default of the protocol spec or the "
+            f"{preset or 'chosen'} preset, not set by you). {fix}"]
 
 
 def resolve_run(
