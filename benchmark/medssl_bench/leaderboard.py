@@ -220,7 +220,7 @@ def select(results: list[dict[str, Any]], protocol: str | None = None,
                 f"{', '.join(map(str, have)) or 'none'}.")
         narrowed = after
         applied.append(f"{option} {value}")
-    return selected  # not reached: some filter above must have emptied the selection
+    raise AssertionError("unreachable: the filters together selected nothing")
 
 
 def mixed_versions(results: list[dict[str, Any]]) -> dict[str, list[int]]:
@@ -251,24 +251,19 @@ def mean_ci(values: np.ndarray, level: float = 0.95) -> tuple[float, float]:
     return float(values.mean() - half), float(values.mean() + half)
 
 
-def welch_p(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Two-sided Welch t-test p-value; None when it is undefined (n < 2 or no variance)."""
-    if len(a) < 2 or len(b) < 2:
-        return None
+def t_test(a: np.ndarray, b: np.ndarray, paired: bool) -> tuple[float | None, float, float]:
+    """Two-sided t-test of ``a`` against ``b`` (paired, or Welch's): its p-value (None when
+    undefined, e.g. no variance) and the 95 % CI of the mean difference (collapsed onto the
+    difference when there is no variance at all)."""
     with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        p = stats.ttest_ind(a, b, equal_var=False).pvalue
-    return None if p is None or math.isnan(p) else float(p)
-
-
-def paired_p(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Two-sided paired t-test p-value; None when undefined (n < 2 or identical differences)."""
-    if len(a) < 2:
-        return None
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # near-identical differences
-        p = stats.ttest_rel(a, b).pvalue
-    return None if p is None or math.isnan(p) else float(p)
+        warnings.simplefilter("ignore", RuntimeWarning)  # near-identical values
+        result = stats.ttest_rel(a, b) if paired else stats.ttest_ind(a, b, equal_var=False)
+        ci = result.confidence_interval(0.95)
+    p = None if result.pvalue is None or math.isnan(result.pvalue) else float(result.pvalue)
+    if math.isnan(ci.low):
+        delta = float((a - b).mean() if paired else a.mean() - b.mean())
+        return p, delta, delta
+    return p, float(ci.low), float(ci.high)
 
 
 def compare(row: Row, other: Row) -> tuple[float | None, str, float, float, float]:
@@ -285,18 +280,14 @@ def compare(row: Row, other: Row) -> tuple[float | None, str, float, float, floa
     if unique and len(common) >= 2:
         a = np.array([mine[s] for s in common])
         b = np.array([theirs[s] for s in common])
-        low, high = mean_ci(a - b)
-        return paired_p(a, b), "paired", float((a - b).mean()), low, high
+        p, low, high = t_test(a, b, paired=True)
+        return p, "paired", float((a - b).mean()), low, high
     a, b = np.array(row.values), np.array(other.values)
     delta = float(a.mean() - b.mean())
     if len(a) < 2 or len(b) < 2:  # a single value on one side: a difference, but no test
         return None, "", delta, math.nan, math.nan
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    if va + vb == 0:
-        return None, "welch", delta, delta, delta
-    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    half = stats.t.ppf(0.975, dof) * math.sqrt(va + vb)
-    return welch_p(a, b), "welch", delta, delta - half, delta + half
+    p, low, high = t_test(a, b, paired=False)
+    return p, "welch", delta, low, high
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[Row]:

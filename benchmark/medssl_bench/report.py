@@ -72,6 +72,11 @@ def plot_data_efficiency(rows: list[leaderboard.Row], published: list[dict[str, 
     ax.set_ylabel(f"test {first.metric}")
     ax.set_title(f"{first.protocol} v{first.spec_version}: {first.dataset}, {first.backbone}\n"
                  f"error bars: {'95% CI' if error_bars == 'ci' else 'std'} over seeds", fontsize=10)
+    return _save(plt, fig, ax, path)
+
+
+def _save(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
+    """The common finish of every figure: grid, legend, saved as ``path``, closed."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -102,12 +107,7 @@ def plot_convergence(rows: list[ConvergenceRow], path: Path) -> Path:
     ax.set_ylabel(f"validation {first.metric}")
     ax.set_title(f"{first.protocol} v{first.spec_version}: {first.dataset}, {first.backbone}, "
                  f"{first.fraction:g}% labels", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path)
 
 
 def _convergence_markdown(rows: list[ConvergenceRow]) -> str:
