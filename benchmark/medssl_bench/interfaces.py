@@ -224,6 +224,9 @@ class Protocol(Plugin):
     """
 
     kind: ClassVar[PluginKind] = "protocol"
+    #: Whether the protocol pretrains on a second corpus (``--pretrain-dataset``): True
+    #: requires one, False refuses one (it would be ignored), None accepts either.
+    uses_pretrain_dataset: ClassVar[bool | None] = None
 
     def run(self, context: Any) -> Any:
         raise NotImplementedError

@@ -501,15 +501,13 @@ class DataEfficiency(Protocol):
     """Pretrain on the unlabeled pool, fine-tune on nested label fractions beside scratch."""
 
     name = "data-efficiency"
+    uses_pretrain_dataset = False
 
     class Config(SweepConfig):
         pass
 
     def run(self, ctx: RunContext) -> list[ResultRecord]:
         dataset: Dataset = ctx.plugins["dataset"]
-        if ctx.plugins.get("pretrain_dataset") is not None:
-            raise BenchError(f"--pretrain-dataset belongs to the transfer protocol; "
-                             f"{self.name} pretrains on --dataset itself.")
         data = load_data(ctx, dataset)
         return run_sweep(ctx, self.config, dataset, data, [(dataset, data, dataset.name)])
 
@@ -518,6 +516,7 @@ class Transfer(Protocol):
     """Pretrain on corpus A, fine-tune on dataset B; beside pretraining on B and scratch."""
 
     name = "transfer"
+    uses_pretrain_dataset = True
 
     class Config(SweepConfig):
         include_same_dataset: bool = Field(
@@ -526,10 +525,7 @@ class Transfer(Protocol):
 
     def run(self, ctx: RunContext) -> list[ResultRecord]:
         dataset: Dataset = ctx.plugins["dataset"]
-        source: Dataset | None = ctx.plugins.get("pretrain_dataset")
-        if source is None:
-            raise BenchError("The transfer protocol needs the pretraining corpus: add "
-                             "--pretrain-dataset NAME (configured by --set pretrain_dataset.x=...).")
+        source: Dataset = ctx.plugins["pretrain_dataset"]  # resolve_run made sure of it
         data = load_data(ctx, dataset, " (fine-tuning)")
         source_data = load_data(ctx, source, " (pretraining)")
         if source_data.info.channels != data.info.channels:
@@ -547,6 +543,7 @@ class Convergence(Protocol):
     of scratch's final score (Taleb et al. Fig. 5)."""
 
     name = "convergence"
+    uses_pretrain_dataset = False
 
     class Config(SweepConfig):
         fractions: list[float] = Field(default=[100], min_length=1, description="Label fractions "

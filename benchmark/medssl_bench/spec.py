@@ -37,9 +37,6 @@ RUN_KEYS = frozenset({"protocol", "task", "backbone", "dataset", "pretrain_datas
 #: The backbone a run gets without --backbone, by the dataset's spatial dims.
 DEFAULT_BACKBONES = {3: "unet3d", 2: "timm2d"}
 DEFAULT_DATASET = "phantom3d"
-#: Whether a built-in protocol reads a second corpus (--pretrain-dataset): True required,
-#: False refused. Another protocol may declare ``uses_pretrain_dataset`` on its class.
-PRETRAIN_DATASET_PROTOCOLS = {"transfer": True, "data-efficiency": False, "convergence": False}
 
 
 class ProtocolSpec(BaseModel):
@@ -201,7 +198,7 @@ def check_pretrain_dataset(protocol_cls: Any, given: bool, section_given: bool) 
     (they would silently ignore it). Checked when resolving, so `bench validate` and
     `bench run` agree before anything loads."""
     name = protocol_cls.name
-    uses = getattr(protocol_cls, "uses_pretrain_dataset", PRETRAIN_DATASET_PROTOCOLS.get(name))
+    uses = getattr(protocol_cls, "uses_pretrain_dataset", None)  # Protocol declares it
     if uses is True and not given:
         raise ConfigError(f"The {name} protocol needs the pretraining corpus: add "
                           "--pretrain-dataset NAME (or run.pretrain_dataset in --config), "
