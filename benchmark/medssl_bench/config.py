@@ -25,6 +25,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from medssl_bench.errors import ConfigError, did_you_mean
 
+#: ``Field(..., json_schema_extra=NEUTRAL)``: the field cannot change a result (worker
+#: processes, caches, evaluation batch size, which runs a sweep contains). Run keys leave it
+#: out, so editing it reruns nothing.
+NEUTRAL: dict[str, Any] = {"result_neutral": True}
+
+
+def since(version: str) -> dict[str, Any]:
+    """``Field(..., json_schema_extra=since("0.2"))``: a field added after results were
+    recorded. Run keys leave it out while it holds its default, so every result recorded
+    before it existed keeps its key (and is not rerun)."""
+    return {"since": version}
+
 
 class PluginConfig(BaseModel):
     """Base of every plugin's nested ``Config``: unknown keys are errors, values immutable."""

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, RandomSampler, Subset
 from torch.utils.data import Dataset as TorchDataset
 
-from medssl_bench.config import PluginConfig
+from medssl_bench.config import NEUTRAL, PluginConfig
 from medssl_bench.device import autocast, make_generator, seed_everything, worker_init
 from medssl_bench.errors import ConfigError, DataError, TrainingError
 from medssl_bench.interfaces import Backbone, DatasetInfo, Encoder, ProxyTask
@@ -49,7 +49,8 @@ class PretrainConfig(PluginConfig):
         default=None, ge=1, description="Batches per epoch, sampled with replacement; "
         "null means one pass over the unlabeled pool.")
     grad_clip: float | None = Field(default=None, gt=0, description="Clip the gradient norm.")
-    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
+    num_workers: int = Field(default=0, ge=0, json_schema_extra=NEUTRAL,
+                             description="DataLoader worker processes.")
     amp: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on the CPU).")
 
 
@@ -78,8 +79,10 @@ class FinetuneConfig(PluginConfig):
         "validation metric, or the last epoch.")
     grad_clip: float | None = Field(default=1.0, gt=0, description="Clip the gradient norm "
                                     "(reference configs clip at 1).")
-    eval_batch_size: int = Field(default=4, ge=1, description="Volumes per evaluation batch.")
-    num_workers: int = Field(default=0, ge=0, description="DataLoader worker processes.")
+    eval_batch_size: int = Field(default=4, ge=1, json_schema_extra=NEUTRAL,
+                                 description="Volumes per evaluation batch.")
+    num_workers: int = Field(default=0, ge=0, json_schema_extra=NEUTRAL,
+                             description="DataLoader worker processes.")
     amp: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on the CPU).")
     channel_adaptation: Literal["duplicate", "average"] = Field(
         default="duplicate", description="How a pretrained first layer takes a different number "

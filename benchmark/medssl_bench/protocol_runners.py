@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, field_validator
 
 from medssl_bench.checkpoint import load_checkpoint, save_checkpoint
-from medssl_bench.config import PluginConfig
+from medssl_bench.config import NEUTRAL, PluginConfig
 from medssl_bench.engine import (
     FinetuneConfig,
     PretrainConfig,
@@ -41,7 +41,7 @@ from medssl_bench.engine import (
 )
 from medssl_bench.errors import BenchError, ConfigError, TrainingError  # noqa: F401 (tests patch it here)
 from medssl_bench.hookspecs import hookimpl
-from medssl_bench.identity import ids_hash, key_of
+from medssl_bench.identity import ids_hash, key_of, semantic
 from medssl_bench.interfaces import Backbone, Dataset, DataSplits, Protocol, ProxyTask
 from medssl_bench.plugins import Registry
 from medssl_bench.results import ResultRecord
@@ -104,20 +104,6 @@ def plugin_version(registry: Registry, kind: str, name: str) -> str:
     return f"{record.distribution}=={record.version}"
 
 
-#: Settings that cannot change a result (parallelism, batch size of evaluation, caches,
-#: what else a sweep runs): kept out of run keys so editing them reruns nothing.
-RESULT_NEUTRAL = frozenset({"num_workers", "eval_batch_size", "workers", "cache_dir",
-                            "cache_in_memory"})
-#: Protocol settings that only choose which runs exist or how they are summarised.
-RESULT_NEUTRAL_PROTOCOL = frozenset({"seeds", "fractions", "include_scratch",
-                                     "include_same_dataset", "target"})
-
-
-def semantic(config: Any, exclude: frozenset[str] = frozenset()) -> dict[str, Any]:
-    """A config as JSON without the fields that cannot change a result."""
-    return config.model_dump(mode="json", exclude=set(RESULT_NEUTRAL | exclude))
-
-
 class Sweep:
     """Shared machinery of protocol runners: cached pretraining, tracked fine-tunes."""
 
@@ -157,7 +143,7 @@ class Sweep:
         """What a task and its scratch baseline share: the leaderboard only pools and ranks
         results with the same setup (a quick and a paper run never share a row)."""
         return key_of({
-            "protocol": semantic(self.protocol_cfg, RESULT_NEUTRAL_PROTOCOL | {"pretrain_seed"}),
+            "protocol": semantic(self.protocol_cfg, frozenset({"pretrain_seed"})),
             "dataset": [dataset.name, semantic(dataset.config), data.split_hash],
             "backbone": [self.backbone.name, semantic(self.backbone.config)],
             "finetune": semantic(self.finetune_cfg),
@@ -282,7 +268,7 @@ class Sweep:
         what = f"{task.name} {fraction:g}% seed {seed}"
         key = key_of({
             "protocol": [self.run.spec.name, self.run.spec.version,
-                         semantic(self.protocol_cfg, RESULT_NEUTRAL_PROTOCOL)],
+                         semantic(self.protocol_cfg)],
             "pretrain_key": pretrain_key,
             "task": task.name,
             "dataset": [dataset.name, semantic(dataset.config), data.split_hash],
@@ -369,14 +355,15 @@ class SweepConfig(PluginConfig):
     """Settings every built-in protocol shares: label fractions x seeds, metric, scratch."""
 
     fractions: list[float] = Field(
-        default=[5, 10, 25, 50, 100], min_length=1,
+        default=[5, 10, 25, 50, 100], min_length=1, json_schema_extra=NEUTRAL,
         description="Percent of the labeled training split to fine-tune on (Taleb et al.).")
-    seeds: list[int] = Field(default=[0, 1, 2], min_length=1,
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1, json_schema_extra=NEUTRAL,
                              description="Fine-tuning seeds (label subset and initialisation).")
     pretrain_seed: int = Field(default=0, description="Seed of the single pretraining.")
     metric: str = Field(default="auto", description="Metric to rank by; auto = the dataset's "
                         "main metric (mean Dice for segmentation, AUC for classification).")
-    include_scratch: bool = Field(default=True, description="Run the scratch baseline too.")
+    include_scratch: bool = Field(default=True, json_schema_extra=NEUTRAL,
+                                  description="Run the scratch baseline too.")
 
     @field_validator("fractions")
     @classmethod
@@ -520,7 +507,8 @@ class Transfer(Protocol):
 
     class Config(SweepConfig):
         include_same_dataset: bool = Field(
-            default=True, description="Also pretrain on the target dataset's own unlabeled pool "
+            default=True, json_schema_extra=NEUTRAL,
+            description="Also pretrain on the target dataset's own unlabeled pool "
             "(the data-efficiency set-up), so the table shows A -> B next to B -> B.")
 
     def run(self, ctx: RunContext) -> list[ResultRecord]:
@@ -548,7 +536,8 @@ class Convergence(Protocol):
     class Config(SweepConfig):
         fractions: list[float] = Field(default=[100], min_length=1, description="Label fractions "
                                        "(percent); convergence is usually read at 100 %.")
-        target: float = Field(default=0.95, gt=0, le=1.5, description="Share of scratch's final "
+        target: float = Field(default=0.95, gt=0, le=1.5, json_schema_extra=NEUTRAL,
+                              description="Share of scratch's final "
                               "validation score a run must reach (0.95 = 95 %).")
 
     def run(self, ctx: RunContext) -> list[ResultRecord]:

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from medssl_bench.config import PluginConfig
+from medssl_bench.config import NEUTRAL, PluginConfig
 from medssl_bench.errors import DataError
 from medssl_bench.interfaces import Dataset, DatasetInfo, DataSplits
 from medssl_bench_datasets.common import ArrayCases, stable_hash
@@ -250,6 +250,7 @@ class Fundus(Dataset):
             description="Add the Kaggle test images (test_images/ or test/, unlabeled) to the "
             "pretraining pool. Held-out labeled test images never join it.")
         cache_dir: str = Field(
+            json_schema_extra=NEUTRAL,
             default="",
             description="Where the preprocessed uint8 arrays go; empty means "
             "$BENCH_CACHE_DIR/fundus or .medssl_bench/cache/fundus.")

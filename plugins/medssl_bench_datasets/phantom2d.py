@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import Tensor
 from torch.nn import functional as F
 
-from medssl_bench.config import PluginConfig
+from medssl_bench.config import NEUTRAL, PluginConfig
 from medssl_bench.interfaces import Dataset, DatasetInfo, DataSplits
 from medssl_bench_datasets.common import LazyCases, derive_seed, stable_hash
 
@@ -263,7 +263,7 @@ class Phantom2D(Dataset):
             "hold every grade; APTOS 2019 is 1805/370/999/193/295.")
         seed: int = Field(default=0, description="Generator seed; a different seed gives a "
                           "different (but equally distributed) dataset.")
-        cache_in_memory: bool = Field(default=True,
+        cache_in_memory: bool = Field(json_schema_extra=NEUTRAL, default=True,
                                       description="Keep generated images in memory (as uint8).")
 
     presets = {

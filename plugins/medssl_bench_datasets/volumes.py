@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from medssl_bench.config import PluginConfig
+from medssl_bench.config import NEUTRAL, PluginConfig
 from medssl_bench.errors import DataError
 from medssl_bench.interfaces import Dataset, DatasetInfo, DataSplits
 from medssl_bench_datasets.common import stable_hash
@@ -83,9 +83,11 @@ class VolumeConfig(PluginConfig):
         default=["train", "val"], description="Labeled splits whose images (without labels) join "
         "the pretraining pool, beside the unlabeled images; the test split never does, nor do "
         "unlabeled scans of a patient in a split left out of the pool.")
-    workers: int = Field(default=0, ge=0, description="Preprocessing worker processes (0: one "
+    workers: int = Field(json_schema_extra=NEUTRAL, default=0, ge=0,
+                         description="Preprocessing worker processes (0: one "
                          "per core, at most 4; 1: in this process).")
-    cache_dir: str = Field(default="", description="Cache folder of preprocessed volumes "
+    cache_dir: str = Field(json_schema_extra=NEUTRAL, default="",
+                           description="Cache folder of preprocessed volumes "
                            "(default $BENCH_CACHE_DIR/data or .medssl_bench/cache/data).")
 
     @field_validator("ct_window", "percentiles")
