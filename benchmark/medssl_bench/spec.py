@@ -378,24 +378,22 @@ def resolve_run(
                        task_configs=task_configs, warnings=warnings)
 
 
-def _path_settings(values: Mapping[str, Any], prefix: str):
-    """(dotted key, value, kind) of every ``root`` (a folder) and ``path`` (a file) setting,
-    nested ones included (slices' ``source_config``)."""
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            yield from _path_settings(value, f"{prefix}.{key}")
-        elif key in ("root", "path") and isinstance(value, str):
-            yield f"{prefix}.{key}", value, "folder" if key == "root" else "file"
+def _path_settings(config: BaseModel, prefix: str):
+    """(dotted key, value, "folder" or "file") of every field the config declares a data
+    location (:data:`medssl_bench.config.DATA_FOLDER` / ``DATA_FILE``)."""
+    for key, info in type(config).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("data_path"):
+            yield f"{prefix}.{key}", getattr(config, key), extra["data_path"]
 
 
 def check_data_paths(run: ResolvedRun) -> None:
-    """Refuse an unset or missing dataset ``root``/``path`` with one message. Cheap (no file
-    is read), so `bench validate` finds what `bench run` would fail on when loading data; it is
+    """Refuse an unset or missing dataset folder or file with one message. Cheap (no file is
+    read), so `bench validate` finds what `bench run` would fail on when loading data; it is
     not part of :func:`resolve_run`, which must accept recipes' placeholder roots anywhere."""
     for section in ("dataset", "pretrain_dataset"):
         if section in run.configs:
-            _check_paths(run.configs[section].model_dump(mode="json"), section,
-                         run.names[section])
+            _check_paths(run.configs[section], section, run.names[section])
 
 
 def check_source_paths(plugins: Mapping[str, Any]) -> None:
@@ -404,16 +402,16 @@ def check_source_paths(plugins: Mapping[str, Any]) -> None:
     defaults (an unset ``root``)."""
     source = getattr(plugins.get("dataset"), "source", None)
     if isinstance(source, Dataset):
-        _check_paths(source.config.model_dump(mode="json"), "dataset.source_config", source.name)
+        _check_paths(source.config, "dataset.source_config", source.name)
 
 
-def _check_paths(values: Mapping[str, Any], section: str, name: str) -> None:
-    for key, value, kind in _path_settings(values, section):
+def _check_paths(config: BaseModel, section: str, name: str) -> None:
+    for key, value, kind in _path_settings(config, section):
         if not value:
             raise ConfigError(f"{key} is not set: dataset {name!r} reads its data from a "
                               f"{kind} there. Add --set {key}=/path/to/data "
                               f"(`bench schema dataset {name}` describes it).")
-        found = Path(value).expanduser()
+        found = Path(str(value)).expanduser()
         if not (found.is_dir() if kind == "folder" else found.is_file()):
             what = "does not exist" if not found.exists() else f"is not a {kind}"
             raise ConfigError(f"{key}={value!r} (dataset {name!r}) {what}. Check the path "
