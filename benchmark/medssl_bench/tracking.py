@@ -229,6 +229,24 @@ def _few_http_retries(retries: int = 2) -> Iterator[None]:
         os.environ.pop(name, None)
 
 
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done (they are delivered right after it), so
+    Ctrl-C or `kill` cannot land between creating a run and knowing its id."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class Tracker:
     """A thin layer over ``MlflowClient`` for the runs a protocol creates."""
 
@@ -313,11 +331,18 @@ class Tracker:
                     **{k: str(v) for k, v in tags.items()}}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
-        run = self.client.create_run(experiment_id, run_name=name, tags=all_tags)
-        run_id = run.info.run_id
         flat = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(params).items())]
-        for i in range(0, len(flat), 100):
-            self.client.log_batch(run_id, params=flat[i : i + 100], synchronous=True)
+        run_id = None
+        try:
+            with _interrupts_deferred():  # a run is created whole, or closed as KILLED
+                run_id = self.client.create_run(experiment_id, run_name=name,
+                                                tags=all_tags).info.run_id
+                for i in range(0, len(flat), 100):
+                    self.client.log_batch(run_id, params=flat[i : i + 100], synchronous=True)
+        except BaseException:
+            if run_id is not None:
+                self.client.set_terminated(run_id, "KILLED")
+            raise
         return run_id
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:

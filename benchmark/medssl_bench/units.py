@@ -75,19 +75,13 @@ def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
     parent = tracker.find(exp, unit.key)
     if not unit.pretrains:
         if parent is None:
-            run_id = tracker.start(exp, unit.run_name, unit.key, "pretrain", _tags(ctx, unit),
-                                   _params(ctx, unit))
-            tracker.finish(run_id)
-            return Pretrained(None, run_id)
+            return Pretrained(None, _record_only(ctx, unit, {}))
         return Pretrained(None, parent.info.run_id)
     cache = cache_path(ctx, unit)
     if cache.exists() and not ctx.force:
         weights = load_weights(cache)
         if parent is None:
-            run_id = tracker.start(exp, unit.run_name, unit.key, "pretrain", _tags(ctx, unit),
-                                   _params(ctx, unit))
-            tracker.set_tags(run_id, {"reused_cache": str(cache)})
-            tracker.finish(run_id)
+            run_id = _record_only(ctx, unit, {"reused_cache": str(cache)})
         else:
             run_id = parent.info.run_id
         ctx.outcomes.append(Outcome(f"pretrain {unit.task} on {ctx.plugins[unit.corpus].name}",
@@ -137,6 +131,20 @@ def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
     detail = f"{result.seconds:.0f}s" + (f", resumed at epoch {resume['epoch']}" if resume else "")
     ctx.outcomes.append(Outcome(unit.what, "ran", detail, unit.task, "pretrain"))
     return Pretrained(result.weights, run_id)
+
+
+def _record_only(ctx: RunContext, unit: PretrainUnit, tags: dict[str, Any]) -> str:
+    """A FINISHED parent run for a pretraining that trains nothing now (none needed, or
+    its cached encoder reused); closed as KILLED if interrupted while being written."""
+    run_id = ctx.tracker.start(experiment(ctx), unit.run_name, unit.key, "pretrain",
+                               _tags(ctx, unit), _params(ctx, unit))
+    try:
+        ctx.tracker.set_tags(run_id, tags)
+    except BaseException:
+        ctx.tracker.finish(run_id, "KILLED")
+        raise
+    ctx.tracker.finish(run_id)
+    return run_id
 
 
 def _resume_state(ctx: RunContext, checkpoint: Path) -> dict[str, Any] | None:
