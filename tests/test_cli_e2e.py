@@ -8,6 +8,7 @@ import json
 import pytest
 
 from medssl_bench import cli
+from medssl_bench.errors import TrainingError
 
 TINY = [
     "dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=4", "dataset.n_val=2",
@@ -102,13 +103,13 @@ def test_user_errors_are_one_message(workdir, capsys, argv, message):
 
 
 def test_failed_finetune_is_recorded_and_sweep_goes_on(workdir, capsys, monkeypatch):
-    import medssl_bench.protocol_runners as runners
+    import medssl_bench.units as runners
 
     real = runners.finetune
 
     def flaky(*args, **kwargs):
         if kwargs.get("label", "").startswith("scratch 50%"):
-            raise runners.TrainingError("loss became nan (planted)")
+            raise TrainingError("loss became nan (planted)")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(runners, "finetune", flaky)
@@ -122,3 +123,36 @@ def test_failed_finetune_is_recorded_and_sweep_goes_on(workdir, capsys, monkeypa
     monkeypatch.setattr(runners, "finetune", real)
     assert _run() == 0
     assert "2 ran" in capsys.readouterr().out
+
+
+def test_dry_run_prints_the_plan_and_what_a_rerun_would_reuse(workdir, capsys):
+    """--dry-run: every unit with its key, in plan order (scratch beside the task at each
+    label subset), nothing trained, no store created; after a real run, all reused."""
+    assert _run("--dry-run") == 0
+    out = capsys.readouterr().out
+    assert not (workdir / "mlflow.db").exists() and not (workdir / ".medssl_bench").exists()
+    lines = [line for line in out.splitlines() if " seed " in line]
+    order = [(line.split("seed ")[1][0], "scratch" if "scratch" in line else "rotation3d")
+             for line in lines]
+    # seed 0 (both fractions, scratch first in each) before seed 1
+    assert order == [("0", "scratch"), ("0", "rotation3d")] * 2 + [
+        ("1", "scratch"), ("1", "rotation3d")] * 2
+    assert out.count(" run ") + out.count(" run\n") >= 9 and "10 units" in out
+    assert _run() == 0
+    capsys.readouterr()
+    assert _run("--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "1 none; 9 reuse" in out and "reuse cached encoder" in out  # 8 results + encoder
+
+
+def test_failed_pretraining_skips_its_finetunes_and_says_why(workdir, capsys, monkeypatch):
+    import medssl_bench.units as units
+
+    def broken(*args, **kwargs):
+        raise TrainingError("loss became nan (planted)")
+
+    monkeypatch.setattr(units, "pretrain", broken)
+    assert _run() == 1
+    captured = capsys.readouterr()
+    assert "planted" in captured.err
+    assert "4 skipped" in captured.out and "4 ran" in captured.out  # scratch still ran

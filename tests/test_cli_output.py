@@ -97,11 +97,14 @@ def workdir(tmp_path, monkeypatch):
 def test_run_warns_on_paper_cpu_and_picks_progress_by_terminal(workdir, capsys, monkeypatch):
     """`bench run --preset paper` on the CPU: one yellow warning at the start. Progress bars
     on a terminal, plain lines otherwise (the protocol itself is stubbed: nothing trains)."""
-    import medssl_bench.protocol_runners as runners
+    from medssl_bench import executor
+    from medssl_bench.plan import Plan
 
     seen = []
-    monkeypatch.setattr(runners.DataEfficiency, "run",
-                        lambda self, ctx: seen.append(type(ctx.progress)) or [])
+    monkeypatch.setattr(executor.InProcess, "execute",
+                        lambda self, plan, ctx: seen.append(type(ctx.progress)) or [])
+    monkeypatch.setattr("medssl_bench_protocols.data_efficiency.DataEfficiency.plan",
+                        lambda self, ctx: Plan(self.name))
     argv = ["run", "--protocol", "data-efficiency", "--task", "rotation3d", "--device", "cpu"]
     monkeypatch.setenv("FORCE_COLOR", "1")  # colour forced is still not a terminal
     monkeypatch.setenv("TTY_COMPATIBLE", "1")

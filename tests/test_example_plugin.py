@@ -56,6 +56,29 @@ def test_example_plugin_runs(installed, tmp_path):
     assert {r["task"] for r in json.loads(board.stdout)} == {"flip3d", "scratch"}
 
 
+def test_example_protocol_ships_its_spec_and_runs(installed, tmp_path):
+    """A third-party protocol (few-cases) with its spec beside its module: listed, planned
+    (--dry-run trains nothing), run through `bench run`, and ranked beside scratch."""
+    out = _bench(installed, "plugins", "--json")
+    rows = {r["name"]: r for r in json.loads(out.stdout)}
+    assert rows["few-cases"]["kind"] == "protocol"
+    assert rows["few-cases"]["distribution"] == "medssl-bench-example"
+    args = ["run", "--protocol", "few-cases", "--task", "flip3d", "--device", "cpu",
+            "--set", "dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=4",
+            "dataset.n_val=1", "dataset.n_test=1", "backbone.filters=[4,8]",
+            "pretrain.epochs=1", "pretrain.iterations_per_epoch=1", "finetune.epochs=1",
+            "finetune.iterations_per_epoch=1", "protocol.seeds=[0]", "protocol.cases=[1,2]"]
+    dry = _bench(installed, *args, "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr + dry.stdout
+    assert "flip3d 25% seed 0" in dry.stdout and "flip3d 50% seed 0" in dry.stdout
+    assert not (tmp_path / "mlflow.db").exists()  # a dry run creates no store
+    out = _bench(installed, *args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr + out.stdout
+    board = json.loads(_bench(installed, "leaderboard", "--format", "json", cwd=tmp_path).stdout)
+    assert {(r["protocol"], r["task"], r["fraction"]) for r in board} == {
+        ("few-cases", task, fraction) for task in ("flip3d", "scratch") for fraction in (25, 50)}
+
+
 def test_flip_labels_are_right():
     sys.path.insert(0, str(EXAMPLE))
     try:

@@ -61,14 +61,14 @@ def test_task_of_the_wrong_dims_is_refused_before_training(registry):
 def test_preflight_stops_an_impossible_task_before_any_training(tmp_path, monkeypatch, capsys):
     """A task that cannot build a batch at the dataset's size fails with one message and exit
     code 2 before scratch or anything else trains."""
-    import medssl_bench.protocol_runners as runners
+    import medssl_bench.units as units
     from medssl_bench import cli
 
     monkeypatch.chdir(tmp_path)
     trained = []
-    # the runner imported these by name: patch them where it looks them up
-    monkeypatch.setattr(runners, "pretrain", lambda *a, **k: trained.append("pretrain"))
-    monkeypatch.setattr(runners, "finetune", lambda *a, **k: trained.append("finetune"))
+    # the unit runners imported these by name: patch them where they look them up
+    monkeypatch.setattr(units, "pretrain", lambda *a, **k: trained.append("pretrain"))
+    monkeypatch.setattr(units, "finetune", lambda *a, **k: trained.append("finetune"))
     code = cli.main(["run", "--protocol", "data-efficiency", "--task", "jigsaw3d", "--device", "cpu",
                      "--set", "dataset.size=32", "task.grid=5", "task.jitter=10"])
     err = capsys.readouterr().err

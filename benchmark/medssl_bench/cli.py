@@ -63,6 +63,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="quick: a whole protocol in minutes on a CPU (the default, unless the "
                    "--config file sets run.preset); paper: the papers' settings, for a GPU.")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda.")
+    p.add_argument("--executor", default=None,
+                   help="How the plan's units run: inprocess (default: one after another in this "
+                   "process); `bench plugins` lists the installed executors, `--set executor.KEY="
+                   "VALUE` configures one.")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default sqlite:///mlflow.db in the working directory; "
                    "a few parallel sweeps may share it, many writers want an MLflow server: "
@@ -84,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
     run.add_argument("--force", action="store_true",
                      help="Redo pretraining and fine-tunes even when finished results exist.")
+    run.add_argument("--dry-run", action="store_true",
+                     help="Print the plan (every unit of work, its run key, what it waits for and "
+                     "whether it would run, resume or be reused) and stop; nothing trains.")
     run.add_argument("--cache-dir", default=None,
                      help="Where pretrained encoders are cached (default .medssl_bench/cache).")
 
@@ -94,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
 
     schema = sub.add_parser("schema", help="Print the JSON schema of a plugin's Config.")
-    schema.add_argument("kind", choices=["task", "backbone", "dataset", "protocol", "pretrain",
-                                         "finetune"])
+    schema.add_argument("kind", choices=["task", "backbone", "dataset", "protocol", "executor",
+                                         "pretrain", "finetune"])
     schema.add_argument("name", nargs="?", help="Plugin name (not needed for pretrain/finetune).")
 
     board = sub.add_parser("leaderboard", help="Rank finished results from MLflow.")
@@ -145,7 +152,7 @@ def _resolve(args: argparse.Namespace):
     registry = get_registry()
     run = resolve_run(
         registry, args.protocol, args.task, args.backbone, args.dataset, args.preset or "auto",
-        args.config, parse_overrides(args.overrides), args.pretrain_dataset,
+        args.config, parse_overrides(args.overrides), args.pretrain_dataset, args.executor,
     )
     device = resolve_device(args.device)
     return registry, run, device
@@ -245,16 +252,18 @@ class PlainProgress:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from medssl_bench.context import RunContext
     from medssl_bench.device import configure_backend
-    from medssl_bench.protocol_runners import RunContext
     from medssl_bench.spec import instantiate
     from medssl_bench.tracking import Tracker
+    from medssl_bench.units import preflight
 
     registry, run, device = _resolve(args)
     plugins = instantiate(registry, run)
     configure_backend(device)
     uri = _tracking_uri(args)
-    tracker = Tracker(uri)
+    # a dry run reads the store (what is finished) but never creates one
+    tracker = Tracker.existing(uri) if args.dry_run else Tracker(uri)
     cache_dir = Path(args.cache_dir or os.environ.get("BENCH_CACHE_DIR") or ".medssl_bench/cache")
     console.print(
         f"[bold]bench run[/bold] protocol={run.names['protocol']} (v{run.spec.version}) "
@@ -262,7 +271,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"dataset={run.names['dataset']} "
         + (f"pretrain_dataset={run.names['pretrain_dataset']} " if "pretrain_dataset" in run.names
            else "") +
-        f"preset={run.preset} device={device} tracking={tracker.uri}"
+        f"preset={run.preset} device={device} tracking={tracker.uri if tracker else uri}"
     )
     _warn(run, device)
     # the stream itself, not rich's is_terminal (FORCE_COLOR/TTY_COMPATIBLE would put live
@@ -281,7 +290,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress=rich_progress,
             echo=console.print,
         )
-        plugins["protocol"].run(ctx)
+        plan = plugins["protocol"].plan(ctx)
+        preflight(ctx, plan)
+        if args.dry_run:
+            console.print(_plan_table(ctx, plan))
+            return 0
+        records = plugins["executor"].execute(plan, ctx)
+        plugins["protocol"].summarize(ctx, records)
     counts: dict[str, int] = {}
     for outcome in ctx.outcomes:
         counts[outcome.status] = counts.get(outcome.status, 0) + 1
@@ -296,6 +311,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     for o in failed:
         err_console.print(f"[red]failed[/red] {o.what}: {o.detail}")
     return 1 if failed else 0
+
+
+def _plan_table(ctx: Any, plan: Any):
+    """``bench run --dry-run``: every unit, its key, what it waits for, what would happen."""
+    from rich.table import Table
+
+    from medssl_bench.units import unit_status
+
+    whats = {u.key: u.what for u in plan}
+    table = Table(title=f"Plan: {len(plan)} units ({plan.protocol})")
+    for column in ("#", "stage", "unit", "run key", "after", "would"):
+        table.add_column(column, justify="right" if column == "#" else "left")
+    counts: dict[str, int] = {}
+    for i, unit in enumerate(plan, 1):
+        status = unit_status(ctx, unit)
+        counts[status.split(" ")[0]] = counts.get(status.split(" ")[0], 0) + 1
+        table.add_row(str(i), unit.stage, unit.what, unit.key,
+                      ", ".join(whats[k] for k in unit.depends_on) or "-", status)
+    table.caption = "; ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    return table
 
 
 def _summary_table(outcomes: list[Any]):

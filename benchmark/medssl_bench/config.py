@@ -31,6 +31,13 @@ from medssl_bench.errors import ConfigError, did_you_mean
 NEUTRAL: dict[str, Any] = {"result_neutral": True}
 
 
+#: ``Field(..., json_schema_extra=DATA_FOLDER)`` / ``DATA_FILE``: the field names the folder
+#: (file) a dataset reads. `bench validate` and `bench run` refuse an unset or missing one
+#: before anything loads.
+DATA_FOLDER: dict[str, Any] = {"data_path": "folder"}
+DATA_FILE: dict[str, Any] = {"data_path": "file"}
+
+
 def since(version: str) -> dict[str, Any]:
     """``Field(..., json_schema_extra=since("0.2"))``: a field added after results were
     recorded. Run keys leave it out while it holds its default, so every result recorded

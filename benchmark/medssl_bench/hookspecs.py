@@ -61,3 +61,13 @@ def bench_register_protocols(register: Register) -> None:
     :param register: call ``register(ProtocolClass)`` for each subclass of
         :class:`medssl_bench.interfaces.Protocol`.
     """
+
+
+@hookspec
+def bench_register_executors(register: Register) -> None:
+    """Register executors (how a plan's units are scheduled: in this process, in a pool of
+    processes, on a cluster).
+
+    :param register: call ``register(ExecutorClass)`` for each subclass of
+        :class:`medssl_bench.interfaces.Executor`.
+    """

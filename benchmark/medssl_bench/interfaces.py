@@ -9,8 +9,10 @@ Instances are built from a validated config: ``TaskClass(TaskClass.Config(...))`
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -19,7 +21,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from medssl_bench.config import PluginConfig
 
-PluginKind = Literal["task", "backbone", "dataset", "protocol"]
+PluginKind = Literal["task", "backbone", "dataset", "protocol", "executor"]
 DownstreamKind = Literal["segmentation", "classification"]
 
 
@@ -31,6 +33,9 @@ class Plugin:
     Config: ClassVar[type[PluginConfig]] = PluginConfig
     #: Named partial configs, e.g. ``{"quick": {...}, "paper": {...}}``.
     presets: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    #: The plugin a run uses when the user names none of its kind (for backbones: of the
+    #: dataset's spatial dims). Built-in plugins win over third-party ones that claim it too.
+    default: ClassVar[bool] = False
 
     def __init__(self, config: PluginConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -129,8 +134,11 @@ class ProxyTask(Plugin):
     #: What pretraining produces for fine-tuning: the encoder alone, or encoder and decoder
     #: (Models Genesis, whose segmentation fine-tuning starts from the pretrained decoder).
     transfers: ClassVar[tuple[str, ...]] = ("encoder",)
-    #: False only for the scratch baseline.
+    #: False for tasks that start fine-tuning from no pretraining (the scratch baseline).
     pretrains: ClassVar[bool] = True
+    #: The baseline every sweep runs beside the others, on the same label subsets (the
+    #: built-in ``scratch``). The leaderboard compares every entry with it.
+    baseline: ClassVar[bool] = False
     #: The input size the task's paper used; benchmarks time batch construction at it.
     paper_input_size: ClassVar[tuple[int, ...]] = (128, 128, 128)
     #: The smallest spatial input the task can work with (contract tests use it).
@@ -222,15 +230,45 @@ class Dataset(Plugin):
 
 
 class Protocol(Plugin):
-    """An evaluation protocol: how pretraining and fine-tuning runs are combined.
+    """An evaluation protocol: turns a run's settings into a plan of units of work.
 
-    ``Config`` validates the ``protocol`` section of the spec (``protocols/NAME.yaml``).
+    Its settings are validated by ``Config`` (the ``protocol`` section). Its spec (defaults of
+    every section, presets, version) is the YAML file :meth:`spec_path` names: by default
+    ``NAME.yaml`` beside the module that defines the class, so a package ships its protocols
+    with their specs.
     """
 
     kind: ClassVar[PluginKind] = "protocol"
     #: Whether the protocol pretrains on a second corpus (``--pretrain-dataset``): True
     #: requires one, False refuses one (it would be ignored), None accepts either.
     uses_pretrain_dataset: ClassVar[bool | None] = None
+    #: The figures ``bench report`` draws for its results (``data_efficiency``: the metric
+    #: against label fraction; ``convergence``: the validation metric per epoch).
+    figures: ClassVar[tuple[str, ...]] = ("data_efficiency",)
 
-    def run(self, context: Any) -> Any:
+    @classmethod
+    def spec_path(cls) -> Path:
+        """The protocol's spec file."""
+        return Path(inspect.getfile(cls)).with_name(f"{cls.name}.yaml")
+
+    def plan(self, ctx: Any) -> Any:
+        """The :class:`medssl_bench.plan.Plan` of this run (``ctx``: a
+        :class:`medssl_bench.context.RunContext`); loads data through ``ctx.data``."""
+        raise NotImplementedError
+
+    def summarize(self, ctx: Any, records: list[Any]) -> None:
+        """After the plan ran: print what the protocol adds to the per-run lines (optional)."""
+
+
+# --------------------------------------------------------------------------- executors
+
+
+class Executor(Plugin):
+    """Runs a plan: every unit once, after the units it depends on (see
+    :mod:`medssl_bench.executor`)."""
+
+    kind: ClassVar[PluginKind] = "executor"
+
+    def execute(self, plan: Any, ctx: Any) -> list[Any]:
+        """Run ``plan``'s units; the result records of the fine-tunes that ran."""
         raise NotImplementedError

@@ -22,25 +22,28 @@ import pluggy
 from medssl_bench import __version__, hookspecs
 from medssl_bench.config import PluginConfig
 from medssl_bench.errors import BenchError, PluginNotFoundError, did_you_mean
-from medssl_bench.interfaces import Backbone, Dataset, Plugin, Protocol, ProxyTask
+from medssl_bench.interfaces import Backbone, Dataset, Executor, Plugin, Protocol, ProxyTask
 
 BUILTIN_MODULES = (
     "medssl_bench_tasks",
     "medssl_bench_backbones",
     "medssl_bench_datasets",
-    "medssl_bench.protocol_runners",
+    "medssl_bench_protocols",
+    "medssl_bench.executor",
 )
 KIND_BASES: dict[str, type[Plugin]] = {
     "task": ProxyTask,
     "backbone": Backbone,
     "dataset": Dataset,
     "protocol": Protocol,
+    "executor": Executor,
 }
 HOOK_FOR_KIND = {
     "task": "bench_register_tasks",
     "backbone": "bench_register_backbones",
     "dataset": "bench_register_datasets",
     "protocol": "bench_register_protocols",
+    "executor": "bench_register_executors",
 }
 OWN_DISTRIBUTION = "medssl-bench"
 
@@ -110,6 +113,31 @@ class Registry:
                 "`bench plugins` lists everything installed."
             )
         return record.cls
+
+    def distribution_version(self, kind: str, name: str) -> str:
+        """``distribution==version`` of the package that provides the plugin (in run keys)."""
+        record = self.record(kind, name)
+        return f"{record.distribution}=={record.version}"
+
+    def default(self, kind: str, dims: int | None = None) -> str | None:
+        """The plugin of ``kind`` that declares itself the default (``Plugin.default``), of
+        ``dims`` spatial dims when given; built-in plugins first. None when none does."""
+        found = [r for r in self._by_kind[kind].values()
+                 if r.cls is not None and r.cls.default
+                 and (dims is None or getattr(r.cls, "spatial_dims", dims) == dims)]
+        found.sort(key=lambda r: (r.distribution != OWN_DISTRIBUTION, r.name))
+        return found[0].name if found else None
+
+    def baseline_task(self) -> type[ProxyTask]:
+        """The task that declares itself the baseline (``ProxyTask.baseline``); built-in
+        first."""
+        found = sorted((r for r in self._by_kind["task"].values()
+                        if r.cls is not None and getattr(r.cls, "baseline", False)),
+                       key=lambda r: (r.distribution != OWN_DISTRIBUTION, r.name))
+        if not found:
+            raise BenchError("No installed task declares itself the baseline "
+                             "(ProxyTask.baseline = True); reinstall medssl-bench.")
+        return found[0].cls  # type: ignore[return-value]
 
     def record(self, kind: str, name: str) -> PluginRecord:
         self.get(kind, name)

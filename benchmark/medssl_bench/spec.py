@@ -1,4 +1,4 @@
-"""Protocol specs (``protocols/*.yaml``) and the resolution of a run's configuration.
+"""Protocol specs (each protocol plugin's ``NAME.yaml``) and the resolution of a run's configuration.
 
 Precedence, lowest first: each plugin's Config defaults (the papers' values) < the spec's
 sections < the spec's ``dims2`` sections (2D datasets only) < the preset (the spec's
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,18 +24,16 @@ from medssl_bench.config import (
 )
 from medssl_bench.engine import FinetuneConfig, PretrainConfig
 from medssl_bench.errors import did_you_mean
-from medssl_bench.interfaces import Backbone, Dataset, Protocol, ProxyTask
-from medssl_bench.plugins import Registry
+from medssl_bench.interfaces import Backbone, Dataset, Executor, Protocol, ProxyTask
+from medssl_bench.plugins import Registry, get_registry
 
-SECTIONS = ("task", "backbone", "dataset", "protocol", "pretrain", "finetune")
+SECTIONS = ("task", "backbone", "dataset", "protocol", "pretrain", "finetune", "executor")
 #: Sections a --config file or --set may name: the above plus the transfer protocol's
 #: pretraining corpus, validated by that dataset's own Config.
 ALL_SECTIONS = (*SECTIONS, "pretrain_dataset")
 PRESETS = ("quick", "paper")
-RUN_KEYS = frozenset({"protocol", "task", "backbone", "dataset", "pretrain_dataset", "preset"})
-#: The backbone a run gets without --backbone, by the dataset's spatial dims.
-DEFAULT_BACKBONES = {3: "unet3d", 2: "timm2d"}
-DEFAULT_DATASET = "phantom3d"
+RUN_KEYS = frozenset({"protocol", "task", "backbone", "dataset", "pretrain_dataset", "preset",
+                      "executor"})
 
 
 class ProtocolSpec(BaseModel):
@@ -57,35 +54,29 @@ class ProtocolSpec(BaseModel):
     source: str = Field(default="", description="Where the spec was read from.")
 
 
-def protocol_dirs() -> list[Path]:
-    """Where spec files live: inside the wheel, then the checkout (editable installs)."""
-    dirs = []
-    packaged = resources.files("medssl_bench") / "_protocols"
-    if packaged.is_dir():
-        dirs.append(Path(str(packaged)))
-    checkout = Path(__file__).resolve().parents[2] / "protocols"
-    if checkout.is_dir():
-        dirs.append(checkout)
-    return dirs
+def available_specs(registry: Registry | None = None) -> dict[str, Path]:
+    """Each registered protocol's spec file (``Protocol.spec_path``), by protocol name."""
+    registry = registry or get_registry()
+    return {name: registry.get("protocol", name).spec_path()  # type: ignore[attr-defined]
+            for name in registry.names("protocol")}
 
 
-def available_specs() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for folder in reversed(protocol_dirs()):
-        for path in sorted(folder.glob("*.yaml")):
-            found[path.stem] = path
-    return found
-
-
-def load_spec(name: str) -> ProtocolSpec:
-    specs = available_specs()
+def load_spec(name: str, registry: Registry | None = None) -> ProtocolSpec:
+    """The validated spec of protocol ``name``, read from the file its plugin names."""
+    specs = available_specs(registry)
     if name not in specs:
         raise ConfigError(
             f"No protocol spec named {name!r}.{did_you_mean(name, specs)} "
             f"Available: {', '.join(sorted(specs)) or 'none'}."
         )
+    if not specs[name].is_file():
+        raise ConfigError(f"Protocol {name!r} names the spec file {specs[name]}, which does not "
+                          "exist; reinstall the package that provides the protocol.")
     data = load_yaml(specs[name])
     spec = validate_section(ProtocolSpec, data, "", source=str(specs[name]))
+    if spec.name != name:
+        raise ConfigError(f"The spec file {specs[name]} is for protocol {spec.name!r}, not "
+                          f"{name!r}; its `name` must match the protocol's.")
     return spec.model_copy(update={"source": str(specs[name])})
 
 
@@ -165,14 +156,16 @@ def backbones_of_dims(registry: Registry, dims: int) -> list[str]:
 
 
 def default_backbone(registry: Registry, dims: int) -> str:
-    """The backbone of a run without --backbone: unet3d for 3D datasets, timm2d for 2D ones
-    (else the first registered backbone of those dims). One fixed default would hand 2D
-    images to a 3D network, which fails only deep inside PyTorch."""
+    """The backbone of a run without --backbone: the default backbone of the dataset's dims
+    (``Backbone.default``: unet3d for 3D datasets, timm2d for 2D ones), else the first
+    registered backbone of those dims. One fixed default would hand 2D images to a 3D
+    network, which fails only deep inside PyTorch."""
     names = backbones_of_dims(registry, dims)
-    preferred = DEFAULT_BACKBONES.get(dims)
+    preferred = registry.default("backbone", dims)
     if preferred in names:
         return preferred
-    return names[0] if names else DEFAULT_BACKBONES[3]  # none fits: check_backbone_dims says so
+    # none fits: check_backbone_dims says so
+    return names[0] if names else (registry.default("backbone") or registry.names("backbone")[0])
 
 
 def check_backbone_dims(registry: Registry, backbone: str, dataset: str) -> None:
@@ -254,6 +247,7 @@ def resolve_run(
     config_file: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     pretrain_dataset: str | None = None,
+    executor: str | None = None,
 ) -> ResolvedRun:
     """Validate a run: plugin names, the spec and every config section.
 
@@ -297,13 +291,14 @@ def resolve_run(
         raise ConfigError("No protocol: give --protocol NAME (or run.protocol in --config).")
     if not (task or run_section.get("task")):
         raise ConfigError("No task: give --task NAME (or run.task in --config).")
-    spec = load_spec(protocol)
+    spec = load_spec(protocol, registry)
     backbone = backbone or run_section.get("backbone")
     dataset = dataset or run_section.get("dataset")
     names = {
         "protocol": protocol,
         "task": task or run_section.get("task") or "",
-        "dataset": dataset or DEFAULT_DATASET,
+        "dataset": dataset or registry.default("dataset") or "",
+        "executor": executor or run_section.get("executor") or registry.default("executor") or "",
     }
     dataset_cls = registry.get("dataset", names["dataset"])
     dims = getattr(dataset_cls, "spatial_dims", 3)
@@ -326,6 +321,7 @@ def resolve_run(
         "backbone": registry.get("backbone", names["backbone"]),
         "dataset": registry.get("dataset", names["dataset"]),
         "protocol": registry.get("protocol", names["protocol"]),
+        "executor": registry.get("executor", names["executor"]),
     }
     spec_preset = spec.presets.get(preset, {}) if preset else {}
     source = f"{config_file} / --set" if config_file else "--set"
@@ -382,24 +378,22 @@ def resolve_run(
                        task_configs=task_configs, warnings=warnings)
 
 
-def _path_settings(values: Mapping[str, Any], prefix: str):
-    """(dotted key, value, kind) of every ``root`` (a folder) and ``path`` (a file) setting,
-    nested ones included (slices' ``source_config``)."""
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            yield from _path_settings(value, f"{prefix}.{key}")
-        elif key in ("root", "path") and isinstance(value, str):
-            yield f"{prefix}.{key}", value, "folder" if key == "root" else "file"
+def _path_settings(config: BaseModel, prefix: str):
+    """(dotted key, value, "folder" or "file") of every field the config declares a data
+    location (:data:`medssl_bench.config.DATA_FOLDER` / ``DATA_FILE``)."""
+    for key, info in type(config).model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        if extra.get("data_path"):
+            yield f"{prefix}.{key}", getattr(config, key), extra["data_path"]
 
 
 def check_data_paths(run: ResolvedRun) -> None:
-    """Refuse an unset or missing dataset ``root``/``path`` with one message. Cheap (no file
-    is read), so `bench validate` finds what `bench run` would fail on when loading data; it is
+    """Refuse an unset or missing dataset folder or file with one message. Cheap (no file is
+    read), so `bench validate` finds what `bench run` would fail on when loading data; it is
     not part of :func:`resolve_run`, which must accept recipes' placeholder roots anywhere."""
     for section in ("dataset", "pretrain_dataset"):
         if section in run.configs:
-            _check_paths(run.configs[section].model_dump(mode="json"), section,
-                         run.names[section])
+            _check_paths(run.configs[section], section, run.names[section])
 
 
 def check_source_paths(plugins: Mapping[str, Any]) -> None:
@@ -408,16 +402,16 @@ def check_source_paths(plugins: Mapping[str, Any]) -> None:
     defaults (an unset ``root``)."""
     source = getattr(plugins.get("dataset"), "source", None)
     if isinstance(source, Dataset):
-        _check_paths(source.config.model_dump(mode="json"), "dataset.source_config", source.name)
+        _check_paths(source.config, "dataset.source_config", source.name)
 
 
-def _check_paths(values: Mapping[str, Any], section: str, name: str) -> None:
-    for key, value, kind in _path_settings(values, section):
+def _check_paths(config: BaseModel, section: str, name: str) -> None:
+    for key, value, kind in _path_settings(config, section):
         if not value:
             raise ConfigError(f"{key} is not set: dataset {name!r} reads its data from a "
                               f"{kind} there. Add --set {key}=/path/to/data "
                               f"(`bench schema dataset {name}` describes it).")
-        found = Path(value).expanduser()
+        found = Path(str(value)).expanduser()
         if not (found.is_dir() if kind == "folder" else found.is_file()):
             what = "does not exist" if not found.exists() else f"is not a {kind}"
             raise ConfigError(f"{key}={value!r} (dataset {name!r}) {what}. Check the path "
@@ -425,10 +419,10 @@ def _check_paths(values: Mapping[str, Any], section: str, name: str) -> None:
 
 
 def instantiate(registry: Registry, run: ResolvedRun) -> dict[str, Any]:
-    """Plugin instances for a resolved run: task, backbone, dataset, protocol."""
+    """Plugin instances for a resolved run: task, backbone, dataset, protocol, executor."""
     out: dict[str, Any] = {}
     for kind, base in (("task", ProxyTask), ("backbone", Backbone), ("dataset", Dataset),
-                       ("protocol", Protocol)):
+                       ("protocol", Protocol), ("executor", Executor)):
         cls = registry.get(kind, run.names[kind])
         instance = cls(run.configs[kind])
         assert isinstance(instance, base)

@@ -260,6 +260,11 @@ class Tracker:
         return cls(uri)
 
     # ------------------------------------------------------------------ experiments
+    def find_experiment(self, protocol: str) -> str | None:
+        """The id of ``protocol``'s experiment, or None (creates nothing)."""
+        exp = self.client.get_experiment_by_name(EXPERIMENT_PREFIX + protocol)
+        return None if exp is None else exp.experiment_id
+
     def experiment_id(self, protocol: str) -> str:
         name = EXPERIMENT_PREFIX + protocol
         exp = self.client.get_experiment_by_name(name)

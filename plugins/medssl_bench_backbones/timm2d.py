@@ -136,6 +136,7 @@ class Timm2D(Backbone):
     linear classifier and a U-Net-like decoder; never downloads weights."""
 
     name = "timm2d"
+    default = True  # of 2D backbones
     spatial_dims = 2
 
     class Config(PluginConfig):

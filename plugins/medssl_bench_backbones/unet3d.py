@@ -108,6 +108,7 @@ class UNet3D(Backbone):
     """Residual 3D U-Net, 5 levels, 32-512 filters (Taleb et al. appendix)."""
 
     name = "unet3d"
+    default = True  # of 3D backbones
     spatial_dims = 3
 
     class Config(PluginConfig):

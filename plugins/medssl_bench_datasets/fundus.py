@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from medssl_bench.config import NEUTRAL, PluginConfig
+from medssl_bench.config import DATA_FOLDER, NEUTRAL, PluginConfig
 from medssl_bench.errors import DataError
 from medssl_bench.interfaces import Dataset, DatasetInfo, DataSplits
 from medssl_bench_datasets.common import ArrayCases, stable_hash
@@ -219,6 +219,7 @@ class Fundus(Dataset):
 
     class Config(PluginConfig):
         root: str = Field(
+            json_schema_extra=DATA_FOLDER,
             default="",
             description="Folder with train.csv + train_images/ (APTOS 2019) or trainLabels.csv "
             "+ train/ (EyePACS). Nothing is downloaded (Kaggle forbids redistribution).",

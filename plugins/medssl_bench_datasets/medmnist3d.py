@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from medssl_bench.config import PluginConfig
+from medssl_bench.config import DATA_FILE, PluginConfig
 from medssl_bench.errors import DataError
 from medssl_bench.interfaces import Dataset, DatasetInfo, DataSplits
 from medssl_bench_datasets.common import ArrayCases
@@ -73,6 +73,7 @@ class MedMNIST3D(Dataset):
 
     class Config(PluginConfig):
         path: str = Field(
+            json_schema_extra=DATA_FILE,
             default="",
             description="Path of a MedMNIST v2 3D .npz file (any of the six datasets, 28^3 or "
             "64^3), e.g. adrenalmnist3d.npz or organmnist3d_64.npz. Nothing is downloaded.",

@@ -22,6 +22,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from medssl_bench.config import DATA_FOLDER
 from medssl_bench.errors import DataError
 from medssl_bench_datasets.preprocess import CaseSource, is_junk, volume_stem
 from medssl_bench_datasets.volumes import Catalog, VolumeConfig, VolumeDataset
@@ -47,7 +48,8 @@ class NiftiFolder(VolumeDataset):
     name = "nifti-folder"
 
     class Config(VolumeConfig):
-        root: str = Field(default="", description="Folder of the images (.nii.gz, .nii, .nrrd, "
+        root: str = Field(default="", json_schema_extra=DATA_FOLDER,
+                          description="Folder of the images (.nii.gz, .nii, .nrrd, "
                           ".nhdr, .mha, .mhd), one volume per case; the case id is the file name "
                           "without extension and image_suffix. Nothing is downloaded.")
         labels: str = Field(default="", description="Folder of label maps matched to the images "

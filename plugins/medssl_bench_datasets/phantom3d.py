@@ -159,6 +159,7 @@ class Phantom3D(Dataset):
     """Procedural abdominal-CT-like volumes with an organ and lesion to segment (no download)."""
 
     name = "phantom3d"
+    default = True  # what `bench run` uses without --dataset: no download needed
     spatial_dims = 3
 
     class Config(PluginConfig):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from medssl_bench.config import NEUTRAL, PluginConfig
+from medssl_bench.config import DATA_FOLDER, NEUTRAL, PluginConfig
 from medssl_bench.errors import DataError
 from medssl_bench.interfaces import Dataset, DatasetInfo, DataSplits
 from medssl_bench_datasets.common import stable_hash
@@ -47,7 +47,8 @@ def slug(name: str) -> str:
 class VolumeConfig(PluginConfig):
     """Settings shared by every 3D volume dataset (Taleb et al. appendix defaults)."""
 
-    root: str = Field(default="", description="Folder of the dataset as distributed (layouts: "
+    root: str = Field(default="", json_schema_extra=DATA_FOLDER,
+                      description="Folder of the dataset as distributed (layouts: "
                       "the README section 'Your own data'). Nothing is downloaded.")
     size: int = Field(default=128, ge=8, le=512, description="Edge length every volume is "
                       "resized to (128 as in Taleb et al.; e.g. 32 on a CPU).")

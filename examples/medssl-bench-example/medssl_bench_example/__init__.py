@@ -47,3 +47,10 @@ class Flip3D(ProxyTask):
 @hookimpl
 def bench_register_tasks(register):
     register(Flip3D)
+
+
+@hookimpl
+def bench_register_protocols(register):
+    from medssl_bench_example.few_cases import FewCases
+
+    register(FewCases)

@@ -1,0 +1,84 @@
+"""Executors run plans. The built-in ``inprocess`` executor runs the units one after another
+in this process; a parallel or cluster executor is one more plugin (``bench_register_executors``)
+that schedules the same units through :mod:`medssl_bench.units`, so skipping finished work,
+resuming interrupted pretraining and recording failures behave the same everywhere.
+
+Every executor:
+- marks runs left RUNNING by dead processes as KILLED before it starts;
+- runs a unit only after the units it depends on; when one of those failed, records the unit
+  as skipped, naming the failed dependency, and goes on with the rest;
+- returns the result records of the fine-tunes it ran.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medssl_bench.config import PluginConfig
+from medssl_bench.context import Outcome, RunContext
+from medssl_bench.errors import BenchError
+from medssl_bench.hookspecs import hookimpl
+from medssl_bench.interfaces import Executor
+from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit, Unit
+from medssl_bench.units import Pretrained, run_finetune, run_pretrain
+
+
+def reap(ctx: RunContext) -> None:
+    reaped = ctx.tracker.reap_dead()
+    if reaped:
+        ctx.echo(f"Marked {len(reaped)} run(s) left RUNNING by a killed process as KILLED.")
+
+
+def run_unit(ctx: RunContext, unit: Unit, done: dict[str, Any]) -> Any:
+    """Run one unit whose dependencies are in ``done`` (key -> their results)."""
+    if isinstance(unit, PretrainUnit):
+        return run_pretrain(ctx, unit)
+    if isinstance(unit, FinetuneUnit):
+        start: Pretrained = done[unit.pretraining]
+        return run_finetune(ctx, unit, start)
+    raise TypeError(f"no runner for unit {unit!r}")
+
+
+def record_failure(ctx: RunContext, unit: Unit, exc: Exception) -> None:
+    import traceback
+
+    detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc(limit=3)
+    ctx.outcomes.append(Outcome(unit.what, "failed", detail, unit.task, unit.stage))
+    ctx.echo(f"[red]FAILED[/red] {unit.what}: {exc}")
+
+
+class InProcess(Executor):
+    """Run the plan's units one after another in this process."""
+
+    name = "inprocess"
+    default = True
+
+    class Config(PluginConfig):
+        pass
+
+    def execute(self, plan: Plan, ctx: RunContext) -> list[Any]:
+        reap(ctx)
+        done: dict[str, Any] = {}
+        failed: dict[str, str] = {}  # key -> what failed (itself or a dependency)
+        records = []
+        for unit in plan:
+            blocked = next((failed[k] for k in unit.depends_on if k in failed), None)
+            if blocked is not None:
+                failed[unit.key] = blocked
+                ctx.outcomes.append(Outcome(unit.what, "skipped", f"{blocked} failed",
+                                            unit.task, unit.stage))
+                continue
+            try:
+                done[unit.key] = run_unit(ctx, unit, done)
+            except Exception as exc:  # one unit's failure must not end the sweep
+                failed[unit.key] = unit.what
+                record_failure(ctx, unit, exc)
+                continue
+            if isinstance(unit, FinetuneUnit) and done[unit.key] is not None:
+                records.append(done[unit.key])
+        return records
+
+
+@hookimpl
+def bench_register_executors(register):
+    register(InProcess)

@@ -1,0 +1,300 @@
+"""Running one unit of a plan: a pretraining (train once, then reuse its cached encoder;
+resume an interrupted one from its last epoch checkpoint) or a fine-tune (skip it when a
+finished run has its key; record its result). Every executor runs units through these
+functions, so skipping, resuming and recording behave the same however units are scheduled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medssl_bench.checkpoint import load_checkpoint, save_checkpoint
+from medssl_bench.context import Outcome, RunContext
+from medssl_bench.engine import check_input_size, finetune, pad_to_multiple, pretrain, subset
+from medssl_bench.errors import BenchError, ConfigError
+from medssl_bench.identity import ids_hash
+from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit
+from medssl_bench.results import ResultRecord
+from medssl_bench.tracking import environment_tags
+from medssl_bench.weights import StateDicts, load_weights, save_weights
+
+#: Seconds to sleep after every epoch (pretraining and fine-tuning): a test hook that makes
+#: the kill-and-resume test deterministic on busy machines. Unset in normal use.
+EPOCH_DELAY_ENV = "MEDSSL_BENCH_TEST_EPOCH_DELAY"
+
+
+def _test_delay() -> None:
+    delay = float(os.environ.get(EPOCH_DELAY_ENV, "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+@dataclass
+class Pretrained:
+    """What a finished pretraining unit hands to its fine-tunes."""
+
+    weights: StateDicts | None
+    run_id: str
+
+
+def experiment(ctx: RunContext) -> str:
+    return ctx.tracker.experiment_id(ctx.run.spec.name)
+
+
+def cache_path(ctx: RunContext, unit: PretrainUnit) -> Path:
+    return ctx.cache_dir / "pretrain" / f"{unit.key}.safetensors"
+
+
+def _params(ctx: RunContext, unit: PretrainUnit) -> dict[str, Any]:
+    task, dataset = ctx.task(unit.task), ctx.plugins[unit.corpus]
+    params = {"task": task.config.model_dump(mode="json"),
+              "backbone": ctx.plugins["backbone"].config.model_dump(mode="json"),
+              "dataset": dataset.config.model_dump(mode="json")}
+    if unit.pretrains:
+        params["pretrain"] = ctx.run.configs["pretrain"].model_dump(mode="json")
+    return params
+
+
+def _tags(ctx: RunContext, unit: PretrainUnit) -> dict[str, Any]:
+    return {**environment_tags(str(ctx.device)), "task": unit.task,
+            "backbone": ctx.plugins["backbone"].name, "dataset": ctx.plugins[unit.corpus].name,
+            "protocol": ctx.run.spec.name, "spec_version": ctx.run.spec.version}
+
+
+def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
+    """Train the unit's task once (cached by its key), or reuse the cached encoder."""
+    tracker, exp = ctx.tracker, experiment(ctx)
+    parent = tracker.find(exp, unit.key)
+    if not unit.pretrains:
+        if parent is None:
+            run_id = tracker.start(exp, unit.run_name, unit.key, "pretrain", _tags(ctx, unit),
+                                   _params(ctx, unit))
+            tracker.finish(run_id)
+            return Pretrained(None, run_id)
+        return Pretrained(None, parent.info.run_id)
+    cache = cache_path(ctx, unit)
+    if cache.exists() and not ctx.force:
+        weights = load_weights(cache)
+        if parent is None:
+            run_id = tracker.start(exp, unit.run_name, unit.key, "pretrain", _tags(ctx, unit),
+                                   _params(ctx, unit))
+            tracker.set_tags(run_id, {"reused_cache": str(cache)})
+            tracker.finish(run_id)
+        else:
+            run_id = parent.info.run_id
+        ctx.outcomes.append(Outcome(f"pretrain {unit.task} on {ctx.plugins[unit.corpus].name}",
+                                    "reused", str(cache), unit.task, "pretrain"))
+        ctx.echo(f"Reusing pretrained {unit.task} encoder from {cache}")
+        return Pretrained(weights, run_id)
+    checkpoint = cache.with_name(f"{unit.key}.ckpt.safetensors")
+    resume = _resume_state(ctx, checkpoint)
+    run_id = tracker.start(exp, unit.run_name, unit.key, "pretrain", _tags(ctx, unit),
+                           _params(ctx, unit))
+    task, data = ctx.task(unit.task), ctx.data(unit.corpus)
+    try:
+        if resume is not None:
+            tracker.set_tags(run_id, {"resumed_from_epoch": resume["epoch"]})
+            for epoch, logs in enumerate(resume["history"]):
+                tracker.log_metrics(run_id, logs, epoch)
+            ctx.echo(f"Resuming {unit.what} from its epoch-{resume['epoch']} checkpoint")
+            # checkpoints from before device_type was stored: a CUDA generator's state
+            # is 16 bytes, a CPU one's 5056
+            written_on = resume.get("device_type") or (
+                "cuda" if resume["generator"].numel() == 16 else "cpu")
+            if written_on != ctx.device.type:
+                ctx.echo(f"[yellow]The checkpoint was written on {written_on}, this run is on "
+                         f"{ctx.device.type}[/yellow]: weights, optimizer and epoch carry "
+                         "over; the random batch stream restarts (results will differ from "
+                         "an uninterrupted run).")
+
+        def on_checkpoint(state: dict[str, Any]) -> None:
+            save_checkpoint(state, checkpoint)
+            _test_delay()
+
+        result = pretrain(
+            task, ctx.plugins["backbone"], data.unlabeled, data.info, ctx.run.configs["pretrain"],
+            ctx.device, ctx.run.configs["protocol"].pretrain_seed,
+            on_epoch=lambda logs, epoch: tracker.log_metrics(run_id, logs, epoch),
+            progress=ctx.progress, resume=resume, on_checkpoint=on_checkpoint,
+        )
+        save_weights(result.weights, cache, {"pretrain_key": unit.key, "task": unit.task})
+        checkpoint.unlink(missing_ok=True)
+        tracker.log_file(run_id, cache, "weights")
+        tracker.log_metrics(run_id, {"pretrain_seconds": result.seconds})
+    except BaseException as exc:
+        tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:4000]})
+        tracker.finish(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    tracker.finish(run_id)
+    detail = f"{result.seconds:.0f}s" + (f", resumed at epoch {resume['epoch']}" if resume else "")
+    ctx.outcomes.append(Outcome(unit.what, "ran", detail, unit.task, "pretrain"))
+    return Pretrained(result.weights, run_id)
+
+
+def _resume_state(ctx: RunContext, checkpoint: Path) -> dict[str, Any] | None:
+    """The last epoch checkpoint of an interrupted pretraining, unless --force."""
+    if not checkpoint.exists():
+        return None
+    if ctx.force:
+        checkpoint.unlink()
+        return None
+    try:
+        return load_checkpoint(checkpoint)
+    except BenchError as exc:
+        ctx.echo(f"[yellow]Ignoring a damaged checkpoint[/yellow]: {exc}")
+        checkpoint.unlink(missing_ok=True)
+        return None
+
+
+def versions(ctx: RunContext, task: str) -> dict[str, str]:
+    reg = ctx.registry
+    return {"task": reg.distribution_version("task", task),
+            "backbone": reg.distribution_version("backbone", ctx.plugins["backbone"].name),
+            "dataset": reg.distribution_version("dataset", ctx.plugins["dataset"].name)}
+
+
+def finished(ctx: RunContext, unit: FinetuneUnit) -> bool:
+    """Whether a finished run already holds this fine-tune's result (and --force is off)."""
+    return not ctx.force and ctx.tracker.find(experiment(ctx), unit.key) is not None
+
+
+def run_finetune(ctx: RunContext, unit: FinetuneUnit, start: Pretrained) -> ResultRecord | None:
+    """Fine-tune, test and record one unit; None when it was reused, skipped or failed (its
+    outcome says which). A failure is recorded as FAILED and does not raise."""
+    tracker, exp = ctx.tracker, experiment(ctx)
+    if finished(ctx, unit):
+        ctx.outcomes.append(Outcome(unit.what, "reused", task=unit.task))
+        return None
+    if tracker.running_elsewhere(exp, unit.key) is not None:
+        ctx.outcomes.append(Outcome(unit.what, "skipped", "running in another live process",
+                                    unit.task))
+        return None
+    dataset, data = ctx.plugins["dataset"], ctx.data("dataset")
+    backbone, cfg = ctx.plugins["backbone"], ctx.run.configs["finetune"]
+    env = environment_tags(str(ctx.device))
+    tags = {**env, "task": unit.task, "backbone": backbone.name,
+            "dataset": dataset.name, "protocol": ctx.run.spec.name,
+            "spec_version": ctx.run.spec.version, "fraction": unit.fraction, "seed": unit.seed,
+            "metric": unit.metric, "pretrain_dataset": unit.pretrain_dataset or "-",
+            "setup": unit.setup, "task_setup": unit.task_setup, "dataset_ref": unit.dataset_ref}
+    if unit.target is not None:
+        tags["target"] = unit.target
+    params = {"fraction": unit.fraction, "seed": unit.seed, "n_labeled": len(unit.indices),
+              "finetune": cfg.model_dump(mode="json"),
+              "protocol": ctx.run.configs["protocol"].model_dump(mode="json")}
+    run_id = tracker.start(exp, unit.what, unit.key, "finetune", tags, params, start.run_id)
+    t0 = time.perf_counter()
+    epoch_seconds: list[float] = []
+
+    def on_epoch(logs: dict[str, float], epoch: int) -> None:
+        # wall time per epoch feeds the convergence protocol's time-to-target
+        epoch_seconds.append(time.perf_counter() - t0)
+        tracker.log_metrics(run_id, {**logs, "elapsed_seconds": epoch_seconds[-1]}, epoch)
+        _test_delay()
+
+    try:
+        result = finetune(
+            backbone, data.info, subset(data.train, unit.indices), data.val, data.test,
+            start.weights, cfg, ctx.device, unit.seed,
+            on_epoch=on_epoch, progress=ctx.progress, label=unit.what, select_metric=unit.metric,
+        )
+        value = result.test_metrics.get(unit.metric, math.nan)
+        task = ctx.task(unit.task)
+        record = ResultRecord(
+            protocol=ctx.run.spec.name, spec_version=ctx.run.spec.version,
+            dataset=dataset.name, task=unit.task, backbone=backbone.name,
+            pretrain_dataset=unit.pretrain_dataset, dataset_ref=unit.dataset_ref,
+            fraction=unit.fraction, seed=unit.seed,
+            n_labeled=len(unit.indices), subset_hash=ids_hash(list(unit.subset_ids)),
+            subset_ids=list(unit.subset_ids),
+            split_hash=data.split_hash, metric=unit.metric, value=value,
+            test_metrics=result.test_metrics, val_history=result.val_history,
+            best_epoch=result.best_epoch, run_key=unit.key, pretrain_key=unit.pretraining,
+            configs=ctx.run.as_dict() | {"task": task.config.model_dump(mode="json")},
+            epoch_seconds=list(epoch_seconds),
+            versions=versions(ctx, unit.task) | {
+                k: v for k, v in env.items() if "version" in k or k == "git.sha"},
+            device=str(ctx.device), seconds=result.seconds,
+        )
+        tracker.log_metrics(run_id, {f"test_{k}": v for k, v in result.test_metrics.items()}
+                            | {"test_main": value, "seconds": result.seconds})
+        tracker.log_json(run_id, record.model_dump(mode="json"), "result.json")
+        tracker.log_json(run_id, ctx.run.as_dict(), "config.json")
+        tracker.set_tags(run_id, {"value": value})
+    except Exception as exc:
+        tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:4000]})
+        tracker.finish(run_id, "FAILED")
+        detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc(limit=3)
+        ctx.outcomes.append(Outcome(unit.what, "failed", detail, unit.task))
+        ctx.echo(f"[red]FAILED[/red] {unit.what}: {exc}")
+        return None
+    except BaseException:
+        tracker.finish(run_id, "KILLED")
+        raise
+    tracker.finish(run_id)
+    ctx.outcomes.append(Outcome(unit.what, "ran", f"{unit.metric}={value:.4f}", unit.task))
+    ctx.echo(f"{unit.what}: test {unit.metric} = {value:.4f} ({result.seconds:.0f}s)")
+    return record
+
+
+# --------------------------------------------------------------------------- preflight
+
+
+def preflight(ctx: RunContext, plan: Plan) -> None:
+    """Check every pretraining task against its corpus (and the backbone against both
+    datasets) before anything trains: build its heads and one proxy batch from a blank image.
+    A setting that cannot work ends the run here with one message, not after hours of other
+    work."""
+    backbone = ctx.plugins["backbone"]
+    check_input_size(backbone, tuple(ctx.data("dataset").info.image_size))
+    for unit in plan.of_stage("pretrain"):
+        assert isinstance(unit, PretrainUnit)
+        if not unit.pretrains:
+            continue
+        task, source, info = ctx.task(unit.task), ctx.plugins[unit.corpus], ctx.data(unit.corpus).info
+        try:
+            task.check_input(tuple(info.image_size), info.channels)
+            check_input_size(backbone, tuple(info.image_size))
+            encoder = backbone.build_encoder(info.channels)
+            task.build_heads(backbone, encoder)
+            blank = torch.zeros((1, info.channels, *info.image_size))
+            blank, _ = pad_to_multiple(blank, backbone.size_multiple())
+            task.make_batch(blank, torch.Generator().manual_seed(0))
+        except BenchError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"Task {task.name!r} cannot run on {source.name!r} images of size "
+                f"{tuple(info.image_size)} with backbone {backbone.name!r} as configured "
+                f"({type(exc).__name__}: {exc}). Change the task's or backbone's settings "
+                f"(`bench schema task {task.name}`) or the image size."
+            ) from None
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def unit_status(ctx: RunContext, unit: PretrainUnit | FinetuneUnit) -> str:
+    """What running ``unit`` now would do (``bench run --dry-run``), without doing it."""
+    exp = ctx.tracker.find_experiment(ctx.run.spec.name) if ctx.tracker else None
+    if isinstance(unit, PretrainUnit):
+        if not unit.pretrains:
+            return "none (no pretraining)"
+        cache = cache_path(ctx, unit)
+        if cache.exists() and not ctx.force:
+            return f"reuse cached encoder {cache}"
+        checkpoint = cache.with_name(f"{unit.key}.ckpt.safetensors")
+        if checkpoint.exists() and not ctx.force:
+            return "resume from its last epoch checkpoint"
+        return "run"
+    if exp is not None and not ctx.force and ctx.tracker.find(exp, unit.key) is not None:
+        return "reuse finished result"
+    return "run"
