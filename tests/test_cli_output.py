@@ -87,6 +87,33 @@ def test_plain_progress_reports_inside_a_long_epoch():
     assert lines[-1] == "pretrained rpl3d in 160 s"
 
 
+def test_rich_progress_shows_one_bar_per_epoch_and_reads_logs_at_most_every_refresh():
+    class Bars:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def add_task(self, description, total, info):
+            self.calls.append(("add", description, total))
+            return len(self.calls)
+
+        def update(self, handle, advance, **fields):
+            self.calls.append(("update", handle, advance, fields.get("info")))
+
+        def remove_task(self, handle):
+            self.calls.append(("remove", handle))
+
+    bars, clock = Bars(), _Clock()
+    _epochs(cli.RichProgress(bars, refresh=0.5, clock=clock), clock, "rotation3d", epochs=1,
+            seconds=1.0, steps=4)
+    assert bars.calls == [
+        ("add", "pretrain rotation3d epoch 1/1", 4),
+        ("update", 1, 1, "loss 1.0000 acc 0.5000"),  # the first step shows its logs
+        ("update", 1, 1, None),  # 0.25 s later: read again only after 0.5 s
+        ("update", 1, 1, "loss 1.0000 acc 0.5000"), ("update", 1, 1, None),
+        ("remove", 1),
+    ]
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -34,7 +34,7 @@ from medssl_bench.optim import (
     schedule_field,
     schedule_of,
 )
-from medssl_bench.runtime import EpochLoader, Runtime  # noqa: F401 (EpochLoader: moved there)
+from medssl_bench.runtime import Runtime
 from medssl_bench.volumetric import (
     needs_patches,
     random_patches,
@@ -232,7 +232,7 @@ def pretrain(
     ``runtime`` (default: one process on ``device``) takes ``cfg``'s precision, compile and
     gradient accumulation.
     """
-    runtime = (runtime or Runtime(torch.device(device))).configured(cfg)
+    runtime = (runtime or Runtime.local(device)).configured(cfg)
     device = runtime.device
     seed_everything(seed)
     task.check_input(tuple(info.image_size), info.channels)
@@ -477,7 +477,7 @@ def finetune(
     it is undefined (NaN) never beat a defined score; if it is never defined, the last
     epoch is tested. ``progress`` and ``runtime``: as for :func:`pretrain`.
     """
-    runtime = (runtime or Runtime(torch.device(device))).configured(cfg)
+    runtime = (runtime or Runtime.local(device)).configured(cfg)
     device = runtime.device
     seed_everything(seed)
     patch = info.extra.get("patch_size") if info.kind == "segmentation" else None
