@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from medssl_bench.errors import ConfigError, DataError
+from medssl_bench.interfaces import global_pool
 from medssl_bench.plugins import build_registry
 from medssl_bench.weights import adapt_in_channels
 from medssl_bench_backbones.timm2d import Timm2D
@@ -55,7 +56,7 @@ def test_timm2d_shapes(model, kwargs, channels):
     assert features[-1].shape[-1] == 32 // backbone.size_multiple()
     assert encoder.state_dict()[encoder.stem_weight_key].shape[1] == channels
     assert backbone.build_classifier(encoder, 5)(features).shape == (2, 5)
-    assert encoder.embed(x).shape == (2, encoder.feature_channels[-1])
+    assert global_pool(features).shape == (2, encoder.feature_channels[-1])
     for skips in (True, False):
         decoder = backbone.build_decoder(encoder, 3, skip_connections=skips)
         assert decoder(features).shape == (2, 3, 32, 32)

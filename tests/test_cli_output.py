@@ -43,20 +43,28 @@ class _Clock:
         return self.now
 
 
-def _epochs(progress, clock, what: str, epochs: int, seconds: float, steps: int = 2) -> None:
+def _epochs(progress, clock, what: str, epochs: int, seconds: float, steps: int = 2,
+            stage: str = "pretrain") -> None:
+    """Feed ``progress`` the events of a training of ``epochs`` epochs of ``seconds`` each."""
+    from medssl_bench.events import EpochEnded, EpochStarted, StepEnded, TrainingEnded
+
+    began = clock.now
     for epoch in range(1, epochs + 1):
-        handle = progress.start(f"{what} epoch {epoch}/{epochs}", steps)
-        for _ in range(steps):
+        progress(EpochStarted(what, stage, epoch, epochs, steps))
+        for step in range(1, steps + 1):
             clock.now += seconds / steps
-            progress.advance(handle, {"loss": float(epoch), "acc": 0.5})
-        progress.stop(handle)
+            progress(StepEnded(what, stage, step, steps, clock.now - began,
+                               lambda epoch=epoch: {"loss": float(epoch), "acc": 0.5}))
+        progress(EpochEnded(what, stage, epoch, epochs, {"loss": float(epoch), "acc": 0.5},
+                            clock.now - began))
+    progress(TrainingEnded(what, stage, clock.now - began))
 
 
 def test_plain_progress_prints_an_epoch_line_at_most_every_interval_and_the_last():
     lines: list[str] = []
     clock = _Clock()
     progress = cli.PlainProgress(lines.append, interval=30, clock=clock)
-    _epochs(progress, clock, "pretrain rotation3d", epochs=10, seconds=10)
+    _epochs(progress, clock, "rotation3d", epochs=10, seconds=10)
     assert lines == [
         "pretrain rotation3d epoch 3/10: loss 3.0000 acc 0.5000 (30 s)",
         "pretrain rotation3d epoch 6/10: loss 6.0000 acc 0.5000 (60 s)",
@@ -65,7 +73,7 @@ def test_plain_progress_prints_an_epoch_line_at_most_every_interval_and_the_last
         "pretrained rotation3d in 100 s",
     ]
     lines.clear()  # fine-tuning: its last epoch always, no "pretrained" line
-    _epochs(progress, clock, "scratch 50% seed 0", epochs=2, seconds=1)
+    _epochs(progress, clock, "scratch 50% seed 0", epochs=2, seconds=1, stage="finetune")
     assert lines == ["scratch 50% seed 0 epoch 2/2: loss 2.0000 acc 0.5000 (2 s)"]
 
 
@@ -73,10 +81,37 @@ def test_plain_progress_reports_inside_a_long_epoch():
     lines: list[str] = []
     clock = _Clock()
     progress = cli.PlainProgress(lines.append, interval=30, clock=clock)
-    _epochs(progress, clock, "pretrain rpl3d", epochs=2, seconds=80, steps=4)
+    _epochs(progress, clock, "rpl3d", epochs=2, seconds=80, steps=4)
     assert lines[0] == "pretrain rpl3d epoch 1/2 step 2/4: loss 1.0000 acc 0.5000 (40 s)"
     assert lines[-2].startswith("pretrain rpl3d epoch 2/2: loss 2.0000")
     assert lines[-1] == "pretrained rpl3d in 160 s"
+
+
+def test_rich_progress_shows_one_bar_per_epoch_and_reads_logs_at_most_every_refresh():
+    class Bars:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def add_task(self, description, total, info):
+            self.calls.append(("add", description, total))
+            return len(self.calls)
+
+        def update(self, handle, advance, **fields):
+            self.calls.append(("update", handle, advance, fields.get("info")))
+
+        def remove_task(self, handle):
+            self.calls.append(("remove", handle))
+
+    bars, clock = Bars(), _Clock()
+    _epochs(cli.RichProgress(bars, refresh=0.5, clock=clock), clock, "rotation3d", epochs=1,
+            seconds=1.0, steps=4)
+    assert bars.calls == [
+        ("add", "pretrain rotation3d epoch 1/1", 4),
+        ("update", 1, 1, "loss 1.0000 acc 0.5000"),  # the first step shows its logs
+        ("update", 1, 1, None),  # 0.25 s later: read again only after 0.5 s
+        ("update", 1, 1, "loss 1.0000 acc 0.5000"), ("update", 1, 1, None),
+        ("remove", 1),
+    ]
 
 
 @pytest.fixture
@@ -94,7 +129,7 @@ def test_run_warns_on_paper_cpu_and_picks_progress_by_terminal(workdir, capsys, 
 
     seen = []
     monkeypatch.setattr(executor.InProcess, "execute",
-                        lambda self, plan, ctx: seen.append(type(ctx.progress.start.__self__)) or [])
+                        lambda self, plan, ctx: seen.append(type(ctx.progress)) or [])
     monkeypatch.setattr("medssl_bench_protocols.data_efficiency.DataEfficiency.plan",
                         lambda self, ctx: Plan(self.name))
     argv = ["run", "--protocol", "data-efficiency", "--task", "rotation3d", "--device", "cpu"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from medssl_bench.interfaces import global_pool
 from medssl_bench.plugins import build_registry
 
 REGISTRY = build_registry(autoload=False)
@@ -45,6 +46,36 @@ def test_task_step(name, channels):
     loss.backward()
     grads = [p.grad for p in encoder.parameters() if p.grad is not None]
     assert grads, f"{name}: the loss does not reach the encoder"
+
+
+class _ForwardOnly(torch.nn.Module):
+    """What a DDP wrapper offers a task: the encoder's ``forward``, none of its methods."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.wrapped = [encoder]  # not a submodule: nothing of it is reachable but forward
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.calls += 1
+        return self.wrapped[0](x)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_task_calls_the_encoder_through_forward(name):
+    """The loop may hand a task a compiled or distributed wrapper of the encoder, which only
+    sees ``forward``: a task must call ``encoder(x)`` (pooling with ``global_pool``)."""
+    task_cls = REGISTRY.get("task", name)
+    task = task_cls()
+    backbone = _backbone(task_cls)
+    encoder = backbone.build_encoder(1)
+    heads = task.build_heads(backbone, encoder)
+    batch = task.make_batch(_images(task_cls, 1), torch.Generator().manual_seed(0))
+    wrapper = _ForwardOnly(encoder)
+    loss, _ = task.compute_loss(wrapper, heads, batch)
+    assert wrapper.calls >= 1 and torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None for p in encoder.parameters())
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -89,7 +120,7 @@ def test_backbone_contract(name, channels):
     x = torch.rand(2, channels, *([size] * cls.spatial_dims))
     features = encoder(x)
     assert [f.shape[1] for f in features] == encoder.feature_channels
-    assert encoder.embed(x).shape == (2, encoder.embed_dim)
+    assert global_pool(features).shape == (2, encoder.embed_dim)
     assert encoder.state_dict()[encoder.stem_weight_key].shape[1] == channels
     assert backbone.build_classifier(encoder, 5)(features).shape == (2, 5)
     for skips in (True, False):

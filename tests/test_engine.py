@@ -97,7 +97,7 @@ def test_nan_loss_stops_with_clear_message(registry, monkeypatch):
 def test_batches_are_built_outside_mixed_precision(registry, monkeypatch):
     """make_batch runs in full precision (bf16 would round augmentation matrices); only the
     loss runs under autocast. CPU bf16 autocast stands in for CUDA's here."""
-    import medssl_bench.engine as engine
+    from medssl_bench.runtime import Runtime
 
     data, backbone = _tiny(registry)
     task_cls = registry.get("task", "rotation3d")
@@ -115,8 +115,8 @@ def test_batches_are_built_outside_mixed_precision(registry, monkeypatch):
 
     monkeypatch.setattr(task_cls, "make_batch", spy_batch)
     monkeypatch.setattr(task_cls, "compute_loss", spy_loss)
-    monkeypatch.setattr(engine, "autocast",
-                        lambda device, enabled=True: torch.autocast("cpu", dtype=torch.bfloat16))
+    monkeypatch.setattr(Runtime, "autocast",
+                        lambda self: torch.autocast("cpu", dtype=torch.bfloat16))
     pretrain(task, backbone, data.unlabeled, data.info,
              PretrainConfig(epochs=1, iterations_per_epoch=1, batch_size=2),
              torch.device("cpu"), 0)

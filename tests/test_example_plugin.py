@@ -24,7 +24,9 @@ def installed(tmp_path_factory):
          "--target", str(target), str(EXAMPLE)],
         check=True, capture_output=True, text=True,
     )
-    env = dict(os.environ, PYTHONPATH=str(target), BENCH_DISABLE_PLUGIN_AUTOLOAD="0")
+    # the example first, then whatever PYTHONPATH says (a worktree's own medssl_bench)
+    path = os.pathsep.join(p for p in (str(target), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, BENCH_DISABLE_PLUGIN_AUTOLOAD="0")
     return env
 
 

@@ -250,10 +250,12 @@ def test_arbitrary_rotation_keeps_content_and_channels_move_together():
 
 
 class _StubEncoder(nn.Module):
+    """Features whose global pooling is the first four voxels of each image."""
+
     embed_dim = 4
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1)[:, :4]
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x.flatten(1)[:, :4, None]]
 
 
 def test_exemplar_margin_and_distance_options():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -183,21 +183,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _logs_text(logs: dict[str, float] | Any) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+
+
 class RichProgress:
-    """Bridges the engine's progress callbacks to a rich progress display."""
+    """Renders the training loop's events (:mod:`medssl_bench.events`) as rich progress
+    bars: one bar per epoch with the epoch's mean logs so far, refreshed at most every
+    ``refresh`` seconds (reading them synchronises with the GPU)."""
 
-    def __init__(self, progress) -> None:
-        self.progress = progress
+    def __init__(self, progress, refresh: float = 0.5, clock=time.monotonic) -> None:
+        self.progress, self.refresh, self.clock = progress, refresh, clock
+        self.bars: dict[str, Any] = {}  # training -> its current epoch's bar
+        self.shown = -math.inf
 
-    def start(self, description: str, total: int):
-        return self.progress.add_task(description, total=total, info="")
+    def __call__(self, event: Any) -> None:
+        from medssl_bench.events import EpochEnded, EpochStarted, StepEnded
 
-    def advance(self, handle, logs: dict[str, float]) -> None:
-        info = " ".join(f"{k} {v:.4f}" for k, v in logs.items())
-        self.progress.update(handle, advance=1, info=info)
-
-    def stop(self, handle) -> None:
-        self.progress.remove_task(handle)
+        if isinstance(event, EpochStarted):
+            self.bars[event.what] = self.progress.add_task(event.description, total=event.steps,
+                                                           info="")
+        elif isinstance(event, StepEnded) and event.what in self.bars:
+            fields = {}
+            if self.clock() - self.shown >= self.refresh:
+                fields["info"] = _logs_text(event.running())
+                self.shown = self.clock()
+            self.progress.update(self.bars[event.what], advance=1, **fields)
+        elif isinstance(event, EpochEnded) and event.what in self.bars:
+            self.progress.remove_task(self.bars.pop(event.what))
 
 
 class PlainProgress:
@@ -206,44 +219,33 @@ class PlainProgress:
     a training) with the epoch, its mean losses and the training's time so far, mid-epoch
     when an epoch is long; after a pretraining's last epoch a ``pretrained <task> in N s``
     line. Without these a paper run logs nothing for hours between "Dataset ..." and the
-    first fine-tune result."""
-
-    EPOCH = re.compile(r"^(?P<what>.*?) epoch (?P<n>\d+)/(?P<total>\d+)")
+    first fine-tune result. Renders the training loop's events (:mod:`medssl_bench.events`)."""
 
     def __init__(self, echo, interval: float = 30.0, clock=time.monotonic) -> None:
         self.echo, self.interval, self.clock = echo, interval, clock
         self.last = clock()
-        self.began: dict[str, float] = {}  # training -> when its first epoch started
+        self.epochs: dict[str, Any] = {}  # training -> its current EpochStarted
 
-    def start(self, description: str, total: int) -> dict[str, Any]:
-        match = self.EPOCH.match(description)
-        what = match["what"] if match else description
-        self.began.setdefault(what, self.clock())
-        return {"description": description, "what": what, "total": total, "steps": 0, "sums": {},
-                "last_epoch": bool(match and match["n"] == match["total"])}
+    def __call__(self, event: Any) -> None:
+        from medssl_bench.events import EpochEnded, EpochStarted, StepEnded, TrainingEnded
 
-    def advance(self, handle: dict[str, Any], logs: dict[str, float]) -> None:
-        handle["steps"] += 1
-        for key, value in logs.items():
-            handle["sums"][key] = handle["sums"].get(key, 0.0) + value
-        mid_epoch = handle["steps"] < (handle["total"] or 0)  # stop() reports the epoch's end
-        if mid_epoch and self.clock() - self.last >= self.interval:  # a long epoch
-            self._line(handle, f" step {handle['steps']}/{handle['total']}")
+        if isinstance(event, EpochStarted):
+            self.epochs[event.what] = event
+        elif isinstance(event, StepEnded):
+            started = self.epochs.get(event.what)
+            mid_epoch = event.step < event.steps  # EpochEnded reports the epoch's end
+            if started and mid_epoch and self.clock() - self.last >= self.interval:
+                self._line(f"{started.description} step {event.step}/{event.steps}",
+                           event.running(), event.seconds)
+        elif isinstance(event, EpochEnded):
+            self.epochs.pop(event.what, None)
+            if event.last or self.clock() - self.last >= self.interval:
+                self._line(event.description, event.logs, event.seconds)
+        elif isinstance(event, TrainingEnded) and event.stage == "pretrain":
+            self.echo(f"pretrained {event.what} in {event.seconds:.0f} s")
 
-    def stop(self, handle: dict[str, Any]) -> None:
-        if handle["last_epoch"] or self.clock() - self.last >= self.interval:
-            self._line(handle, "")
-        if handle["last_epoch"]:
-            seconds = self.clock() - self.began.pop(handle["what"], self.clock())
-            if handle["what"].startswith("pretrain "):
-                task = handle["what"].removeprefix("pretrain ")
-                self.echo(f"pretrained {task} in {seconds:.0f} s")
-
-    def _line(self, handle: dict[str, Any], where: str) -> None:
-        steps = max(handle["steps"], 1)
-        logs = " ".join(f"{k} {v / steps:.4f}" for k, v in handle["sums"].items())
-        elapsed = self.clock() - self.began.get(handle["what"], self.clock())
-        self.echo(f"{handle['description']}{where}: {logs or 'no steps'} ({elapsed:.0f} s)")
+    def _line(self, where: str, logs: Any, seconds: float) -> None:
+        self.echo(f"{where}: {_logs_text(logs) or 'no steps'} ({seconds:.0f} s)")
         self.last = self.clock()
 
 
@@ -252,7 +254,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from medssl_bench.context import RunContext
     from medssl_bench.device import configure_backend
-    from medssl_bench.engine import Progress as EngineProgress
     from medssl_bench.spec import instantiate
     from medssl_bench.tracking import Tracker
     from medssl_bench.units import preflight
@@ -286,7 +287,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         ctx = RunContext(
             registry=registry, run=run, plugins=plugins, device=device, tracker=tracker,
             cache_dir=cache_dir, force=args.force,
-            progress=EngineProgress(rich_progress.start, rich_progress.advance, rich_progress.stop),
+            progress=rich_progress,
             echo=console.print,
         )
         plan = plugins["protocol"].plan(ctx)

@@ -5,8 +5,7 @@ evaluate on a held-out split. Protocol runners compose these; they know nothing 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,14 +14,27 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, RandomSampler, Subset
+from torch.utils.data import DataLoader, Subset
 from torch.utils.data import Dataset as TorchDataset
 
-from medssl_bench.config import NEUTRAL, PluginConfig
-from medssl_bench.device import autocast, make_generator, seed_everything, worker_init
-from medssl_bench.errors import ConfigError, DataError, TrainingError
+from medssl_bench.config import NEUTRAL, PluginConfig, since
+from medssl_bench.device import autocast, seed_everything
+from medssl_bench.errors import ConfigError, DataError
+from medssl_bench.events import Event, Sink
 from medssl_bench.interfaces import Backbone, DatasetInfo, Encoder, ProxyTask
+from medssl_bench.loop import Loop
 from medssl_bench.metrics import classification_metrics, dice_per_case, segmentation_metrics
+from medssl_bench.optim import (
+    OptimizerName,
+    ScheduleName,
+    build_optimizer,
+    lr_warmup_field,
+    momentum_field,
+    optimizer_field,
+    schedule_field,
+    schedule_of,
+)
+from medssl_bench.runtime import Runtime
 from medssl_bench.volumetric import (
     needs_patches,
     random_patches,
@@ -42,9 +54,10 @@ class PretrainConfig(PluginConfig):
     epochs: int = Field(default=1000, ge=0, description="Pretraining epochs (reference configs: 1000).")
     batch_size: int = Field(default=4, ge=1, description="Volumes per step before the task "
                             "multiplies them (rotation copies, patches, ...).")
-    lr: float = Field(default=1e-3, gt=0, description="Adam learning rate (appendix: 1e-3 in 3D, "
-                      "5e-4 in 2D self-supervised tasks).")
-    weight_decay: float = Field(default=0.0, ge=0, description="Adam weight decay.")
+    lr: float = Field(default=1e-3, gt=0, description="Learning rate, the peak of the schedule "
+                      "(appendix, Adam: 1e-3 in 3D, 5e-4 in 2D self-supervised tasks).")
+    weight_decay: float = Field(default=0.0, ge=0, description="Weight decay (L2 for adam and "
+                                "sgd, decoupled for adamw).")
     iterations_per_epoch: int | None = Field(
         default=None, ge=1, description="Batches per epoch, sampled with replacement; "
         "null means one pass over the unlabeled pool.")
@@ -52,6 +65,17 @@ class PretrainConfig(PluginConfig):
     num_workers: int = Field(default=0, ge=0, json_schema_extra=NEUTRAL,
                              description="DataLoader worker processes.")
     amp: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on the CPU).")
+    optimizer: OptimizerName = optimizer_field()
+    momentum: float = momentum_field()
+    schedule: ScheduleName = schedule_field()
+    lr_warmup_epochs: int = lr_warmup_field()
+    compile: bool = Field(default=False, json_schema_extra=since("0.2"),
+                          description="torch.compile the network (compiled once per input "
+                          "shape; pays off on a GPU over long runs).")
+    grad_accumulation: int = Field(default=1, ge=1, json_schema_extra=since("0.2"),
+                                   description="Micro-batches of batch_size whose gradients "
+                                   "make one optimizer step (an effective batch this many "
+                                   "times larger in the same memory).")
 
 
 class FinetuneConfig(PluginConfig):
@@ -60,14 +84,17 @@ class FinetuneConfig(PluginConfig):
     epochs: int = Field(default=400, ge=1, description="Fine-tuning epochs (reference configs: 400).")
     warmup_epochs: int = Field(default=25, ge=0, description="Epochs with the encoder frozen "
                                "before everything trains (appendix: 25 for 3D segmentation, "
-                               "5 for 2D classification).")
+                               "5 for 2D classification); the learning-rate warm-up is "
+                               "lr_warmup_epochs.")
     freeze: Literal["warmup", "frozen", "none"] = Field(
         default="warmup", description="warmup: frozen encoder for warmup_epochs, then all "
         "trains (the paper); frozen: linear probe, encoder never trains; none: no warm-up.")
     batch_size: int = Field(default=2, ge=1, description="Labeled volumes per step (configs: 2).")
-    lr: float = Field(default=1e-5, gt=0, description="Adam learning rate (appendix: 1e-5 for "
-                      "3D segmentation, 5e-5 for 2D classification; configs use 1e-3).")
-    weight_decay: float = Field(default=0.0, ge=0, description="Adam weight decay.")
+    lr: float = Field(default=1e-5, gt=0, description="Learning rate, the peak of the schedule "
+                      "(appendix, Adam: 1e-5 for 3D segmentation, 5e-5 for 2D classification; "
+                      "configs use 1e-3).")
+    weight_decay: float = Field(default=0.0, ge=0, description="Weight decay (L2 for adam and "
+                                "sgd, decoupled for adamw).")
     loss: Literal["dice", "ce", "dice_ce"] = Field(
         default="dice_ce", description="Segmentation loss: soft Dice (the Taleb code), "
         "cross-entropy, or their sum. Classification always uses cross-entropy.")
@@ -87,6 +114,17 @@ class FinetuneConfig(PluginConfig):
     channel_adaptation: Literal["duplicate", "average"] = Field(
         default="duplicate", description="How a pretrained first layer takes a different number "
         "of input channels: duplicate its weights (Taleb et al. appendix) or average them.")
+    optimizer: OptimizerName = optimizer_field()
+    momentum: float = momentum_field()
+    schedule: ScheduleName = schedule_field()
+    lr_warmup_epochs: int = lr_warmup_field()
+    compile: bool = Field(default=False, json_schema_extra=since("0.2"),
+                          description="torch.compile the network (compiled once per input "
+                          "shape; pays off on a GPU over long runs).")
+    grad_accumulation: int = Field(default=1, ge=1, json_schema_extra=since("0.2"),
+                                   description="Micro-batches of batch_size whose gradients "
+                                   "make one optimizer step (an effective batch this many "
+                                   "times larger in the same memory).")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -110,47 +148,12 @@ def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, tuple[slice, ...]
     return F.pad(x, pads), tuple(crops)
 
 
-class EpochLoader:
-    """One DataLoader for a whole training run, reseeded every epoch.
-
-    Building a loader per epoch would re-fork its workers (and drop whatever they cached);
-    reseeding the sampler's generator instead keeps workers alive while epoch ``e`` still
-    draws the same batches whatever ran before it (which resuming relies on).
-    """
-
-    def __init__(self, dataset: TorchDataset, batch_size: int, iterations: int | None,
-                 num_workers: int, pin_memory: bool) -> None:
-        self.generator = torch.Generator()
-        count = None if iterations is None else iterations * batch_size
-        sampler = RandomSampler(dataset, replacement=iterations is not None, num_samples=count,
-                                generator=self.generator)
-        self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-            worker_init_fn=worker_init, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0,
-        )
-
-    def epoch(self, seed: int) -> DataLoader:
-        self.generator.manual_seed(seed)
-        return self.loader
-
-
-def _check_finite(loss: Tensor, where: str, lr: float) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingError(
-            f"{where}: the loss became {loss.item()}. Training diverged; lower the learning rate "
-            f"(now {lr:g}, e.g. --set pretrain.lr=... or finetune.lr=...), enable grad_clip, or "
-            "check the input images for NaN values."
-        )
-
-
-@dataclass
 class Progress:
-    """Optional progress reporting; the CLI passes a rich-backed implementation."""
+    """The default progress sink: drops every event. Any callable taking a
+    :mod:`medssl_bench.events` event is a sink (the CLI renders them)."""
 
-    start: Callable[[str, int], Any] = lambda description, total: None
-    advance: Callable[[Any, dict[str, float]], None] = lambda handle, logs: None
-    stop: Callable[[Any], None] = lambda handle: None
+    def __call__(self, event: Event) -> None:
+        pass
 
 
 NO_PROGRESS = Progress()
@@ -193,6 +196,20 @@ class PretrainResult:
     seconds: float = 0.0
 
 
+class PretrainStep(nn.Module):
+    """One pretraining step's forward: the task's loss on a prepared batch. It owns the
+    encoder and the heads, every trained parameter, so the runtime can wrap it whole."""
+
+    def __init__(self, task: ProxyTask, encoder: Encoder, heads: nn.ModuleDict) -> None:
+        super().__init__()
+        self.task = task
+        self.encoder = encoder
+        self.heads = heads
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Mapping[str, float | Tensor]]:
+        return self.task.compute_loss(self.encoder, self.heads, batch)
+
+
 def pretrain(
     task: ProxyTask,
     backbone: Backbone,
@@ -202,24 +219,29 @@ def pretrain(
     device: torch.device,
     seed: int,
     on_epoch: MetricCallback | None = None,
-    progress: Progress = NO_PROGRESS,
+    progress: Sink = NO_PROGRESS,
     resume: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    runtime: Runtime | None = None,
 ) -> PretrainResult:
     """Train ``backbone``'s encoder (and the task's heads) with ``task`` on ``unlabeled``.
 
     Returns the weights that transfer (``encoder``, plus ``decoder`` when the task says so).
     ``resume``/``on_checkpoint`` carry a full training state between epochs so an interrupted
-    pretraining continues where it stopped.
+    pretraining continues where it stopped. ``progress`` receives the loop's events;
+    ``runtime`` (default: one process on ``device``) takes ``cfg``'s precision, compile and
+    gradient accumulation.
     """
+    runtime = (runtime or Runtime.local(device)).configured(cfg)
+    device = runtime.device
     seed_everything(seed)
     task.check_input(tuple(info.image_size), info.channels)
     check_input_size(backbone, tuple(info.image_size))
-    encoder = backbone.build_encoder(info.channels).to(device)
-    heads = task.build_heads(backbone, encoder).to(device)
+    encoder = runtime.place(backbone.build_encoder(info.channels))
+    heads = runtime.place(task.build_heads(backbone, encoder))
     params = [*encoder.parameters(), *heads.parameters()]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = make_generator(seed, device)
+    optimizer = build_optimizer(params, cfg)
+    generator = runtime.generator(seed)
     start_epoch, history = 0, []
     if resume is not None:
         encoder.load_state_dict(resume["encoder"])
@@ -233,59 +255,53 @@ def pretrain(
         except RuntimeError:
             # A CPU generator's state cannot continue on CUDA (or back): weights, optimizer and
             # epoch carry over; the batch stream restarts from a seed of its own.
-            generator = make_generator(seed * 1_000_003 + start_epoch, device)
+            generator = runtime.generator(seed * 1_000_003 + start_epoch)
         torch.set_rng_state(resume["torch_rng"])
         if device.type == "cuda" and resume.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(resume["cuda_rng"], device)  # dropout etc. on the GPU
     multiple = backbone.size_multiple()
-    loaders = EpochLoader(unlabeled, cfg.batch_size, cfg.iterations_per_epoch, cfg.num_workers,
-                          device.type == "cuda")
-    t0 = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs):
-        loader = loaders.epoch(seed + epoch)
-        handle = progress.start(f"pretrain {task.name} epoch {epoch + 1}/{cfg.epochs}", len(loader))
-        encoder.train()
-        heads.train()
-        sums: dict[str, float] = {}
-        steps = 0
-        for images in loader:
-            images = images.to(device, non_blocking=True)
-            images, _ = pad_to_multiple(images, multiple)
-            # Batch construction in full precision: under bf16 autocast the augmentations'
-            # small affine matrices would be rounded to 8 bits (non-rigid "rotations").
-            batch = task.make_batch(images, generator)
-            with autocast(device, cfg.amp):
-                loss, logs = task.compute_loss(encoder, heads, batch)
-            _check_finite(loss, f"Pretraining {task.name!r} (epoch {epoch + 1}, step {steps + 1})",
-                          cfg.lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            logs = {"loss": loss.item(), **logs}
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            steps += 1
-            progress.advance(handle, logs)
-        progress.stop(handle)
-        epoch_logs = {f"pretrain_{k}": v / max(steps, 1) for k, v in sums.items()}
+
+    def prepare(images: Tensor) -> dict[str, Tensor]:
+        images, _ = pad_to_multiple(runtime.to_device(images), multiple)
+        # Batch construction in full precision (the loop calls this outside autocast): under
+        # bf16 the augmentations' small affine matrices would be rounded to 8 bits
+        # (non-rigid "rotations").
+        return task.make_batch(images, generator)
+
+    def end_epoch(epoch: int, logs: dict[str, float]) -> None:
+        epoch_logs = {f"pretrain_{k}": v for k, v in logs.items()}
         history.append(epoch_logs)
         if on_epoch:
             on_epoch(epoch_logs, epoch)
-        if on_checkpoint:
-            on_checkpoint({
-                "epoch": epoch + 1, "history": history,
-                "encoder": encoder.state_dict(), "heads": heads.state_dict(),
-                "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "device_type": device.type,
-            })
+
+    def checkpoint(epoch: int) -> None:
+        assert on_checkpoint is not None
+        on_checkpoint({
+            "epoch": epoch + 1, "history": history,
+            "encoder": encoder.state_dict(), "heads": heads.state_dict(),
+            "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "device_type": device.type,
+        })
+
+    loop = Loop(
+        what=task.name, stage="pretrain",
+        model=PretrainStep(task, runtime.compiled(encoder), heads), params=params,
+        optimizer=optimizer, schedule=schedule_of(cfg),
+        batches=runtime.loader(unlabeled, cfg.batch_size, cfg.iterations_per_epoch,
+                               cfg.num_workers),
+        runtime=runtime, prepare=prepare, epoch_seed=lambda epoch: seed + epoch,
+        grad_clip=cfg.grad_clip,
+        where=lambda epoch, step: f"Pretraining {task.name!r} (epoch {epoch + 1}, step {step + 1})",
+        on_epoch_end=end_epoch, on_checkpoint=checkpoint if on_checkpoint else None,
+        progress=progress,
+    )
+    seconds = loop.run(cfg.epochs, start_epoch)
     weights: StateDicts = {"encoder": {k: v.detach().cpu() for k, v in encoder.state_dict().items()}}
     if "decoder" in task.transfers and "decoder" in heads:
         weights["decoder"] = {k: v.detach().cpu() for k, v in heads["decoder"].state_dict().items()}
-    return PretrainResult(weights, history, time.perf_counter() - t0)
+    return PretrainResult(weights, history, seconds)
 
 
 # --------------------------------------------------------------------------- fine-tuning
@@ -421,6 +437,23 @@ class FinetuneResult:
     weights: dict[str, Tensor]
 
 
+class FinetuneStep(nn.Module):
+    """One fine-tuning step's forward: the downstream model's loss on (images, targets)."""
+
+    def __init__(self, model: DownstreamModel, kind: str, loss: str) -> None:
+        super().__init__()
+        self.model = model
+        self.kind = kind
+        self.loss = loss
+
+    def forward(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        images, targets = batch
+        logits = self.model(images)
+        if self.kind == "segmentation":  # in float32 whatever the autocast dtype
+            return segmentation_loss(logits, targets, self.loss), {}
+        return F.cross_entropy(logits.float(), targets), {}
+
+
 def finetune(
     backbone: Backbone,
     info: DatasetInfo,
@@ -432,69 +465,55 @@ def finetune(
     device: torch.device,
     seed: int,
     on_epoch: MetricCallback | None = None,
-    progress: Progress = NO_PROGRESS,
+    progress: Sink = NO_PROGRESS,
     label: str = "fine-tune",
     select_metric: str | None = None,
+    runtime: Runtime | None = None,
 ) -> FinetuneResult:
     """Fine-tune on ``train``, pick weights on ``val``, report metrics on ``test``.
 
     ``select_metric`` (default: the dataset's main metric) chooses the validation epoch
     whose weights are tested; it should be the metric the protocol ranks by. Epochs where
     it is undefined (NaN) never beat a defined score; if it is never defined, the last
-    epoch is tested.
+    epoch is tested. ``progress`` and ``runtime``: as for :func:`pretrain`.
     """
+    runtime = (runtime or Runtime.local(device)).configured(cfg)
+    device = runtime.device
     seed_everything(seed)
     patch = info.extra.get("patch_size") if info.kind == "segmentation" else None
     spatial = tuple(_first_image(train).shape[1:])
     if patch:
         spatial = tuple(min(s, p) for s, p in zip(spatial, _as_tuple(patch, len(spatial)), strict=True))
     check_input_size(backbone, spatial)
-    model = build_downstream(backbone, info, pretrained, cfg).to(device)
-    optimizer = torch.optim.Adam(
-        [p for p in model.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
+    model = runtime.place(build_downstream(backbone, info, pretrained, cfg))
+    assert isinstance(model, DownstreamModel)
+    params = list(model.parameters())
+    optimizer = build_optimizer(params, cfg)
     freeze_epochs = {"warmup": cfg.warmup_epochs if pretrained is not None else 0,
                      "frozen": cfg.epochs, "none": 0}[cfg.freeze]
     main = select_metric or info.main_metric
     best_score, best_epoch, best_state = -math.inf, -1, None
     history: list[dict[str, float]] = []
     patch_generator = torch.Generator().manual_seed(seed)
-    loaders = EpochLoader(train, cfg.batch_size, cfg.iterations_per_epoch, cfg.num_workers,
-                          device.type == "cuda")
-    t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
+
+    def prepare(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        images, targets = batch
+        if patch:  # volumes larger than the model's input: one random patch per case
+            images, targets = random_patches(images, targets, patch, patch_generator)
+        return runtime.to_device(images), runtime.to_device(targets)
+
+    def start_epoch(epoch: int) -> bool:
         frozen = epoch < freeze_epochs
         for p in model.encoder.parameters():
             p.requires_grad_(not frozen)
-        model.train()
         if frozen:
             model.encoder.eval()  # keep normalisation statistics fixed too
-        loader = loaders.epoch(seed * 1000 + epoch)
-        handle = progress.start(f"{label} epoch {epoch + 1}/{cfg.epochs}"
-                                + (" (encoder frozen)" if frozen else ""), len(loader))
-        losses = []
-        for images, targets in loader:
-            if patch:  # volumes larger than the model's input: one random patch per case
-                images, targets = random_patches(images, targets, patch, patch_generator)
-            images = images.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            with autocast(device, cfg.amp):
-                logits = model(images)
-            if info.kind == "segmentation":
-                loss = segmentation_loss(logits, targets, cfg.loss)
-            else:
-                loss = F.cross_entropy(logits.float(), targets)
-            _check_finite(loss, f"Fine-tuning {label} (epoch {epoch + 1})", cfg.lr)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            losses.append(loss.item())
-            progress.advance(handle, {"loss": loss.item()})
-        progress.stop(handle)
+        return frozen
+
+    def end_epoch(epoch: int, logs: dict[str, float]) -> None:
+        nonlocal best_score, best_epoch, best_state
         val_metrics = evaluate(model, val, info, device, cfg.eval_batch_size, cfg.amp)
-        record = {"train_loss": float(np.mean(losses)) if losses else math.nan,
+        record = {"train_loss": logs.get("loss", math.nan),
                   **{f"val_{k}": v for k, v in val_metrics.items()}}
         history.append(record)
         if on_epoch:
@@ -506,10 +525,21 @@ def finetune(
             score = -math.inf if math.isnan(score) else score
             best_score, best_epoch = score, epoch
             best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+    loop = Loop(
+        what=label, stage="finetune",
+        model=FinetuneStep(runtime.compiled(model), info.kind, cfg.loss), params=params,
+        optimizer=optimizer, schedule=schedule_of(cfg),
+        batches=runtime.loader(train, cfg.batch_size, cfg.iterations_per_epoch, cfg.num_workers),
+        runtime=runtime, prepare=prepare, epoch_seed=lambda epoch: seed * 1000 + epoch,
+        grad_clip=cfg.grad_clip, where=lambda epoch, step: f"Fine-tuning {label} (epoch {epoch + 1})",
+        on_epoch_start=start_epoch, on_epoch_end=end_epoch, progress=progress,
+    )
+    seconds = loop.run(cfg.epochs)
     assert best_state is not None
     model.load_state_dict(best_state)
     test_metrics = evaluate(model, test, info, device, cfg.eval_batch_size, cfg.amp)
-    return FinetuneResult(test_metrics, history, best_epoch, time.perf_counter() - t0, best_state)
+    return FinetuneResult(test_metrics, history, best_epoch, seconds, best_state)
 
 
 def label_subset(

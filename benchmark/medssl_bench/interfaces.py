@@ -66,14 +66,18 @@ class Encoder(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def embed(self, x: Tensor) -> Tensor:
-        """Global-average-pooled deepest features, shape ``(B, feature_channels[-1])``."""
-        deepest = self(x)[-1]
-        return deepest.flatten(2).mean(-1)
-
     @property
     def embed_dim(self) -> int:
+        """Channels of :func:`global_pool` of the features: ``feature_channels[-1]``."""
         return self.feature_channels[-1]
+
+
+def global_pool(features: list[Tensor]) -> Tensor:
+    """The deepest of an encoder's features, averaged over space: ``(B, embed_dim)``.
+
+    Tasks call the encoder itself, ``global_pool(encoder(x))``, never a method beside
+    ``forward``: a wrapper of the encoder (``torch.compile``, DDP) only sees ``forward``."""
+    return features[-1].flatten(2).mean(-1)
 
 
 class Backbone(Plugin):

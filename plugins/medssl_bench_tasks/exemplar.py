@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from medssl_bench.config import PluginConfig
-from medssl_bench.interfaces import Backbone, Encoder, ProxyTask
+from medssl_bench.interfaces import Backbone, Encoder, ProxyTask, global_pool
 from medssl_bench_tasks.augment import (
     AffineParams,
     apply_affine,
@@ -174,7 +174,7 @@ class Exemplar3D(ProxyTask):
         return batch
 
     def embed(self, encoder: Encoder, heads: nn.ModuleDict, x: Tensor) -> Tensor:
-        z = heads["embedding"](encoder.embed(x)).float()
+        z = heads["embedding"](global_pool(encoder(x))).float()
         if self.config.activation == "sigmoid":
             return torch.sigmoid(z)
         if self.config.activation == "l2norm":

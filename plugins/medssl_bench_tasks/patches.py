@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from medssl_bench.errors import ConfigError
-from medssl_bench.interfaces import Backbone, Encoder
+from medssl_bench.interfaces import Backbone, Encoder, global_pool
 
 
 class BufferPool:
@@ -256,4 +256,4 @@ class PatchEmbedder(torch.nn.Module):
         return torch.nn.functional.pad(patches, pads) if any(pads) else patches
 
     def forward(self, encoder: Encoder, patches: Tensor) -> Tensor:
-        return self.proj(encoder.embed(self.pad(patches)))
+        return self.proj(global_pool(encoder(self.pad(patches))))

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from medssl_bench.config import PluginConfig
 from medssl_bench.errors import ConfigError
-from medssl_bench.interfaces import Backbone, Encoder, ProxyTask
+from medssl_bench.interfaces import Backbone, Encoder, ProxyTask, global_pool
 from medssl_bench_tasks.augment import permuted_copy
 from medssl_bench_tasks.common import MLPHead, classification_loss, randint
 from medssl_bench_tasks.patches import BUFFERS
@@ -188,5 +188,5 @@ class Rotation3D(ProxyTask):
                 "labels": labels, "sources": sources}
 
     def compute_loss(self, encoder, heads, batch):
-        logits = heads["classifier"](encoder.embed(batch["inputs"]))
+        logits = heads["classifier"](global_pool(encoder(batch["inputs"])))
         return classification_loss(logits, batch["labels"])

@@ -8,7 +8,7 @@ from torch import nn
 
 from medssl_bench.config import PluginConfig
 from medssl_bench.hookspecs import hookimpl
-from medssl_bench.interfaces import ProxyTask
+from medssl_bench.interfaces import ProxyTask, global_pool
 
 
 def flip_batch(volumes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -39,7 +39,7 @@ class Flip3D(ProxyTask):
         return {"inputs": flip_batch(images, labels), "labels": labels}
 
     def compute_loss(self, encoder, heads, batch):
-        logits = heads["classifier"](encoder.embed(batch["inputs"])).float()
+        logits = heads["classifier"](global_pool(encoder(batch["inputs"]))).float()
         loss = nn.functional.cross_entropy(logits, batch["labels"])
         return loss, {"acc": (logits.argmax(1) == batch["labels"]).float().mean().item()}
 

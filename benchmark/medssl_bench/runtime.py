@@ -1,0 +1,154 @@
+"""The runtime: where and how a training runs, asked by the training loop.
+
+The loop (:mod:`medssl_bench.loop`) knows nothing of devices, precision or processes; it
+asks a :class:`Runtime` to place tensors and modules, for the autocast context of a forward
+pass, how many micro-batches make one optimizer step, to wrap the trained module, and to
+combine values across processes. Today's runtime is one process on one device:
+
+- placement: ``device`` (CPU or one CUDA GPU), pinned host memory for CUDA;
+- precision: bf16 autocast on CUDA when ``amp`` (as 0.1), fp32 on the CPU;
+- ``compile``: ``torch.compile`` of the modules the engine hands to :meth:`compiled`
+  (off by default);
+- ``grad_accumulation``: micro-batches per optimizer step (default 1).
+
+Distributed data parallelism (torchrun) plugs in as a subclass that overrides the
+documented seams: :meth:`wrap` (``DistributedDataParallel`` around the module that owns
+every trained parameter), :meth:`no_sync` (skip the gradient all-reduce on accumulation
+micro-batches), :meth:`loader` (each process reads its shard), :meth:`reduce_sum` (epoch means
+across processes), :attr:`is_main` (only rank 0 reports progress and writes checkpoints),
+:attr:`rank` and :attr:`world_size`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import Dataset as TorchDataset
+
+from medssl_bench.device import make_generator, worker_init
+
+
+class EpochLoader:
+    """One DataLoader for a whole training run, reseeded every epoch.
+
+    Building a loader per epoch would re-fork its workers (and drop whatever they cached);
+    reseeding the sampler's generator instead keeps workers alive while epoch ``e`` still
+    draws the same batches whatever ran before it (which resuming relies on).
+    """
+
+    def __init__(self, dataset: TorchDataset, batch_size: int, iterations: int | None,
+                 num_workers: int, pin_memory: bool) -> None:
+        self.generator = torch.Generator()
+        count = None if iterations is None else iterations * batch_size
+        sampler = RandomSampler(dataset, replacement=iterations is not None, num_samples=count,
+                                generator=self.generator)
+        self.loader = DataLoader(
+            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+            worker_init_fn=worker_init, pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+        )
+
+    def epoch(self, seed: int) -> DataLoader:
+        self.generator.manual_seed(seed)
+        return self.loader
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One process on one device (see the module docstring for the seams DDP overrides)."""
+
+    device: torch.device
+    #: bf16 autocast on CUDA (the config's ``amp``); ignored on the CPU.
+    amp: bool = True
+    #: ``torch.compile`` the modules passed to :meth:`compiled`.
+    compile: bool = False
+    #: Micro-batches whose gradients add up to one optimizer step.
+    grad_accumulation: int = 1
+
+    @classmethod
+    def local(cls, device: torch.device | str, cfg: Any = None) -> Runtime:
+        """A single-process runtime on ``device``, with ``cfg``'s (a PretrainConfig or
+        FinetuneConfig) ``amp``, ``compile`` and ``grad_accumulation`` when given."""
+        runtime = cls(torch.device(device))
+        return runtime.configured(cfg) if cfg is not None else runtime
+
+    def configured(self, cfg: Any) -> Runtime:
+        """This runtime with a training config's precision, compile and accumulation."""
+        return replace(self, amp=bool(cfg.amp), compile=bool(cfg.compile),
+                       grad_accumulation=int(cfg.grad_accumulation))
+
+    # ------------------------------------------------------------------ placement
+    @property
+    def pin_memory(self) -> bool:
+        return self.device.type == "cuda"
+
+    def to_device(self, tensor: Tensor) -> Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+    def place(self, module: nn.Module) -> nn.Module:
+        """Move ``module``'s parameters and buffers to the device (in place)."""
+        return module.to(self.device)
+
+    def generator(self, seed: int) -> torch.Generator:
+        """A seeded generator on the device (proxy-task batches are drawn where they are built)."""
+        return make_generator(seed, self.device)
+
+    def loader(self, dataset: TorchDataset, batch_size: int, iterations: int | None,
+               num_workers: int) -> EpochLoader:
+        """The batches of a training (DDP: this process's shard of them)."""
+        return EpochLoader(dataset, batch_size, iterations, num_workers, self.pin_memory)
+
+    # ------------------------------------------------------------------ precision, compile
+    @property
+    def precision(self) -> Literal["bf16", "fp32"]:
+        return "bf16" if self.amp and self.device.type == "cuda" else "fp32"
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The context of a forward pass: bf16 autocast on CUDA when ``amp``, else nothing
+        (bf16 conv3d is slow on the CPU)."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def compiled(self, module: nn.Module) -> nn.Module:
+        """``module`` compiled in place when ``compile`` (its state dict keeps its keys, so
+        checkpoints and transferred weights are unchanged); as it is otherwise."""
+        if self.compile:
+            module.compile()
+        return module
+
+    # ------------------------------------------------------------------ processes (DDP seams)
+    @property
+    def rank(self) -> int:
+        return 0
+
+    @property
+    def world_size(self) -> int:
+        return 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process reports progress and writes checkpoints."""
+        return self.rank == 0
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """What the loop calls for a step's forward; ``module`` owns every trained parameter.
+        DDP returns ``DistributedDataParallel(module)``; one process returns it unchanged."""
+        return module
+
+    @contextlib.contextmanager
+    def no_sync(self, module: nn.Module) -> Iterator[None]:
+        """Around the backward pass of a micro-batch that does not end an optimizer step
+        (DDP: ``module.no_sync()``, no gradient all-reduce yet)."""
+        yield
+
+    def reduce_sum(self, values: Sequence[float]) -> list[float]:
+        """``values`` summed over processes (DDP: one all-reduce of them as a tensor);
+        unchanged in one process. The loop sums its epoch's step logs and step count so."""
+        return list(values)
