@@ -1,5 +1,5 @@
 """Tiny datasets written in exactly the layouts the real downloads use
-(../shared/reference/datasets.md), for the volume dataset tests."""
+(../shared/reference/datasets.md), for the dataset tests (and a tiny APTOS 2019 fundus folder)."""
 
 from __future__ import annotations
 
@@ -128,3 +128,35 @@ def write_folder(images: Path, labels: Path | None, n: int = 4, seed: int = 0,
             if labels is not None:
                 labels.mkdir(parents=True, exist_ok=True)
                 sitk.WriteImage(sitk.GetImageFromArray(label.transpose(2, 1, 0)), str(labels / name))
+
+
+def fundus_picture(seed: int, grade: int):
+    """A phantom fundus (PIL image) in a wide black frame, as camera images are."""
+    from PIL import Image
+
+    from medssl_bench_datasets.phantom2d import generate_case
+
+    image, _ = generate_case(24, seed, grade)
+    pixels = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    framed = np.zeros((30, 40, 3), np.uint8)
+    framed[3:27, 8:32] = pixels
+    return Image.fromarray(framed)
+
+
+def write_aptos(root: Path, per_grade: int = 2, unlabeled: int = 0) -> list[tuple[str, int]]:
+    """An APTOS 2019 folder: train.csv (id_code,diagnosis), train_images/, test_images/."""
+    import csv
+
+    (root / "train_images").mkdir(parents=True)
+    rows = [(f"{g}{i:03d}abc", g) for g in range(5) for i in range(per_grade)]
+    for n, (image_id, grade) in enumerate(rows):
+        fundus_picture(n, grade).save(root / "train_images" / f"{image_id}.png")
+    with (root / "train.csv").open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id_code", "diagnosis"])
+        writer.writerows(rows)
+    if unlabeled:
+        (root / "test_images").mkdir()
+        for i in range(unlabeled):
+            fundus_picture(100 + i, 0).save(root / "test_images" / f"t{i}.png")
+    return rows

@@ -4,11 +4,11 @@ written here), the slices adapter, the 2D protocol defaults and an end-to-end 2D
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from datasets_fixtures import fundus_picture, write_aptos
 from PIL import Image
 
 from medssl_bench.errors import ConfigError, DataError
@@ -135,31 +135,6 @@ def test_phantom2d_splits():
 # --------------------------------------------------------------------------- fundus
 
 
-def _fundus_picture(seed: int, grade: int) -> Image.Image:
-    """A phantom fundus in a wide black frame (as camera images are)."""
-    image, _ = generate_case(24, seed, grade)
-    pixels = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-    framed = np.zeros((30, 40, 3), np.uint8)
-    framed[3:27, 8:32] = pixels
-    return Image.fromarray(framed)
-
-
-def write_aptos(root: Path, per_grade: int = 2, unlabeled: int = 0) -> list[tuple[str, int]]:
-    (root / "train_images").mkdir(parents=True)
-    rows = [(f"{g}{i:03d}abc", g) for g in range(5) for i in range(per_grade)]
-    for n, (image_id, grade) in enumerate(rows):
-        _fundus_picture(n, grade).save(root / "train_images" / f"{image_id}.png")
-    with (root / "train.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["id_code", "diagnosis"])
-        writer.writerows(rows)
-    if unlabeled:
-        (root / "test_images").mkdir()
-        for i in range(unlabeled):
-            _fundus_picture(100 + i, 0).save(root / "test_images" / f"t{i}.png")
-    return rows
-
-
 def test_fundus_border_crop(tmp_path):
     framed = np.zeros((50, 80, 3), np.uint8)
     framed[10:40, 25:55] = (200, 120, 40)  # a bright square in a black frame
@@ -200,7 +175,7 @@ def test_fundus_eyepacs_layout(tmp_path):
     (root / "train").mkdir(parents=True)
     rows = [(f"{10 + i}_{'left' if i % 2 else 'right'}", i % 5) for i in range(10)]
     for n, (image, level) in enumerate(rows):
-        _fundus_picture(n, level).save(root / "train" / f"{image}.jpeg", quality=95)
+        fundus_picture(n, level).save(root / "train" / f"{image}.jpeg", quality=95)
     with (root / "trainLabels.csv").open("w", newline="") as fh:
         csv.writer(fh).writerows([("image", "level"), *rows])
     data = Fundus(Fundus.Config(root=str(root), image_size=16,

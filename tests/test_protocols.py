@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from medssl_bench import cli
 from medssl_bench.errors import ConfigError
@@ -65,7 +66,12 @@ def test_recipes_resolve_without_touching_data(registry, recipe, monkeypatch):
         assert section in run.configs
     if run.spec.name == "transfer":
         assert "pretrain_dataset" in run.configs
-    assert not Path("/data").exists() or True  # placeholders are only strings
+    # the placeholder roots (/data/...) are kept as given: nothing looks at the disk
+    written = yaml.safe_load(recipe.read_text())
+    roots = {s: written[s]["root"] for s in ("dataset", "pretrain_dataset") if "root" in written.get(s, {})}
+    assert roots, f"{recipe.name} names no dataset root to replace"
+    for section, root in roots.items():
+        assert run.configs[section].root == root
 
 
 def test_recipe_set_count():
