@@ -12,6 +12,7 @@ class Scratch(ProxyTask):
     name = "scratch"
     spatial_dims = 3  # nominal: check_input accepts any dims, so 2D protocols use it too
     pretrains = False
+    baseline = True
 
     class Config(PluginConfig):
         pass
