@@ -42,11 +42,18 @@ from medssl_bench.engine import (
 from medssl_bench.errors import BenchError, ConfigError, TrainingError  # noqa: F401 (tests patch it here)
 from medssl_bench.hookspecs import hookimpl
 from medssl_bench.identity import ids_hash, key_of, semantic
-from medssl_bench.interfaces import Backbone, Dataset, DataSplits, Protocol, ProxyTask
+from medssl_bench.interfaces import (
+    FIGURE_CONVERGENCE,
+    Backbone,
+    Dataset,
+    DataSplits,
+    Protocol,
+    ProxyTask,
+)
 from medssl_bench.plugins import Registry
-from medssl_bench.results import ResultRecord
 from medssl_bench.spec import ResolvedRun
-from medssl_bench.tracking import Tracker, environment_tags
+from medssl_bench.store import ResultIdentity, ResultRecord, ResultStore
+from medssl_bench.tracking import Tracker
 from medssl_bench.weights import load_weights, save_weights
 
 
@@ -114,9 +121,10 @@ class Sweep:
         self.pretrain_cfg: PretrainConfig = ctx.run.configs["pretrain"]
         self.finetune_cfg: FinetuneConfig = ctx.run.configs["finetune"]
         self.protocol_cfg = ctx.run.configs["protocol"]
-        self.experiment = ctx.tracker.experiment_id(ctx.run.spec.name)
-        self.env_tags = environment_tags(str(ctx.device))
-        reaped = ctx.tracker.reap_dead()
+        self.store = ResultStore(ctx.tracker, str(ctx.device))
+        self.protocol = ctx.run.spec.name
+        self.store.experiment(self.protocol)
+        reaped = self.store.reap_dead()
         if reaped:
             ctx.echo(f"Marked {len(reaped)} run(s) left RUNNING by a killed process as KILLED.")
 
@@ -169,43 +177,44 @@ class Sweep:
                   "dataset": dataset.config.model_dump(mode="json")}
         if task.pretrains:
             params["pretrain"] = self.pretrain_cfg.model_dump(mode="json")
-        tags = {**self.env_tags, "task": task.name, "backbone": self.backbone.name,
-                "dataset": dataset.name, "protocol": self.run.spec.name,
-                "spec_version": self.run.spec.version}
+        store = self.store
+
+        def start(name: str) -> str:
+            return store.start_pretrain(self.protocol, self.run.spec.version, name, key,
+                                        task=task.name, backbone=self.backbone.name,
+                                        dataset=dataset.name, params=params)
+
         cache = ctx.cache_dir / "pretrain" / f"{key}.safetensors"
-        parent = ctx.tracker.find(self.experiment, key)
+        parent = store.find(self.protocol, key)
         if not task.pretrains:
             if parent is None:
-                run_id = ctx.tracker.start(self.experiment, f"{task.name} (no pretraining)", key,
-                                           "pretrain", tags, params)
-                ctx.tracker.finish(run_id)
+                run_id = start(f"{task.name} (no pretraining)")
+                store.finish(run_id)
                 return None, key, run_id
-            return None, key, parent.info.run_id
+            return None, key, parent
         if cache.exists() and not ctx.force:
             weights = load_weights(cache)
             if parent is None:
-                run_id = ctx.tracker.start(self.experiment, f"pretrain {task.name}", key,
-                                           "pretrain", tags, params)
-                ctx.tracker.set_tags(run_id, {"reused_cache": str(cache)})
-                ctx.tracker.finish(run_id)
+                run_id = start(f"pretrain {task.name}")
+                store.mark_reused(run_id, cache)
+                store.finish(run_id)
             else:
-                run_id = parent.info.run_id
+                run_id = parent
             ctx.outcomes.append(Outcome(f"pretrain {task.name} on {dataset.name}", "reused",
                                         str(cache), task.name, "pretrain"))
             ctx.echo(f"Reusing pretrained {task.name} encoder from {cache}")
             return weights, key, run_id
         checkpoint = cache.with_name(f"{key}.ckpt.safetensors")
         resume = self._resume_state(checkpoint)
-        run_id = ctx.tracker.start(self.experiment, f"pretrain {task.name}", key, "pretrain",
-                                   tags, params)
+        run_id = start(f"pretrain {task.name}")
         label = f"pretrain {task.name}" + (
             f" on {corpus_label(dataset, ctx.plugins['dataset'])}"
             if dataset is not ctx.plugins.get("dataset") else "")
         try:
             if resume is not None:
-                ctx.tracker.set_tags(run_id, {"resumed_from_epoch": resume["epoch"]})
+                store.mark_resumed(run_id, resume["epoch"])
                 for epoch, logs in enumerate(resume["history"]):
-                    ctx.tracker.log_metrics(run_id, logs, epoch)
+                    store.log_epoch(run_id, logs, epoch)
                 ctx.echo(f"Resuming {label} from its epoch-{resume['epoch']} checkpoint")
                 # checkpoints from before device_type was stored: a CUDA generator's state
                 # is 16 bytes, a CPU one's 5056
@@ -224,18 +233,16 @@ class Sweep:
             result = pretrain(
                 task, self.backbone, data.unlabeled, data.info, self.pretrain_cfg, ctx.device,
                 self.protocol_cfg.pretrain_seed,
-                on_epoch=lambda logs, epoch: ctx.tracker.log_metrics(run_id, logs, epoch),
+                on_epoch=lambda logs, epoch: store.log_epoch(run_id, logs, epoch),
                 progress=ctx.progress, resume=resume, on_checkpoint=on_checkpoint,
             )
             save_weights(result.weights, cache, {"pretrain_key": key, "task": task.name})
             checkpoint.unlink(missing_ok=True)
-            ctx.tracker.log_file(run_id, cache, "weights")
-            ctx.tracker.log_metrics(run_id, {"pretrain_seconds": result.seconds})
+            store.log_pretrained(run_id, cache, result.seconds)
         except BaseException as exc:
-            ctx.tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:4000]})
-            ctx.tracker.finish(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
+            store.fail(run_id, exc)
             raise
-        ctx.tracker.finish(run_id)
+        store.finish(run_id)
         detail = f"{result.seconds:.0f}s" + (f", resumed at epoch {resume['epoch']}" if resume else "")
         ctx.outcomes.append(Outcome(label, "ran", detail, task.name, "pretrain"))
         return result.weights, key, run_id
@@ -279,25 +286,37 @@ class Sweep:
         })
         if pretrain_dataset and pretrain_dataset != dataset.name:
             what = f"{task.name} (pretrained on {pretrain_dataset}) {fraction:g}% seed {seed}"
-        if not ctx.force and ctx.tracker.find(self.experiment, key) is not None:
+        store = self.store
+        if not ctx.force and store.find(self.protocol, key) is not None:
             ctx.outcomes.append(Outcome(what, "reused", task=task.name))
             return None
-        if ctx.tracker.running_elsewhere(self.experiment, key) is not None:
+        if store.running_elsewhere(self.protocol, key):
             ctx.outcomes.append(Outcome(what, "skipped", "running in another live process",
                                         task.name))
             return None
-        tags = {**self.env_tags, "task": task.name, "backbone": self.backbone.name,
-                "dataset": dataset.name, "protocol": self.run.spec.name,
-                "spec_version": self.run.spec.version, "fraction": fraction, "seed": seed,
-                "metric": metric, "pretrain_dataset": pretrain_dataset or "-",
-                "setup": self.setup_hash(dataset, data), "task_setup": self.task_setup_hash(task),
-                "dataset_ref": dataset_ref(dataset, data)}
-        if "target" in type(self.protocol_cfg).model_fields:
-            tags["target"] = self.protocol_cfg.target
+        protocol = ctx.registry.get("protocol", self.protocol)
+        label = task.name  # the 0.1 rule: name the corpus when the row does not tell it
+        if pretrain_dataset and (pretrain_dataset != dataset.name
+                                 or protocol.uses_pretrain_dataset):
+            label = f"{task.name} (pretrained on {pretrain_dataset})"
+        identity = ResultIdentity(
+            protocol=self.protocol, spec_version=self.run.spec.version,
+            dataset=dataset.name, task=task.name, backbone=self.backbone.name,
+            pretrain_dataset=pretrain_dataset, dataset_ref=dataset_ref(dataset, data),
+            fraction=fraction, seed=seed, n_labeled=len(indices), subset_hash=ids_hash(ids),
+            subset_ids=ids, split_hash=data.split_hash, metric=metric, run_key=key,
+            pretrain_key=pretrain_key, setup=self.setup_hash(dataset, data),
+            task_setup=self.task_setup_hash(task), baseline=task.baseline,
+            higher_is_better=metric not in data.info.lower_is_better, label=label,
+            figures=list(protocol.figures), target=getattr(self.protocol_cfg, "target", None),
+            configs=self.run.as_dict() | {"task": task.config.model_dump(mode="json")},
+            versions=self.versions(task, dataset) | store.versions, git_sha=store.git_sha,
+            device=str(ctx.device),
+        )
         params = {"fraction": fraction, "seed": seed, "n_labeled": len(indices),
                   "finetune": self.finetune_cfg.model_dump(mode="json"),
                   "protocol": self.protocol_cfg.model_dump(mode="json")}
-        run_id = ctx.tracker.start(self.experiment, what, key, "finetune", tags, params, parent_id)
+        run_id = store.start_finetune(identity, what, params, parent_id)
         t0 = time.perf_counter()
 
         epoch_seconds: list[float] = []
@@ -305,7 +324,7 @@ class Sweep:
         def on_epoch(logs: dict[str, float], epoch: int) -> None:
             # wall time per epoch feeds the convergence protocol's time-to-target
             epoch_seconds.append(time.perf_counter() - t0)
-            ctx.tracker.log_metrics(run_id, {**logs, "elapsed_seconds": epoch_seconds[-1]}, epoch)
+            store.log_epoch(run_id, {**logs, "elapsed_seconds": epoch_seconds[-1]}, epoch)
             _test_delay()
 
         try:
@@ -316,36 +335,20 @@ class Sweep:
             )
             value = result.test_metrics.get(metric, math.nan)
             record = ResultRecord(
-                protocol=self.run.spec.name, spec_version=self.run.spec.version,
-                dataset=dataset.name, task=task.name, backbone=self.backbone.name,
-                pretrain_dataset=pretrain_dataset, dataset_ref=tags["dataset_ref"],
-                fraction=fraction, seed=seed,
-                n_labeled=len(indices), subset_hash=ids_hash(ids), subset_ids=ids,
-                split_hash=data.split_hash, metric=metric, value=value,
-                test_metrics=result.test_metrics, val_history=result.val_history,
-                best_epoch=result.best_epoch, run_key=key, pretrain_key=pretrain_key,
-                configs=self.run.as_dict() | {"task": task.config.model_dump(mode="json")},
-                epoch_seconds=list(epoch_seconds),
-                versions=self.versions(task, dataset) | {
-                    k: v for k, v in self.env_tags.items() if "version" in k or k == "git.sha"},
-                device=str(ctx.device), seconds=result.seconds,
+                **identity.model_dump(), value=value, test_metrics=result.test_metrics,
+                val_history=result.val_history, best_epoch=result.best_epoch,
+                epoch_seconds=list(epoch_seconds), seconds=result.seconds,
             )
-            ctx.tracker.log_metrics(run_id, {f"test_{k}": v for k, v in result.test_metrics.items()}
-                                    | {"test_main": value, "seconds": result.seconds})
-            ctx.tracker.log_json(run_id, record.model_dump(mode="json"), "result.json")
-            ctx.tracker.log_json(run_id, self.run.as_dict(), "config.json")
-            ctx.tracker.set_tags(run_id, {"value": value})
+            store.finish_finetune(run_id, record, self.run.as_dict())
         except Exception as exc:
-            ctx.tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:4000]})
-            ctx.tracker.finish(run_id, "FAILED")
+            store.fail(run_id, exc)
             detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc(limit=3)
             ctx.outcomes.append(Outcome(what, "failed", detail, task.name))
             ctx.echo(f"[red]FAILED[/red] {what}: {exc}")
             return None
-        except BaseException:
-            ctx.tracker.finish(run_id, "KILLED")
+        except BaseException as exc:
+            store.fail(run_id, exc)
             raise
-        ctx.tracker.finish(run_id)
         ctx.outcomes.append(Outcome(what, "ran", f"{metric}={value:.4f}", task.name))
         ctx.echo(f"{what}: test {metric} = {value:.4f} ({result.seconds:.0f}s)")
         return record
@@ -532,6 +535,7 @@ class Convergence(Protocol):
 
     name = "convergence"
     uses_pretrain_dataset = False
+    figures = (FIGURE_CONVERGENCE,)
 
     class Config(SweepConfig):
         fractions: list[float] = Field(default=[100], min_length=1, description="Label fractions "
