@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from regression_sweep import ARGS, run_sweep
 
 FIXTURE = Path(__file__).parent / "fixtures" / "regression_sweep.json"
