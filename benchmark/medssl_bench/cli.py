@@ -354,10 +354,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from medssl_bench import leaderboard
-    from medssl_bench.tracking import Tracker
+    from medssl_bench.store import ResultStore
 
-    tracker = Tracker.existing(_tracking_uri(args))  # None: no store file, nothing run yet
-    results = leaderboard.select(leaderboard.collect(tracker) if tracker else [], args.protocol,
+    store = ResultStore.existing(_tracking_uri(args))  # None: no store file, nothing run yet
+    results = leaderboard.select(store.results() if store else [], args.protocol,
                                  args.dataset, args.task, args.spec_version)
     mixed = leaderboard.mixed_versions(results)
     for protocol, versions in mixed.items():
@@ -383,18 +383,18 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from medssl_bench import report
-    from medssl_bench.tracking import Tracker
+    from medssl_bench.store import ResultStore
 
-    tracker = Tracker.existing(_tracking_uri(args))  # None: no store file, nothing run yet
-    if tracker is None:  # still answer a typo'd filter as the leaderboard does
+    store = ResultStore.existing(_tracking_uri(args))  # None: no store file, nothing run yet
+    if store is None:  # still answer a typo'd filter as the leaderboard does
         from medssl_bench import leaderboard
 
         leaderboard.select([], args.protocol, args.dataset, args.task, args.spec_version)
     written = report.write_report(
-        tracker, Path(args.out), protocol=args.protocol, dataset=args.dataset, task=args.task,
+        store, Path(args.out), protocol=args.protocol, dataset=args.dataset, task=args.task,
         spec_version=args.spec_version, target=args.target, error_bars=args.error_bars,
         log_to_mlflow=not args.no_mlflow, echo=console.print,
-    ) if tracker else []
+    ) if store else []
     if not written:
         console.print("No finished results to report yet. Run one: "
                       "`bench run --protocol data-efficiency --task rotation3d`")

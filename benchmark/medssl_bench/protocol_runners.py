@@ -551,7 +551,8 @@ class Convergence(Protocol):
         data = load_data(ctx, dataset)
         records = run_sweep(ctx, self.config, dataset, data, [(dataset, data, dataset.name)])
         try:
-            rows = convergence_table(ctx.tracker, protocol=self.name, dataset=dataset.name)
+            rows = convergence_table(ResultStore(ctx.tracker), protocol=self.name,
+                                     dataset=dataset.name)
         except Exception as exc:  # a summary must never lose the finished runs
             ctx.echo(f"[yellow]No convergence summary[/yellow]: {exc}")
             return records
