@@ -160,7 +160,7 @@ def write_report(
             continue
         refs = [p for p in summary["published"]
                 if tuple(p[k] for k in leaderboard.SECTION_KEYS) == section]
-        path = out / f"data_efficiency_{_slug(*section)}.png"
+        path = out / f"{FIGURE_DATA_EFFICIENCY}_{_slug(*section)}.png"
         written.append(plot_data_efficiency(entries, refs, path, error_bars))
     convergence = convergence_table(store, protocol=None, target=target,
                                     results=[r for r in results if FIGURE_CONVERGENCE in r.figures])
@@ -168,10 +168,10 @@ def write_report(
     for c in convergence:
         groups[(c.protocol, c.spec_version, c.dataset, c.backbone, c.fraction, c.metric)].append(c)
     for key, entries in groups.items():
-        path = out / f"convergence_{_slug(*key)}.png"
+        path = out / f"{FIGURE_CONVERGENCE}_{_slug(*key)}.png"
         written.append(plot_convergence(entries, path))
     data = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": leaderboard.row_dicts(rows),
-            **summary, "convergence": [c.as_dict() for c in convergence]}
+            **summary, FIGURE_CONVERGENCE: [c.as_dict() for c in convergence]}
     json_path = out / "report.json"
     json_path.write_text(json.dumps(data, indent=2, default=str))
     md_path = out / "report.md"

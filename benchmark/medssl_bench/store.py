@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medssl_bench.interfaces import FIGURE_CONVERGENCE, FIGURE_DATA_EFFICIENCY
 from medssl_bench.tracking import (
@@ -223,8 +223,8 @@ def outcome_tags(record: ResultRecord) -> dict[str, str]:
 def record_from_run(run: Any) -> ResultRecord:
     """A record from a finished fine-tune run's tags, params and metrics (no artifacts).
 
-    Raises ``KeyError`` for a run without a ``value`` tag (not finished), and pydantic's
-    ``ValidationError`` for tags that do not form a record.
+    Raises ``KeyError`` for a run without a ``value`` tag (not finished), and ``ValueError``
+    (pydantic's ``ValidationError``) for tags that do not form a record.
     """
     tags: Mapping[str, str] = run.data.tags
     metrics: Mapping[str, float] = run.data.metrics
@@ -406,7 +406,7 @@ class ResultStore:
                 continue
             try:
                 record = record_from_run(run)
-            except ValidationError:
+            except ValueError:  # pydantic's ValidationError, or a JSON tag edited by hand
                 continue
             if record.run_key in seen:  # a duplicate of a newer run
                 continue
