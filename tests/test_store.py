@@ -82,6 +82,9 @@ def test_a_record_round_trips_through_the_store(store):
                                        pretrain_key=None), 0.3)
     assert store.results()[0] == baseline.summary()  # newest first; None fields stay None
     assert store.results("transfer") == []  # no such experiment: nothing (and none created)
+    assert store.find("transfer", "key-1") is None and not store.running_elsewhere("transfer", "k")
+    assert store.tracker.client.get_experiment_by_name("medssl-bench/transfer") is None
+    assert store.find("data-efficiency", "key-1") == written.run_id
     assert {r.run_key for r in store.results("data-efficiency")} == {"key-1", "key-2"}
 
 

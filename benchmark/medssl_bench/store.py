@@ -304,14 +304,26 @@ class ResultStore:
             self._experiments[protocol] = self.tracker.experiment_id(protocol)
         return self._experiments[protocol]
 
+    def _existing_experiment(self, protocol: str) -> str | None:
+        """The experiment of ``protocol`` if it exists (creates nothing)."""
+        if protocol not in self._experiments:
+            exp = self.tracker.client.get_experiment_by_name(EXPERIMENT_PREFIX + protocol)
+            if exp is None:
+                return None
+            self._experiments[protocol] = exp.experiment_id
+        return self._experiments[protocol]
+
     def find(self, protocol: str, key: str) -> str | None:
-        """The id of a FINISHED run of ``protocol`` with run key ``key``; None if none."""
-        run = self.tracker.find(self.experiment(protocol), key)
+        """The id of a FINISHED run of ``protocol`` with run key ``key``; None if none.
+        Creates nothing (a dry run may ask)."""
+        exp = self._existing_experiment(protocol)
+        run = None if exp is None else self.tracker.find(exp, key)
         return None if run is None else run.info.run_id
 
     def running_elsewhere(self, protocol: str, key: str) -> bool:
         """Whether another live process is running ``key`` right now (a parallel sweep)."""
-        return self.tracker.running_elsewhere(self.experiment(protocol), key) is not None
+        exp = self._existing_experiment(protocol)
+        return exp is not None and self.tracker.running_elsewhere(exp, key) is not None
 
     def reap_dead(self) -> list[str]:
         """Mark runs left RUNNING by dead processes of this host KILLED; their ids."""
@@ -394,10 +406,10 @@ class ResultStore:
         if protocol is None:
             ids = None
         else:
-            exp = self.tracker.client.get_experiment_by_name(EXPERIMENT_PREFIX + protocol)
+            exp = self._existing_experiment(protocol)
             if exp is None:
                 return []
-            ids = [exp.experiment_id]
+            ids = [exp]
         out = []
         seen: set[str] = set()
         runs = self.tracker.finetune_runs(ids)
