@@ -15,6 +15,10 @@ CORE = Path(__file__).resolve().parents[1] / "benchmark" / "medssl_bench"
 #: records said what they are) needs 0.1's names; run keys must keep 0.1's hash fields.
 ALLOWED = {
     ("plan.py", "scratch"): "the hash field 0.1 used in keys of runs without pretraining",
+    ("store.py", "transfer"): "reading 0.1 records: 0.1 named the corpus in every transfer label",
+    ("store.py", "convergence"): "reading 0.1 records: 0.1 drew convergence curves for that "
+                                 "protocol's results",
+    ("interfaces.py", "convergence"): "the name of a figure (metric per epoch), not a protocol",
 }
 
 

@@ -1,5 +1,6 @@
 """Leaderboard statistics against scipy on known inputs; ranking, annotation saving,
-spec-version separation and published reference rows. No training, no MLflow."""
+spec-version separation and published reference rows. No training, no MLflow: records are
+built as the result store reads them."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from scipy import stats
 
 from medssl_bench import leaderboard as lb
 from medssl_bench.errors import BenchError
+from medssl_bench.store import ResultRecord
 
 VALUES = {
     ("rotation3d", 10): [0.50, 0.55, 0.53],
@@ -28,11 +30,20 @@ def _results(version: int = 1, protocol: str = "data-efficiency", values=VALUES,
     out = []
     for (task, fraction), vals in values.items():
         for seed, v in enumerate(vals):
-            out.append({"protocol": protocol, "spec_version": version, "dataset": "phantom3d",
-                        "pretrain_dataset": "" if task == "scratch" else "phantom3d",
-                        "task": task, "backbone": "unet3d", "fraction": float(fraction),
-                        "metric": metric, "seed": seed, "value": v, "dataset_ref": dataset_ref})
+            out.append(_record(protocol=protocol, spec_version=version, task=task,
+                               fraction=float(fraction), metric=metric, seed=seed, value=v,
+                               dataset_ref=dataset_ref))
     return out
+
+
+def _record(**fields) -> ResultRecord:
+    """A finished fine-tune on phantom3d with unet3d; scratch is the baseline."""
+    task = fields["task"]
+    base = {"protocol": "data-efficiency", "spec_version": 1, "dataset": "phantom3d",
+            "backbone": "unet3d", "metric": "dice_mean", "dataset_ref": "phantom3d",
+            "pretrain_dataset": None if task == "scratch" else "phantom3d",
+            "baseline": task == "scratch", "run_key": f"{task}-{fields.get('seed')}"}
+    return ResultRecord(**(base | fields))
 
 
 def _row(rows, task, fraction):
@@ -70,8 +81,8 @@ def test_mean_std_ci_and_paired_tests_match_scipy():
 def test_unpaired_seeds_fall_back_to_welch():
     results = _results()
     for r in results:
-        if r["task"] == "scratch":
-            r["seed"] += 10  # no seed in common: nothing to pair
+        if r.task == "scratch":
+            r.seed += 10  # no seed in common: nothing to pair
     rows = lb.aggregate(results)
     row = _row(rows, "rotation3d", 10)
     a, b = np.array(VALUES[("rotation3d", 10)]), np.array(VALUES[("scratch", 10)])
@@ -174,17 +185,15 @@ def test_results_of_different_setups_never_pool():
     separate rows in separate sections; one task with two pretraining configs is two rows."""
     from medssl_bench.leaderboard import aggregate
 
-    base = dict(protocol="data-efficiency", spec_version=1, dataset="phantom3d",
-                pretrain_dataset="phantom3d", backbone="unet3d", fraction=100.0,
-                metric="dice_mean", dataset_ref="phantom3d")
-    results = [
-        {**base, "task": "rotation3d", "setup": "quick", "task_setup": "a", "seed": 0, "value": 0.30},
-        {**base, "task": "rotation3d", "setup": "quick", "task_setup": "a", "seed": 1, "value": 0.32},
-        {**base, "task": "rotation3d", "setup": "paper", "task_setup": "a", "seed": 0, "value": 0.80},
-        {**base, "task": "rotation3d", "setup": "paper", "task_setup": "a", "seed": 1, "value": 0.82},
-        {**base, "task": "rotation3d", "setup": "paper", "task_setup": "b", "seed": 0, "value": 0.70},
-        {**base, "task": "rotation3d", "setup": "paper", "task_setup": "b", "seed": 1, "value": 0.72},
-    ]
+    base = dict(task="rotation3d", fraction=100.0)
+    results = [_record(**base, **fields) for fields in (
+        {"setup": "quick", "task_setup": "a", "seed": 0, "value": 0.30},
+        {"setup": "quick", "task_setup": "a", "seed": 1, "value": 0.32},
+        {"setup": "paper", "task_setup": "a", "seed": 0, "value": 0.80},
+        {"setup": "paper", "task_setup": "a", "seed": 1, "value": 0.82},
+        {"setup": "paper", "task_setup": "b", "seed": 0, "value": 0.70},
+        {"setup": "paper", "task_setup": "b", "seed": 1, "value": 0.72},
+    )]
     rows = aggregate(results)
     assert sorted((r.setup, r.n, round(r.mean, 2)) for r in rows) == [
         ("paper", 2, 0.71), ("paper", 2, 0.81), ("quick", 2, 0.31)]
@@ -285,7 +294,35 @@ def test_a_filter_that_matches_nothing_says_what_exists():
         lb.select(results, task="genesis3d")
     with pytest.raises(BenchError, match="Did you mean 'rotation3d'"):
         lb.select(results, task="rotatoin3d")
-    assert {r["task"] for r in lb.select(results, task="rotation3d,genesis3d")} == \
+    assert {r.task for r in lb.select(results, task="rotation3d,genesis3d")} == \
         {"rotation3d", "scratch"}
     with pytest.raises(BenchError, match="Unknown protocol"):  # a typo even in an empty store
         lb.select([], protocol="data-effciency")
+
+
+def test_a_lower_is_better_metric_ranks_ascending_and_flips_the_annotation_saving():
+    """A distance (hd95, mm): the smallest mean ranks first, and an entry saves annotations
+    from the fraction where it stays at or below scratch's 100 % value."""
+    values = {("rotation3d", 10): [9.0, 9.5, 9.2], ("rotation3d", 100): [4.0, 4.2, 4.1],
+              ("jigsaw3d", 10): [12.0, 12.5, 12.2], ("jigsaw3d", 100): [7.0, 7.2, 7.1],
+              ("scratch", 10): [14.0, 14.5, 14.2], ("scratch", 100): [6.0, 6.2, 6.1]}
+    results = [_record(**{**r.model_dump(), "higher_is_better": False})
+               for r in _results(values=values, metric="hd95")]
+    rows = lb.aggregate(results)
+    assert [r.task for r in rows if r.fraction == 10] == ["rotation3d", "jigsaw3d", "scratch"]
+    assert [r.task for r in rows if r.fraction == 100] == ["rotation3d", "scratch", "jigsaw3d"]
+    assert _row(rows, "rotation3d", 100).p_vs_best is None  # the best entry: lowest mean
+    assert _row(rows, "scratch", 100).p_vs_best is not None
+    assert {d["label"]: d["mean_rank"] for d in lb.mean_ranks(rows)} == {
+        "rotation3d": 1.0, "jigsaw3d": 2.5, "scratch": 2.5}
+    savings = {s["label"]: s for s in lb.annotation_saving(rows)}
+    m10, m100 = np.mean(values[("rotation3d", 10)]), np.mean(values[("rotation3d", 100)])
+    target = np.mean(values[("scratch", 100)])
+    expected = 10 + (target - m10) * 90 / (m100 - m10)  # where the line crosses 6.1 mm
+    assert savings["rotation3d"]["reached"]
+    assert savings["rotation3d"]["fraction_needed"] == pytest.approx(expected)
+    assert savings["jigsaw3d"]["reached"] is False  # above (worse than) scratch at 100 %
+    assert lb.interpolate_fraction([10, 100], [9.0, 4.0], 6.0, higher_is_better=False) == \
+        pytest.approx(64)
+    assert lb.interpolate_fraction([10, 100], [5.0, 4.0], 6.0, higher_is_better=False) == 10
+    assert lb.interpolate_fraction([10, 100], [5.0, 7.0], 6.0, higher_is_better=False) is None

@@ -190,6 +190,17 @@ def test_convergence_protocol_and_report(workdir, capsys):
     assert "Convergence rotation3d" in out and "Convergence scratch" in out
     runs = _finetunes(workdir / "mlflow.db")
     assert all(r.data.tags["target"] == "0.95" for r in runs)
+    from medssl_bench.store import SCHEMA_VERSION, ResultStore
+
+    store = ResultStore.existing(str(workdir / "mlflow.db"))
+    records = store.results()  # what the runner wrote, read back from the tags
+    assert {(r.task, r.baseline, r.label, tuple(r.figures)) for r in records} == {
+        ("rotation3d", False, "rotation3d", ("convergence",)),
+        ("scratch", True, "scratch", ("convergence",))}
+    assert all(r.schema_version == SCHEMA_VERSION and r.target == 0.95 and r.higher_is_better
+               and r.subset_hash and r.split_hash and r.versions for r in records)
+    for r in records:  # the tags and result.json agree
+        assert store.record(r.run_id).summary() == r
     assert cli.main(["report", "--out", "rep"]) == 0
     pngs = sorted(p.name for p in (workdir / "rep").glob("*.png"))
     assert any(p.startswith("convergence_") for p in pngs)

@@ -2,10 +2,11 @@
 scratch fine-tunes, and the epochs and wall time each needs to reach a share (95 % by
 default) of scratch's final validation score.
 
-The per-epoch values come from MLflow metric histories (``val_<metric>`` and
+The per-epoch values come from the result store's metric histories (``val_<metric>`` and
 ``elapsed_seconds``, logged by every fine-tune), so the analysis needs no extra artifacts
-and works on runs of any protocol; the ``convergence`` protocol is the one that sets
-``target``.
+and works on runs of any protocol; protocols whose results offer the convergence figure
+set ``target``. For a lower-is-better metric the target is reached at or below scratch's
+final value divided by the share (0.95: within about 5 % of it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from medssl_bench.leaderboard import collect, filter_results, group_key, task_label
+from medssl_bench.interfaces import FIGURE_CONVERGENCE
+from medssl_bench.leaderboard import filter_results, group_key
+from medssl_bench.store import ResultRecord, ResultStore, as_store
 from medssl_bench.tracking import Tracker
 
 CURVE_KEYS = ("protocol", "spec_version", "dataset", "backbone", "fraction", "metric", "setup")
@@ -46,6 +49,8 @@ class ConvergenceRow:
     curve_mean: list[float] = field(default_factory=list)
     curve_std: list[float] = field(default_factory=list)
     seconds_mean: list[float] = field(default_factory=list)
+    #: The baseline entry (scratch) the target is a share of.
+    baseline: bool = False
 
     def describe(self) -> str:
         reach = ("not reached" if self.epochs_to_target is None else
@@ -59,14 +64,9 @@ class ConvergenceRow:
                 for k, v in asdict(self).items()}
 
 
-def histories(tracker: Tracker, run_id: str, metric: str) -> tuple[list[float], list[float]]:
+def histories(store: ResultStore, run_id: str, metric: str) -> tuple[list[float], list[float]]:
     """(val metric per epoch, elapsed seconds per epoch) of one fine-tune run."""
-    def series(key: str) -> list[float]:
-        points = tracker.client.get_metric_history(run_id, key)
-        by_step = {p.step: p.value for p in sorted(points, key=lambda p: p.timestamp)}
-        return [by_step[s] for s in sorted(by_step)]
-
-    return series(f"val_{metric}"), series("elapsed_seconds")
+    return store.history(run_id, f"val_{metric}"), store.history(run_id, "elapsed_seconds")
 
 
 def _stack(curves: list[list[float]]) -> np.ndarray:
@@ -75,44 +75,56 @@ def _stack(curves: list[list[float]]) -> np.ndarray:
 
 
 def convergence_table(
-    tracker: Tracker,
-    protocol: str | None = "convergence",
+    store: ResultStore | Tracker,
+    protocol: str | None = None,
     dataset: str | None = None,
     target: float | None = None,
-    results: list[dict[str, Any]] | None = None,
+    results: list[ResultRecord] | None = None,
 ) -> list[ConvergenceRow]:
-    """One row per (curve group, task, pretraining corpus) that has a scratch reference."""
-    results = filter_results(results if results is not None else collect(tracker),
-                             protocol=protocol, dataset=dataset)
-    groups: dict[tuple, dict[tuple[str, str], list[dict[str, Any]]]] = defaultdict(
+    """One row per (curve group, task, pretraining corpus) that has a baseline reference.
+
+    ``results`` (default: the store's results whose protocol offers the convergence figure,
+    or all of ``protocol``'s) are filtered by ``protocol`` and ``dataset`` when given.
+    """
+    store = as_store(store)
+    if results is None:
+        results = store.results(protocol)
+        if protocol is None:
+            results = [r for r in results if FIGURE_CONVERGENCE in r.figures]
+    results = filter_results(results, protocol=protocol, dataset=dataset)
+    groups: dict[tuple, dict[tuple[str, str], list[ResultRecord]]] = defaultdict(
         lambda: defaultdict(list))
     for r in results:
-        groups[group_key(r, CURVE_KEYS)][(r["task"], r["pretrain_dataset"])].append(r)
+        groups[group_key(r, CURVE_KEYS)][(r.task, r.pretrain_dataset or "")].append(r)
     rows: list[ConvergenceRow] = []
     for key, entries in groups.items():
         fields = dict(zip(CURVE_KEYS, key, strict=True))
         loaded = {}
         for entry_key, runs in entries.items():
-            pairs = [histories(tracker, r["run_id"], fields["metric"]) for r in runs]
+            pairs = [histories(store, r.run_id, fields["metric"]) for r in runs if r.run_id]
             pairs = [(v, s) for v, s in pairs if v]
             if pairs:
                 loaded[entry_key] = pairs
-        scratch = next((v for (t, _), v in loaded.items() if t == "scratch"), None)
+        first = {entry_key: runs[0] for entry_key, runs in entries.items()}
+        scratch = next((v for k, v in loaded.items() if first[k].baseline), None)
         if scratch is None:
             continue
         share = target if target is not None else next(
-            (r["target"] for runs in entries.values() for r in runs if r.get("target")), 0.95)
+            (r.target for runs in entries.values() for r in runs if r.target), 0.95)
         scratch_final = float(np.mean([v[-1] for v, _ in scratch]))
-        goal = share * scratch_final
+        higher = next(iter(first.values())).higher_is_better
+        goal = share * scratch_final if higher else scratch_final / share
         for (task, pre), pairs in loaded.items():
             values = _stack([v for v, _ in pairs])
             mean = values.mean(0)
             secs = [s for _, s in pairs if s]
             seconds = _stack(secs).mean(0) if secs else np.full(len(mean), math.nan)
-            hit = next((i for i, m in enumerate(mean) if m >= goal), None)
+            hit = next((i for i, m in enumerate(mean) if (m >= goal if higher else m <= goal)),
+                       None)
+            record = first[(task, pre)]
             rows.append(ConvergenceRow(
-                **fields, task=task, pretrain_dataset=pre,
-                label=task_label(task, pre, fields["dataset"], fields["protocol"]),
+                **fields, task=task, pretrain_dataset=pre, label=record.label,
+                baseline=record.baseline,
                 target=share, scratch_final=scratch_final, target_value=goal,
                 final=float(mean[-1]), epochs_to_target=None if hit is None else hit + 1,
                 seconds_to_target=None if hit is None or hit >= len(seconds)
@@ -122,5 +134,5 @@ def convergence_table(
                 else [0.0] * len(mean),
                 seconds_mean=[float(x) for x in seconds],
             ))
-    rows.sort(key=lambda r: (*(getattr(r, k) for k in CURVE_KEYS), r.task == "scratch", r.label))
+    rows.sort(key=lambda r: (*(getattr(r, k) for k in CURVE_KEYS), r.baseline, r.label))
     return rows

@@ -255,7 +255,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from medssl_bench.context import RunContext
     from medssl_bench.device import configure_backend
     from medssl_bench.spec import instantiate
-    from medssl_bench.tracking import Tracker
+    from medssl_bench.store import ResultStore
+    from medssl_bench.tracking import Tracker, absolute_uri
     from medssl_bench.units import preflight
 
     registry, run, device = _resolve(args)
@@ -263,7 +264,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_backend(device)
     uri = _tracking_uri(args)
     # a dry run reads the store (what is finished) but never creates one
-    tracker = Tracker.existing(uri) if args.dry_run else Tracker(uri)
+    store = ResultStore.existing(uri) if args.dry_run else ResultStore(Tracker(uri), str(device))
     cache_dir = Path(args.cache_dir or os.environ.get("BENCH_CACHE_DIR") or ".medssl_bench/cache")
     console.print(
         f"[bold]bench run[/bold] protocol={run.names['protocol']} (v{run.spec.version}) "
@@ -271,7 +272,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"dataset={run.names['dataset']} "
         + (f"pretrain_dataset={run.names['pretrain_dataset']} " if "pretrain_dataset" in run.names
            else "") +
-        f"preset={run.preset} device={device} tracking={tracker.uri if tracker else uri}"
+        f"preset={run.preset} device={device} tracking={store.uri if store else absolute_uri(uri)}"
     )
     _warn(run, device)
     # the stream itself, not rich's is_terminal (FORCE_COLOR/TTY_COMPATIBLE would put live
@@ -285,7 +286,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               PlainProgress(lambda line: console.print(line, markup=False,
                                                                        highlight=False)))
         ctx = RunContext(
-            registry=registry, run=run, plugins=plugins, device=device, tracker=tracker,
+            registry=registry, run=run, plugins=plugins, device=device, store=store,
             cache_dir=cache_dir, force=args.force,
             progress=rich_progress,
             echo=console.print,
@@ -303,9 +304,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(_summary_table(ctx.outcomes))
     console.print(
         "Summary: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-        + f". Results: `bench leaderboard --tracking-uri {tracker.uri}`; "
-        + (f"browse: {tracker.uri}" if tracker.uri.startswith("http") else
-           f"browse: `mlflow ui --backend-store-uri {tracker.uri}`.")
+        + f". Results: `bench leaderboard --tracking-uri {store.uri}`; "
+        + (f"browse: {store.uri}" if store.uri.startswith("http") else
+           f"browse: `mlflow ui --backend-store-uri {store.uri}`.")
     )
     failed = [o for o in ctx.outcomes if o.status == "failed"]
     for o in failed:
@@ -390,10 +391,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from medssl_bench import leaderboard
-    from medssl_bench.tracking import Tracker
+    from medssl_bench.store import ResultStore
 
-    tracker = Tracker.existing(_tracking_uri(args))  # None: no store file, nothing run yet
-    results = leaderboard.select(leaderboard.collect(tracker) if tracker else [], args.protocol,
+    store = ResultStore.existing(_tracking_uri(args))  # None: no store file, nothing run yet
+    results = leaderboard.select(store.results() if store else [], args.protocol,
                                  args.dataset, args.task, args.spec_version)
     mixed = leaderboard.mixed_versions(results)
     for protocol, versions in mixed.items():
@@ -419,18 +420,18 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from medssl_bench import report
-    from medssl_bench.tracking import Tracker
+    from medssl_bench.store import ResultStore
 
-    tracker = Tracker.existing(_tracking_uri(args))  # None: no store file, nothing run yet
-    if tracker is None:  # still answer a typo'd filter as the leaderboard does
+    store = ResultStore.existing(_tracking_uri(args))  # None: no store file, nothing run yet
+    if store is None:  # still answer a typo'd filter as the leaderboard does
         from medssl_bench import leaderboard
 
         leaderboard.select([], args.protocol, args.dataset, args.task, args.spec_version)
     written = report.write_report(
-        tracker, Path(args.out), protocol=args.protocol, dataset=args.dataset, task=args.task,
+        store, Path(args.out), protocol=args.protocol, dataset=args.dataset, task=args.task,
         spec_version=args.spec_version, target=args.target, error_bars=args.error_bars,
         log_to_mlflow=not args.no_mlflow, echo=console.print,
-    ) if tracker else []
+    ) if store else []
     if not written:
         console.print("No finished results to report yet. Run one: "
                       "`bench run --protocol data-efficiency --task rotation3d`")

@@ -16,7 +16,7 @@ from medssl_bench.errors import BenchError
 from medssl_bench.interfaces import DataSplits, ProxyTask
 from medssl_bench.plugins import Registry
 from medssl_bench.spec import ResolvedRun
-from medssl_bench.tracking import Tracker
+from medssl_bench.store import ResultStore
 
 #: The dataset roles a run can have: the fine-tuning dataset and (transfer) the corpus.
 ROLE_NOTES = {"dataset": "", "pretrain_dataset": " (pretraining)"}
@@ -41,7 +41,8 @@ class RunContext:
     run: ResolvedRun
     plugins: dict[str, Any]
     device: torch.device
-    tracker: Tracker | None
+    #: Where results go; None only for a dry run on a store that does not exist yet.
+    store: ResultStore | None
     cache_dir: Path
     force: bool = False
     progress: Progress = field(default_factory=Progress)

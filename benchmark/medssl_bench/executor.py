@@ -24,7 +24,7 @@ from medssl_bench.units import Pretrained, run_finetune, run_pretrain
 
 
 def reap(ctx: RunContext) -> None:
-    reaped = ctx.tracker.reap_dead()
+    reaped = ctx.store.reap_dead()
     if reaped:
         ctx.echo(f"Marked {len(reaped)} run(s) left RUNNING by a killed process as KILLED.")
 

@@ -136,8 +136,8 @@ class ProxyTask(Plugin):
     transfers: ClassVar[tuple[str, ...]] = ("encoder",)
     #: False for tasks that start fine-tuning from no pretraining (the scratch baseline).
     pretrains: ClassVar[bool] = True
-    #: The baseline every sweep runs beside the others, on the same label subsets (the
-    #: built-in ``scratch``). The leaderboard compares every entry with it.
+    #: The baseline role: every protocol runs this task beside the others and compares with
+    #: it (differences, tests, annotation saving). The built-in ``scratch`` declares it.
     baseline: ClassVar[bool] = False
     #: The input size the task's paper used; benchmarks time batch construction at it.
     paper_input_size: ClassVar[tuple[int, ...]] = (128, 128, 128)
@@ -187,6 +187,9 @@ class DatasetInfo:
     main_metric: str
     #: For segmentation: which classes are foreground (Dice is averaged over these).
     extra: Mapping[str, Any] = field(default_factory=dict)
+    #: Metric names where lower is better (a distance, an error); every other metric is
+    #: higher-is-better. Ranking, the best entry and the annotation saving honour it.
+    lower_is_better: tuple[str, ...] = ()
 
     @property
     def spatial_dims(self) -> int:
@@ -228,6 +231,11 @@ class Dataset(Plugin):
 
 # --------------------------------------------------------------------------- protocols
 
+#: The figures ``bench report`` can draw; a protocol lists those its results offer
+#: (:attr:`Protocol.figures`), and every result records them.
+FIGURE_DATA_EFFICIENCY = "data_efficiency"  # test metric against label fraction
+FIGURE_CONVERGENCE = "convergence"  # validation metric against fine-tuning epoch
+
 
 class Protocol(Plugin):
     """An evaluation protocol: turns a run's settings into a plan of units of work.
@@ -242,9 +250,9 @@ class Protocol(Plugin):
     #: Whether the protocol pretrains on a second corpus (``--pretrain-dataset``): True
     #: requires one, False refuses one (it would be ignored), None accepts either.
     uses_pretrain_dataset: ClassVar[bool | None] = None
-    #: The figures ``bench report`` draws for its results (``data_efficiency``: the metric
-    #: against label fraction; ``convergence``: the validation metric per epoch).
-    figures: ClassVar[tuple[str, ...]] = ("data_efficiency",)
+    #: The report figures its results offer (:data:`FIGURE_DATA_EFFICIENCY`,
+    #: :data:`FIGURE_CONVERGENCE`); recorded with every result.
+    figures: ClassVar[tuple[str, ...]] = (FIGURE_DATA_EFFICIENCY,)
 
     @classmethod
     def spec_path(cls) -> Path:

@@ -28,6 +28,7 @@ from medssl_bench.config import NEUTRAL, PluginConfig
 from medssl_bench.engine import label_subset
 from medssl_bench.errors import BenchError
 from medssl_bench.identity import ids_hash, key_of, semantic
+from medssl_bench.store import entry_label
 
 if TYPE_CHECKING:
     from medssl_bench.context import RunContext
@@ -172,17 +173,6 @@ def corpus_label(source: Dataset, target: Dataset) -> str:
         return source.name
     text = ",".join(diff)
     return f"{source.name}({text if len(text) <= 60 else key_of(a, 8)})"
-
-
-def entry_label(task: str, pretrain_dataset: str | None, dataset: str,
-                always_name_corpus: bool) -> str:
-    """The leaderboard entry: ``rotation3d (pretrained on A)`` when the corpus is not the
-    fine-tuning dataset (or the protocol compares corpora, ``always_name_corpus``)."""
-    if not pretrain_dataset:
-        return task
-    if pretrain_dataset != dataset or always_name_corpus:
-        return f"{task} (pretrained on {pretrain_dataset})"
-    return task
 
 
 class SweepPlanner:

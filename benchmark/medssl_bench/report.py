@@ -1,10 +1,12 @@
 """``bench report``: PNG plots and a JSON/Markdown summary of finished results.
 
+Each result records the figures its protocol offers; the report draws those:
+
 - Data-efficiency curves (Taleb et al. Fig. 3): test metric against label fraction, one line
-  per task (and pretraining corpus), scratch dashed, error bars = std or 95 % CI over seeds,
-  published reference values at 100 % as crosses.
+  per task (and pretraining corpus), the baseline (scratch) dashed, error bars = std or 95 %
+  CI over seeds, published reference values at 100 % as crosses.
 - Convergence curves (Taleb et al. Fig. 5): validation metric against epoch, pretrained vs
-  scratch, mean over seeds with a ±std band, the target (95 % of scratch's final) dashed.
+  the baseline, mean over seeds with a ±std band, the target (95 % of its final) dotted.
 
 Files go to a folder and, unless disabled, to an MLflow run of the ``medssl-bench/reports``
 experiment, so plots live next to the runs they summarise. matplotlib uses the Agg backend:
@@ -23,9 +25,9 @@ from typing import Any
 
 from medssl_bench import leaderboard
 from medssl_bench.analysis import ConvergenceRow, convergence_table
+from medssl_bench.interfaces import FIGURE_CONVERGENCE, FIGURE_DATA_EFFICIENCY
+from medssl_bench.store import REPORT_EXPERIMENT, ResultStore, as_store
 from medssl_bench.tracking import EXPERIMENT_PREFIX, Tracker
-
-REPORT_EXPERIMENT = "reports"
 
 
 def _slug(*parts: Any) -> str:
@@ -50,7 +52,7 @@ def plot_data_efficiency(rows: list[leaderboard.Row], published: list[dict[str, 
     for r in rows:
         lines[r.label].append(r)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for label, points in sorted(lines.items(), key=lambda kv: (kv[0] == "scratch", kv[0])):
+    for label, points in sorted(lines.items(), key=lambda kv: (kv[1][0].baseline, kv[0])):
         points.sort(key=lambda r: r.fraction)
         x = [r.fraction for r in points]
         y = [r.mean for r in points]
@@ -58,7 +60,7 @@ def plot_data_efficiency(rows: list[leaderboard.Row], published: list[dict[str, 
             err = [0.0 if math.isnan(r.ci_high) else r.ci_high - r.mean for r in points]
         else:
             err = [r.std for r in points]
-        scratch = label == "scratch"
+        scratch = points[0].baseline
         ax.errorbar(x, y, yerr=err, label=f"{label} (n={max(r.n for r in points)})", capsize=3,
                     marker="o", linestyle="--" if scratch else "-",
                     color="0.35" if scratch else None, linewidth=1.6)
@@ -90,9 +92,9 @@ def plot_convergence(rows: list[ConvergenceRow], path: Path) -> Path:
     plt = _pyplot()
     first = rows[0]
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
-    for r in sorted(rows, key=lambda r: (r.task == "scratch", r.label)):
+    for r in sorted(rows, key=lambda r: (r.baseline, r.label)):
         epochs = list(range(1, len(r.curve_mean) + 1))
-        scratch = r.task == "scratch"
+        scratch = r.baseline
         reach = "not reached" if r.epochs_to_target is None else f"epoch {r.epochs_to_target}"
         line, = ax.plot(epochs, r.curve_mean, marker="o", markersize=3,
                         linestyle="--" if scratch else "-", color="0.35" if scratch else None,
@@ -124,7 +126,7 @@ def _convergence_markdown(rows: list[ConvergenceRow]) -> str:
 
 
 def write_report(
-    tracker: Tracker,
+    store: ResultStore | Tracker,
     out: Path,
     protocol: str | None = None,
     dataset: str | None = None,
@@ -137,9 +139,10 @@ def write_report(
 ) -> list[Path]:
     """Write plots, ``report.json`` and ``report.md`` to ``out``; the paths written (none when
     nothing was run yet). Filters that match no result raise, as in ``bench leaderboard``
-    (:func:`leaderboard.select`)."""
-    results = leaderboard.select(leaderboard.collect(tracker), protocol, dataset, task,
-                                 spec_version)
+    (:func:`leaderboard.select`). Each result's figures (declared by its protocol) say
+    which plots it appears in."""
+    store = as_store(store)
+    results = leaderboard.select(store.results(), protocol, dataset, task, spec_version)
     if not results:
         return []
     out.mkdir(parents=True, exist_ok=True)
@@ -149,23 +152,26 @@ def write_report(
     sections: dict[tuple, list[leaderboard.Row]] = defaultdict(list)
     for r in rows:
         sections[r.section].append(r)
+    figures: dict[tuple, set[str]] = defaultdict(set)
+    for r in results:
+        figures[leaderboard.section_of(r)].update(r.figures)
     for section, entries in sections.items():
-        if section[0] == "convergence":  # read per epoch below, not per label fraction
+        if FIGURE_DATA_EFFICIENCY not in figures[section]:  # e.g. read per epoch, below
             continue
         refs = [p for p in summary["published"]
                 if tuple(p[k] for k in leaderboard.SECTION_KEYS) == section]
-        path = out / f"data_efficiency_{_slug(*section)}.png"
+        path = out / f"{FIGURE_DATA_EFFICIENCY}_{_slug(*section)}.png"
         written.append(plot_data_efficiency(entries, refs, path, error_bars))
-    convergence = convergence_table(tracker, protocol=None, target=target,
-                                    results=[r for r in results if r["protocol"] == "convergence"])
+    convergence = convergence_table(store, protocol=None, target=target,
+                                    results=[r for r in results if FIGURE_CONVERGENCE in r.figures])
     groups: dict[tuple, list[ConvergenceRow]] = defaultdict(list)
     for c in convergence:
         groups[(c.protocol, c.spec_version, c.dataset, c.backbone, c.fraction, c.metric)].append(c)
     for key, entries in groups.items():
-        path = out / f"convergence_{_slug(*key)}.png"
+        path = out / f"{FIGURE_CONVERGENCE}_{_slug(*key)}.png"
         written.append(plot_convergence(entries, path))
     data = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": leaderboard.row_dicts(rows),
-            **summary, "convergence": [c.as_dict() for c in convergence]}
+            **summary, FIGURE_CONVERGENCE: [c.as_dict() for c in convergence]}
     json_path = out / "report.json"
     json_path.write_text(json.dumps(data, indent=2, default=str))
     md_path = out / "report.md"
@@ -176,12 +182,7 @@ def write_report(
     md_path.write_text(md)
     written += [json_path, md_path]
     if log_to_mlflow:
-        experiment = tracker.experiment_id(REPORT_EXPERIMENT)
-        run_id = tracker.start(experiment, "report", f"report-{time.time_ns()}", "report",
-                               {"protocol": protocol or "*", "dataset": dataset or "*"}, {})
-        for path in written:
-            tracker.log_file(run_id, path, "report")
-        tracker.finish(run_id)
+        run_id = store.log_report(written, protocol, dataset)
         echo(f"Logged the report to MLflow experiment {EXPERIMENT_PREFIX}{REPORT_EXPERIMENT} "
              f"(run {run_id}).")
     return written

@@ -22,8 +22,7 @@ from medssl_bench.engine import check_input_size, finetune, pad_to_multiple, pre
 from medssl_bench.errors import BenchError, ConfigError
 from medssl_bench.identity import ids_hash
 from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit
-from medssl_bench.results import ResultRecord
-from medssl_bench.tracking import environment_tags
+from medssl_bench.store import ResultIdentity, ResultRecord
 from medssl_bench.weights import StateDicts, load_weights, save_weights
 
 #: Seconds to sleep after every epoch (pretraining and fine-tuning): a test hook that makes
@@ -45,59 +44,46 @@ class Pretrained:
     run_id: str
 
 
-def experiment(ctx: RunContext) -> str:
-    return ctx.tracker.experiment_id(ctx.run.spec.name)
-
-
 def cache_path(ctx: RunContext, unit: PretrainUnit) -> Path:
     return ctx.cache_dir / "pretrain" / f"{unit.key}.safetensors"
 
 
-def _params(ctx: RunContext, unit: PretrainUnit) -> dict[str, Any]:
+def _start_pretrain(ctx: RunContext, unit: PretrainUnit) -> str:
     task, dataset = ctx.task(unit.task), ctx.plugins[unit.corpus]
     params = {"task": task.config.model_dump(mode="json"),
               "backbone": ctx.plugins["backbone"].config.model_dump(mode="json"),
               "dataset": dataset.config.model_dump(mode="json")}
     if unit.pretrains:
         params["pretrain"] = ctx.run.configs["pretrain"].model_dump(mode="json")
-    return params
-
-
-def _tags(ctx: RunContext, unit: PretrainUnit) -> dict[str, Any]:
-    return {**environment_tags(str(ctx.device)), "task": unit.task,
-            "backbone": ctx.plugins["backbone"].name, "dataset": ctx.plugins[unit.corpus].name,
-            "protocol": ctx.run.spec.name, "spec_version": ctx.run.spec.version}
+    return ctx.store.start_pretrain(ctx.run.spec.name, ctx.run.spec.version, unit.run_name,
+                                    unit.key, task=unit.task,
+                                    backbone=ctx.plugins["backbone"].name, dataset=dataset.name,
+                                    params=params)
 
 
 def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
     """Train the unit's task once (cached by its key), or reuse the cached encoder."""
-    tracker, exp = ctx.tracker, experiment(ctx)
-    parent = tracker.find(exp, unit.key)
+    store = ctx.store
+    parent = store.find(ctx.run.spec.name, unit.key)
     if not unit.pretrains:
-        if parent is None:
-            return Pretrained(None, _record_only(ctx, unit, {}))
-        return Pretrained(None, parent.info.run_id)
+        return Pretrained(None, parent or _record_only(ctx, unit, None))
     cache = cache_path(ctx, unit)
     if cache.exists() and not ctx.force:
         weights = load_weights(cache)
-        if parent is None:
-            run_id = _record_only(ctx, unit, {"reused_cache": str(cache)})
-        else:
-            run_id = parent.info.run_id
+        run_id = parent or _record_only(ctx, unit, cache)
         ctx.outcomes.append(Outcome(f"pretrain {unit.task} on {ctx.plugins[unit.corpus].name}",
                                     "reused", str(cache), unit.task, "pretrain"))
         ctx.echo(f"Reusing pretrained {unit.task} encoder from {cache}")
         return Pretrained(weights, run_id)
     checkpoint = cache.with_name(f"{unit.key}.ckpt.safetensors")
     resume = _resume_state(ctx, checkpoint)
-    run_id = tracker.start(exp, unit.run_name, unit.key, "pretrain", _tags(ctx, unit),
-                           _params(ctx, unit))
     task, data = ctx.task(unit.task), ctx.data(unit.corpus)
+    run_id = _start_pretrain(ctx, unit)
     try:
         if resume is not None:
-            tracker.set_tags(run_id, {"resumed_from_epoch": resume["epoch"]})
+            store.mark_resumed(run_id, resume["epoch"])
             for epoch, logs in enumerate(resume["history"]):
-                tracker.log_metrics(run_id, logs, epoch)
+                store.log_epoch(run_id, logs, epoch)
             ctx.echo(f"Resuming {unit.what} from its epoch-{resume['epoch']} checkpoint")
             # checkpoints from before device_type was stored: a CUDA generator's state
             # is 16 bytes, a CPU one's 5056
@@ -116,34 +102,32 @@ def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
         result = pretrain(
             task, ctx.plugins["backbone"], data.unlabeled, data.info, ctx.run.configs["pretrain"],
             ctx.device, ctx.run.configs["protocol"].pretrain_seed,
-            on_epoch=lambda logs, epoch: tracker.log_metrics(run_id, logs, epoch),
+            on_epoch=lambda logs, epoch: store.log_epoch(run_id, logs, epoch),
             progress=ctx.progress, resume=resume, on_checkpoint=on_checkpoint,
         )
         save_weights(result.weights, cache, {"pretrain_key": unit.key, "task": unit.task})
         checkpoint.unlink(missing_ok=True)
-        tracker.log_file(run_id, cache, "weights")
-        tracker.log_metrics(run_id, {"pretrain_seconds": result.seconds})
+        store.log_pretrained(run_id, cache, result.seconds)
     except BaseException as exc:
-        tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:4000]})
-        tracker.finish(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        store.fail(run_id, exc)
         raise
-    tracker.finish(run_id)
+    store.finish(run_id)
     detail = f"{result.seconds:.0f}s" + (f", resumed at epoch {resume['epoch']}" if resume else "")
     ctx.outcomes.append(Outcome(unit.what, "ran", detail, unit.task, "pretrain"))
     return Pretrained(result.weights, run_id)
 
 
-def _record_only(ctx: RunContext, unit: PretrainUnit, tags: dict[str, Any]) -> str:
-    """A FINISHED parent run for a pretraining that trains nothing now (none needed, or
-    its cached encoder reused); closed as KILLED if interrupted while being written."""
-    run_id = ctx.tracker.start(experiment(ctx), unit.run_name, unit.key, "pretrain",
-                               _tags(ctx, unit), _params(ctx, unit))
+def _record_only(ctx: RunContext, unit: PretrainUnit, cache: Path | None) -> str:
+    """A FINISHED parent run for a pretraining that trains nothing now (none needed, or its
+    cached encoder reused); closed as KILLED if interrupted while being written."""
+    run_id = _start_pretrain(ctx, unit)
     try:
-        ctx.tracker.set_tags(run_id, tags)
-    except BaseException:
-        ctx.tracker.finish(run_id, "KILLED")
+        if cache is not None:
+            ctx.store.mark_reused(run_id, cache)
+    except BaseException as exc:
+        ctx.store.fail(run_id, exc)
         raise
-    ctx.tracker.finish(run_id)
+    ctx.store.finish(run_id)
     return run_id
 
 
@@ -162,92 +146,77 @@ def _resume_state(ctx: RunContext, checkpoint: Path) -> dict[str, Any] | None:
         return None
 
 
-def versions(ctx: RunContext, task: str) -> dict[str, str]:
-    reg = ctx.registry
-    return {"task": reg.distribution_version("task", task),
-            "backbone": reg.distribution_version("backbone", ctx.plugins["backbone"].name),
-            "dataset": reg.distribution_version("dataset", ctx.plugins["dataset"].name)}
-
-
-def finished(ctx: RunContext, unit: FinetuneUnit) -> bool:
-    """Whether a finished run already holds this fine-tune's result (and --force is off)."""
-    return not ctx.force and ctx.tracker.find(experiment(ctx), unit.key) is not None
+def identity(ctx: RunContext, unit: FinetuneUnit) -> ResultIdentity:
+    """What the result of ``unit`` is, before it runs (the store tags the run with it)."""
+    reg, backbone = ctx.registry, ctx.plugins["backbone"]
+    dataset, data = ctx.plugins["dataset"], ctx.data("dataset")
+    versions = {"task": reg.distribution_version("task", unit.task),
+                "backbone": reg.distribution_version("backbone", backbone.name),
+                "dataset": reg.distribution_version("dataset", dataset.name)}
+    return ResultIdentity(
+        protocol=ctx.run.spec.name, spec_version=ctx.run.spec.version,
+        dataset=dataset.name, task=unit.task, backbone=backbone.name,
+        pretrain_dataset=unit.pretrain_dataset, dataset_ref=unit.dataset_ref,
+        fraction=unit.fraction, seed=unit.seed, n_labeled=len(unit.indices),
+        subset_hash=ids_hash(list(unit.subset_ids)), subset_ids=list(unit.subset_ids),
+        split_hash=data.split_hash, metric=unit.metric, run_key=unit.key,
+        pretrain_key=unit.pretraining, setup=unit.setup, task_setup=unit.task_setup,
+        baseline=unit.baseline, higher_is_better=unit.metric not in data.info.lower_is_better,
+        label=unit.label, figures=list(ctx.plugins["protocol"].figures), target=unit.target,
+        configs=ctx.run.as_dict() | {"task": ctx.task(unit.task).config.model_dump(mode="json")},
+        versions=versions | ctx.store.versions, git_sha=ctx.store.git_sha,
+        device=str(ctx.device),
+    )
 
 
 def run_finetune(ctx: RunContext, unit: FinetuneUnit, start: Pretrained) -> ResultRecord | None:
     """Fine-tune, test and record one unit; None when it was reused, skipped or failed (its
     outcome says which). A failure is recorded as FAILED and does not raise."""
-    tracker, exp = ctx.tracker, experiment(ctx)
-    if finished(ctx, unit):
+    store, protocol = ctx.store, ctx.run.spec.name
+    if not ctx.force and store.find(protocol, unit.key) is not None:
         ctx.outcomes.append(Outcome(unit.what, "reused", task=unit.task))
         return None
-    if tracker.running_elsewhere(exp, unit.key) is not None:
+    if store.running_elsewhere(protocol, unit.key):
         ctx.outcomes.append(Outcome(unit.what, "skipped", "running in another live process",
                                     unit.task))
         return None
-    dataset, data = ctx.plugins["dataset"], ctx.data("dataset")
-    backbone, cfg = ctx.plugins["backbone"], ctx.run.configs["finetune"]
-    env = environment_tags(str(ctx.device))
-    tags = {**env, "task": unit.task, "backbone": backbone.name,
-            "dataset": dataset.name, "protocol": ctx.run.spec.name,
-            "spec_version": ctx.run.spec.version, "fraction": unit.fraction, "seed": unit.seed,
-            "metric": unit.metric, "pretrain_dataset": unit.pretrain_dataset or "-",
-            "setup": unit.setup, "task_setup": unit.task_setup, "dataset_ref": unit.dataset_ref}
-    if unit.target is not None:
-        tags["target"] = unit.target
+    data, cfg = ctx.data("dataset"), ctx.run.configs["finetune"]
+    who = identity(ctx, unit)
     params = {"fraction": unit.fraction, "seed": unit.seed, "n_labeled": len(unit.indices),
               "finetune": cfg.model_dump(mode="json"),
               "protocol": ctx.run.configs["protocol"].model_dump(mode="json")}
-    run_id = tracker.start(exp, unit.what, unit.key, "finetune", tags, params, start.run_id)
+    run_id = store.start_finetune(who, unit.what, params, start.run_id)
     t0 = time.perf_counter()
     epoch_seconds: list[float] = []
 
     def on_epoch(logs: dict[str, float], epoch: int) -> None:
         # wall time per epoch feeds the convergence protocol's time-to-target
         epoch_seconds.append(time.perf_counter() - t0)
-        tracker.log_metrics(run_id, {**logs, "elapsed_seconds": epoch_seconds[-1]}, epoch)
+        store.log_epoch(run_id, {**logs, "elapsed_seconds": epoch_seconds[-1]}, epoch)
         _test_delay()
 
     try:
         result = finetune(
-            backbone, data.info, subset(data.train, unit.indices), data.val, data.test,
-            start.weights, cfg, ctx.device, unit.seed,
+            ctx.plugins["backbone"], data.info, subset(data.train, unit.indices), data.val,
+            data.test, start.weights, cfg, ctx.device, unit.seed,
             on_epoch=on_epoch, progress=ctx.progress, label=unit.what, select_metric=unit.metric,
         )
         value = result.test_metrics.get(unit.metric, math.nan)
-        task = ctx.task(unit.task)
         record = ResultRecord(
-            protocol=ctx.run.spec.name, spec_version=ctx.run.spec.version,
-            dataset=dataset.name, task=unit.task, backbone=backbone.name,
-            pretrain_dataset=unit.pretrain_dataset, dataset_ref=unit.dataset_ref,
-            fraction=unit.fraction, seed=unit.seed,
-            n_labeled=len(unit.indices), subset_hash=ids_hash(list(unit.subset_ids)),
-            subset_ids=list(unit.subset_ids),
-            split_hash=data.split_hash, metric=unit.metric, value=value,
-            test_metrics=result.test_metrics, val_history=result.val_history,
-            best_epoch=result.best_epoch, run_key=unit.key, pretrain_key=unit.pretraining,
-            configs=ctx.run.as_dict() | {"task": task.config.model_dump(mode="json")},
-            epoch_seconds=list(epoch_seconds),
-            versions=versions(ctx, unit.task) | {
-                k: v for k, v in env.items() if "version" in k or k == "git.sha"},
-            device=str(ctx.device), seconds=result.seconds,
+            **who.model_dump(), value=value, test_metrics=result.test_metrics,
+            val_history=result.val_history, best_epoch=result.best_epoch,
+            epoch_seconds=list(epoch_seconds), seconds=result.seconds,
         )
-        tracker.log_metrics(run_id, {f"test_{k}": v for k, v in result.test_metrics.items()}
-                            | {"test_main": value, "seconds": result.seconds})
-        tracker.log_json(run_id, record.model_dump(mode="json"), "result.json")
-        tracker.log_json(run_id, ctx.run.as_dict(), "config.json")
-        tracker.set_tags(run_id, {"value": value})
+        store.finish_finetune(run_id, record, ctx.run.as_dict())
     except Exception as exc:
-        tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:4000]})
-        tracker.finish(run_id, "FAILED")
+        store.fail(run_id, exc)
         detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc(limit=3)
         ctx.outcomes.append(Outcome(unit.what, "failed", detail, unit.task))
         ctx.echo(f"[red]FAILED[/red] {unit.what}: {exc}")
         return None
-    except BaseException:
-        tracker.finish(run_id, "KILLED")
+    except BaseException as exc:
+        store.fail(run_id, exc)
         raise
-    tracker.finish(run_id)
     ctx.outcomes.append(Outcome(unit.what, "ran", f"{unit.metric}={value:.4f}", unit.task))
     ctx.echo(f"{unit.what}: test {unit.metric} = {value:.4f} ({result.seconds:.0f}s)")
     return record
@@ -292,7 +261,6 @@ def preflight(ctx: RunContext, plan: Plan) -> None:
 
 def unit_status(ctx: RunContext, unit: PretrainUnit | FinetuneUnit) -> str:
     """What running ``unit`` now would do (``bench run --dry-run``), without doing it."""
-    exp = ctx.tracker.find_experiment(ctx.run.spec.name) if ctx.tracker else None
     if isinstance(unit, PretrainUnit):
         if not unit.pretrains:
             return "none (no pretraining)"
@@ -303,6 +271,6 @@ def unit_status(ctx: RunContext, unit: PretrainUnit | FinetuneUnit) -> str:
         if checkpoint.exists() and not ctx.force:
             return "resume from its last epoch checkpoint"
         return "run"
-    if exp is not None and not ctx.force and ctx.tracker.find(exp, unit.key) is not None:
+    if ctx.store is not None and not ctx.force and ctx.store.find(ctx.run.spec.name, unit.key):
         return "reuse finished result"
     return "run"

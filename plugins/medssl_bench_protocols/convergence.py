@@ -37,7 +37,7 @@ class Convergence(Protocol):
         from medssl_bench.analysis import convergence_table
 
         try:
-            rows = convergence_table(ctx.tracker, protocol=self.name,
+            rows = convergence_table(ctx.store, protocol=self.name,
                                      dataset=ctx.plugins["dataset"].name)
         except Exception as exc:  # a summary must never lose the finished runs
             ctx.echo(f"[yellow]No convergence summary[/yellow]: {exc}")
