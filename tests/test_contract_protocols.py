@@ -29,7 +29,7 @@ def _context(registry, name: str, task: str = "rotation3d,jigsaw3d") -> RunConte
     run = resolve_run(registry, name, task, overrides=overrides, preset="quick",
                       pretrain_dataset="phantom3d" if cls.uses_pretrain_dataset else None)
     return RunContext(registry=registry, run=run, plugins=instantiate(registry, run),
-                      device=torch.device("cpu"), tracker=None, cache_dir=Path("unused"),
+                      device=torch.device("cpu"), store=None, cache_dir=Path("unused"),
                       echo=lambda *a, **k: None)
 
 
