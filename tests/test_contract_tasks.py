@@ -106,3 +106,15 @@ def test_every_plugin_is_documented(kind):
             except ValidationError as exc:
                 pytest.fail(f"{kind} {name}: preset {preset!r} does not validate: {exc}")
 
+
+
+@pytest.mark.parametrize("name", REGISTRY.names("task"))
+def test_every_task_declares_its_family_or_is_the_baseline(name):
+    from medssl_bench.interfaces import TASK_FAMILIES
+
+    cls = REGISTRY.get("task", name)
+    if cls.baseline:
+        assert cls.family == "", f"{name}: the baseline belongs to no method family"
+    else:
+        assert cls.family in TASK_FAMILIES, (
+            f"{name}: family {cls.family!r} is not one of {TASK_FAMILIES}")

@@ -116,6 +116,10 @@ class Backbone(Plugin):
 # --------------------------------------------------------------------------- tasks
 
 
+#: Method families of proxy tasks (OpenMind's grouping of 3D self-supervised methods).
+TASK_FAMILIES = ("restoration", "masked-modelling", "contrastive", "pretext-classification")
+
+
 class ProxyTask(Plugin):
     """A self-supervised pretraining task.
 
@@ -139,6 +143,9 @@ class ProxyTask(Plugin):
     #: The baseline role: every protocol runs this task beside the others and compares with
     #: it (differences, tests, annotation saving). The built-in ``scratch`` declares it.
     baseline: ClassVar[bool] = False
+    #: The method family (results record it; the leaderboard can group by it): one of
+    #: :data:`TASK_FAMILIES`, "" for the baseline.
+    family: ClassVar[str] = ""
     #: The input size the task's paper used; benchmarks time batch construction at it.
     paper_input_size: ClassVar[tuple[int, ...]] = (128, 128, 128)
     #: The smallest spatial input the task can work with (contract tests use it).

@@ -153,6 +153,7 @@ class CPC3D(ProxyTask):
     """3D Contrastive Predictive Coding over an inverted-pyramid context of patches."""
 
     name = "cpc3d"
+    family = "contrastive"
     spatial_dims = 3
     paper_input_size = (128, 128, 128)
     min_input_size = (32, 32, 32)

@@ -81,6 +81,7 @@ class Exemplar3D(ProxyTask):
     """3D Exemplar: triplet loss pulling augmented copies together and other volumes apart."""
 
     name = "exemplar3d"
+    family = "contrastive"
     spatial_dims = 3
     paper_input_size = (128, 128, 128)
     min_input_size = (16, 16, 16)

@@ -129,6 +129,7 @@ class Genesis3D(ProxyTask):
     """Models Genesis: restore 3D sub-volumes after non-linear, shuffling and cutout transforms."""
 
     name = "genesis3d"
+    family = "restoration"
     spatial_dims = 3
     transfers = ("encoder", "decoder")
     paper_input_size = (64, 64, 32)

@@ -158,6 +158,7 @@ class Jigsaw3D(ProxyTask):
     """3D jigsaw puzzles: which of P maximally different permutations shuffled the patches."""
 
     name = "jigsaw3d"
+    family = "pretext-classification"
     spatial_dims = 3
     min_input_size = (16, 16, 16)
 

@@ -80,6 +80,7 @@ class Parts2Whole3D(ProxyTask):
     """Parts2Whole: reconstruct the whole 3D sub-volume from a resized random part of it."""
 
     name = "parts2whole3d"
+    family = "restoration"
     spatial_dims = 3
     transfers = ("encoder",)
     paper_input_size = (128, 128, 64)

@@ -142,6 +142,7 @@ class Rotation3D(ProxyTask):
     """3D rotation prediction: 10 classes of multiples of 90 degrees about the three axes."""
 
     name = "rotation3d"
+    family = "pretext-classification"
     spatial_dims = 3
 
     class Config(PluginConfig):

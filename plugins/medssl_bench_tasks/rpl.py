@@ -28,6 +28,7 @@ class RelativePatchLocation3D(ProxyTask):
     """3D relative patch location: 26-way position of a query patch relative to the centre."""
 
     name = "rpl3d"
+    family = "pretext-classification"
     spatial_dims = 3
     min_input_size = (16, 16, 16)
 

@@ -24,6 +24,7 @@ class Flip3D(ProxyTask):
     """Predict which of the three axes a volume was flipped along (8 classes)."""
 
     name = "flip3d"
+    family = "pretext-classification"
     spatial_dims = 3
 
     class Config(PluginConfig):
