@@ -326,3 +326,23 @@ def test_a_lower_is_better_metric_ranks_ascending_and_flips_the_annotation_savin
         pytest.approx(64)
     assert lb.interpolate_fraction([10, 100], [5.0, 4.0], 6.0, higher_is_better=False) == 10
     assert lb.interpolate_fraction([10, 100], [5.0, 7.0], 6.0, higher_is_better=False) is None
+
+
+def test_grouped_by_method_family():
+    """Each family's rank is the mean of its entries' mean ranks; its best entry is named;
+    the baseline (no family) is not a family."""
+    means = {"rotation3d": 0.7, "jigsaw3d": 0.5, "genesis3d": 0.6, "scratch": 0.4}
+    families = {"rotation3d": "pretext-classification", "jigsaw3d": "pretext-classification",
+                "genesis3d": "restoration", "scratch": ""}
+    records = [_record(task=t, fraction=f, seed=s, value=m + 0.01 * s, family=families[t],
+                       run_key=f"{t}-{f}-{s}")
+               for t, m in means.items() for f in (50, 100) for s in (0, 1)]
+    rows = lb.aggregate(records)
+    fams = {d["family"]: d for d in lb.family_ranks(rows)}
+    assert set(fams) == {"pretext-classification", "restoration"}
+    # ranks per fraction: rotation3d 1, genesis3d 2, jigsaw3d 3, scratch 4
+    assert fams["pretext-classification"]["mean_rank"] == pytest.approx(2.0)
+    assert fams["pretext-classification"]["entries"] == 2
+    assert fams["pretext-classification"]["best_entry"] == "rotation3d"
+    assert fams["restoration"]["mean_rank"] == pytest.approx(2.0)
+    assert "Mean rank by method family" in lb.as_markdown(rows)

@@ -101,6 +101,9 @@ class ResultIdentity(BaseModel):
     baseline: bool = Field(default=False, description="The baseline every entry is compared "
                            "with (its task declares the role; scratch is the built-in one).")
     higher_is_better: bool = Field(default=True, description="The main metric's direction.")
+    family: str = Field(default="", description="The task's method family (restoration, "
+                        "masked-modelling, contrastive, pretext-classification); empty for the "
+                        "baseline and for records written before families were recorded.")
     label: str = Field(default="", description="How the leaderboard names the entry, e.g. "
                        "'rotation3d (pretrained on luna16)'; empty: the task name.")
     figures: list[str] = Field(default_factory=lambda: [FIGURE_DATA_EFFICIENCY],

@@ -12,7 +12,14 @@ from dataclasses import asdict
 from typing import Any
 
 from medssl_bench.leaderboard.published import matching_published
-from medssl_bench.leaderboard.stats import ALPHA, SECTION_KEYS, Row, annotation_saving, mean_ranks
+from medssl_bench.leaderboard.stats import (
+    ALPHA,
+    SECTION_KEYS,
+    Row,
+    annotation_saving,
+    family_ranks,
+    mean_ranks,
+)
 
 
 def _clean(value: Any) -> Any:
@@ -25,8 +32,8 @@ def row_dicts(rows: list[Row]) -> list[dict[str, Any]]:
 
 def summary(rows: list[Row]) -> dict[str, Any]:
     """Everything beyond the per-fraction rows: ranks, annotation saving, published rows."""
-    return {"mean_ranks": mean_ranks(rows), "annotation_saving": annotation_saving(rows),
-            "published": matching_published(rows)}
+    return {"mean_ranks": mean_ranks(rows), "family_ranks": family_ranks(rows),
+            "annotation_saving": annotation_saving(rows), "published": matching_published(rows)}
 
 
 def as_json(rows: list[Row], with_summary: bool = False) -> str:
@@ -137,6 +144,13 @@ def as_markdown(rows: list[Row]) -> str:
         lines += [f"| {d['protocol']} v{d['spec_version']} | {d['dataset']} | {d['backbone']} | "
                   f"{d['metric']} | {d['label']} | {d['mean_rank']:.2f} | {d['fractions']} |"
                   for d in extra["mean_ranks"]]
+    if extra["family_ranks"]:
+        lines += ["", "Mean rank by method family (the mean of its entries' mean ranks)", "",
+                  "| protocol | dataset | backbone | metric | family | mean rank | entries | best "
+                  "entry |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {d['protocol']} v{d['spec_version']} | {d['dataset']} | {d['backbone']} | "
+                  f"{d['metric']} | {d['family']} | {d['mean_rank']:.2f} | {d['entries']} | "
+                  f"{d['best_entry']} |" for d in extra["family_ranks"]]
     if extra["annotation_saving"]:
         lines += ["", "Annotation saving (labels needed to match scratch at 100 %: the smallest "
                   "fraction from which the entry stays at or above it, interpolated)", "",
@@ -212,6 +226,16 @@ def as_rich_tables(rows: list[Row]) -> list[Any]:
                     cells += [_saving_text(s), _at_100_text(s)] if s else ["-", "-"]
                 summ.add_row(*cells)
             tables.append(summ)
+        families = [d for d in extra["family_ranks"]
+                    if tuple(d[k] for k in SECTION_KEYS) == section]
+        if families:
+            fam = Table(title=f"{protocol} v{version} · {dataset} · by method family")
+            for c in ("family", "mean rank", "entries", "best entry"):
+                fam.add_column(c)
+            for d in families:
+                fam.add_row(d["family"], f"{d['mean_rank']:.2f}", str(d["entries"]),
+                            d["best_entry"])
+            tables.append(fam)
     return tables
 
 

@@ -75,6 +75,8 @@ class Row:
     baseline: bool = False
     #: The metric's direction: False ranks ascending (a distance, an error).
     higher_is_better: bool = True
+    #: The task's method family ("" for the baseline and records that do not say).
+    family: str = ""
 
     @property
     def section(self) -> tuple:
@@ -155,7 +157,8 @@ def aggregate(results: list[ResultRecord]) -> list[Row]:
                         label=entry[key].label, dataset_ref=refs[key],
                         values=[float(v) for v in arr], seeds=[s for s, _ in entries],
                         baseline=entry[key].baseline,
-                        higher_is_better=entry[key].higher_is_better))
+                        higher_is_better=entry[key].higher_is_better,
+                        family=entry[key].family))
     setups: dict[tuple, set[str]] = defaultdict(set)
     for row in rows:
         setups[(*row.section, row.label)].add(row.task_setup)
@@ -185,15 +188,36 @@ def mean_ranks(rows: list[Row]) -> list[dict[str, Any]]:
     """Ranking across fractions: each entry's mean rank over the fractions it was run at."""
     ranks: dict[tuple, list[int]] = defaultdict(list)
     means: dict[tuple, list[float]] = defaultdict(list)
+    families: dict[tuple, str] = {}
     for r in rows:
         key = (*r.section, r.label)
         ranks[key].append(r.rank)
         means[key].append(r.mean)
+        families[key] = r.family
     out = []
     for key, values in ranks.items():
         section = dict(zip(SECTION_KEYS, key[:-1], strict=True))
         out.append({**section, "label": key[-1], "mean_rank": float(np.mean(values)),
-                    "fractions": len(values), "mean_of_means": float(np.mean(means[key]))})
+                    "fractions": len(values), "mean_of_means": float(np.mean(means[key])),
+                    "family": families[key]})
+    out.sort(key=lambda d: (*(d[k] for k in SECTION_KEYS), d["mean_rank"]))
+    return out
+
+
+def family_ranks(rows: list[Row]) -> list[dict[str, Any]]:
+    """The leaderboard grouped by method family: per section and family, the mean of its
+    entries' mean ranks (:func:`mean_ranks`), how many entries it has and its best entry.
+    Entries without a family (the baseline, records that do not say) are left out."""
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for d in mean_ranks(rows):
+        if d["family"]:
+            groups[(*(d[k] for k in SECTION_KEYS), d["family"])].append(d)
+    out = []
+    for key, entries in groups.items():
+        best = min(entries, key=lambda d: d["mean_rank"])
+        out.append({**dict(zip(SECTION_KEYS, key[:-1], strict=True)), "family": key[-1],
+                    "mean_rank": float(np.mean([d["mean_rank"] for d in entries])),
+                    "entries": len(entries), "best_entry": best["label"]})
     out.sort(key=lambda d: (*(d[k] for k in SECTION_KEYS), d["mean_rank"]))
     return out
 
