@@ -202,6 +202,27 @@ def test_selection_uses_the_protocol_metric_and_survives_nan(registry, monkeypat
     assert all_nan.best_epoch == 2
 
 
+def test_selection_takes_the_lowest_value_of_a_lower_is_better_metric(registry, monkeypatch):
+    """A dataset that declares a metric lower-is-better (a distance) gets the epoch with the
+    lowest validation value tested."""
+    import dataclasses
+
+    import medssl_bench.engine as engine
+
+    data, backbone = _tiny(registry)
+    info = dataclasses.replace(data.info, metrics=(*data.info.metrics, "hd95"),
+                               lower_is_better=("hd95",))
+    scores = iter([{"dice_mean": 0.1, "hd95": 9.0}, {"dice_mean": 0.2, "hd95": 2.0},
+                   {"dice_mean": 0.9, "hd95": 5.0}])
+    real = engine.evaluate
+    monkeypatch.setattr(engine, "evaluate", lambda model, ds, *a, **k:
+                        next(scores) if ds is data.val else real(model, ds, *a, **k))
+    result = finetune(backbone, info, data.train, data.val, data.test, None,
+                      FinetuneConfig(epochs=3, iterations_per_epoch=1), torch.device("cpu"), 0,
+                      select_metric="hd95")
+    assert result.best_epoch == 1
+
+
 def test_pretraining_refuses_too_small_images_before_training(registry):
     from medssl_bench.errors import ConfigError
 

@@ -472,7 +472,8 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune on ``train``, pick weights on ``val``, report metrics on ``test``.
 
-    ``select_metric`` (default: the dataset's main metric) chooses the validation epoch
+    ``select_metric`` (default: the dataset's main metric; the lowest value wins for a metric
+    in ``info.lower_is_better``) chooses the validation epoch
     whose weights are tested; it should be the metric the protocol ranks by. Epochs where
     it is undefined (NaN) never beat a defined score; if it is never defined, the last
     epoch is tested. ``progress`` and ``runtime``: as for :func:`pretrain`.
@@ -519,6 +520,8 @@ def finetune(
         if on_epoch:
             on_epoch(record, epoch)
         score = val_metrics.get(main, math.nan)
+        if main in info.lower_is_better:  # compare as "higher is better" throughout
+            score = -score
         undefined_so_far = best_score == -math.inf
         if (cfg.select == "last" or (not math.isnan(score) and score > best_score)
                 or (math.isnan(score) and undefined_so_far)):
