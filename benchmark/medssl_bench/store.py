@@ -37,7 +37,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medssl_bench.interfaces import FIGURE_CONVERGENCE, FIGURE_DATA_EFFICIENCY
 from medssl_bench.tracking import (
-    EXPERIMENT_PREFIX,
     TAG_KEY,
     Tracker,
     environment_tags,
@@ -315,10 +314,10 @@ class ResultStore:
     def _existing_experiment(self, protocol: str) -> str | None:
         """The experiment of ``protocol`` if it exists (creates nothing)."""
         if protocol not in self._experiments:
-            exp = self.tracker.client.get_experiment_by_name(EXPERIMENT_PREFIX + protocol)
+            exp = self.tracker.find_experiment(protocol)
             if exp is None:
                 return None
-            self._experiments[protocol] = exp.experiment_id
+            self._experiments[protocol] = exp
         return self._experiments[protocol]
 
     def find(self, protocol: str, key: str) -> str | None:
