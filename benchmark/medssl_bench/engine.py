@@ -48,7 +48,24 @@ from medssl_bench.weights import StateDicts, adapt_state_in_channels
 MetricCallback = Callable[[dict[str, float], int], None]
 
 
-class PretrainConfig(PluginConfig):
+class TrainingConfig(PluginConfig):
+    """What pretraining and fine-tuning share: how the loop steps (optimizer, schedule,
+    compilation, gradient accumulation)."""
+
+    optimizer: OptimizerName = optimizer_field()
+    momentum: float = momentum_field()
+    schedule: ScheduleName = schedule_field()
+    lr_warmup_epochs: int = lr_warmup_field()
+    compile: bool = Field(default=False, json_schema_extra=since("0.2"),
+                          description="torch.compile the network (compiled once per input "
+                          "shape; pays off on a GPU over long runs).")
+    grad_accumulation: int = Field(default=1, ge=1, json_schema_extra=since("0.2"),
+                                   description="Micro-batches of batch_size whose gradients "
+                                   "make one optimizer step (an effective batch this many "
+                                   "times larger in the same memory).")
+
+
+class PretrainConfig(TrainingConfig):
     """Pretraining hyperparameters (Taleb et al. appendix: Adam, lr 1e-3 for 3D tasks)."""
 
     epochs: int = Field(default=1000, ge=0, description="Pretraining epochs (reference configs: 1000).")
@@ -65,20 +82,9 @@ class PretrainConfig(PluginConfig):
     num_workers: int = Field(default=0, ge=0, json_schema_extra=NEUTRAL,
                              description="DataLoader worker processes.")
     amp: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on the CPU).")
-    optimizer: OptimizerName = optimizer_field()
-    momentum: float = momentum_field()
-    schedule: ScheduleName = schedule_field()
-    lr_warmup_epochs: int = lr_warmup_field()
-    compile: bool = Field(default=False, json_schema_extra=since("0.2"),
-                          description="torch.compile the network (compiled once per input "
-                          "shape; pays off on a GPU over long runs).")
-    grad_accumulation: int = Field(default=1, ge=1, json_schema_extra=since("0.2"),
-                                   description="Micro-batches of batch_size whose gradients "
-                                   "make one optimizer step (an effective batch this many "
-                                   "times larger in the same memory).")
 
 
-class FinetuneConfig(PluginConfig):
+class FinetuneConfig(TrainingConfig):
     """Fine-tuning hyperparameters (Taleb et al. appendix and reference configs)."""
 
     epochs: int = Field(default=400, ge=1, description="Fine-tuning epochs (reference configs: 400).")
@@ -114,17 +120,6 @@ class FinetuneConfig(PluginConfig):
     channel_adaptation: Literal["duplicate", "average"] = Field(
         default="duplicate", description="How a pretrained first layer takes a different number "
         "of input channels: duplicate its weights (Taleb et al. appendix) or average them.")
-    optimizer: OptimizerName = optimizer_field()
-    momentum: float = momentum_field()
-    schedule: ScheduleName = schedule_field()
-    lr_warmup_epochs: int = lr_warmup_field()
-    compile: bool = Field(default=False, json_schema_extra=since("0.2"),
-                          description="torch.compile the network (compiled once per input "
-                          "shape; pays off on a GPU over long runs).")
-    grad_accumulation: int = Field(default=1, ge=1, json_schema_extra=since("0.2"),
-                                   description="Micro-batches of batch_size whose gradients "
-                                   "make one optimizer step (an effective batch this many "
-                                   "times larger in the same memory).")
 
 
 # --------------------------------------------------------------------------- helpers
