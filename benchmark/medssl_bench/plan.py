@@ -30,6 +30,7 @@ from medssl_bench.config import NEUTRAL, PluginConfig
 from medssl_bench.engine import label_subset
 from medssl_bench.errors import BenchError
 from medssl_bench.identity import ids_hash, key_of, semantic
+from medssl_bench.probe import PROBE_KNN
 from medssl_bench.store import entry_label
 
 if TYPE_CHECKING:
@@ -115,8 +116,8 @@ class Probe:
 
     def settings(self) -> dict[str, Any]:
         """What determines the probe's result (its run key and setup hash hold these)."""
-        if self.kind == "knn":
-            return {"kind": "knn", "pooling": self.pooling, "k": self.k,
+        if self.kind == PROBE_KNN:
+            return {"kind": self.kind, "pooling": self.pooling, "k": self.k,
                     "temperature": self.temperature}
         return {"kind": self.kind, "pooling": self.pooling, "c_grid": list(self.c_grid)}
 

@@ -30,6 +30,10 @@ from medssl_bench.metrics import classification_metrics
 from medssl_bench.runtime import Runtime
 
 POOLINGS = ("deepest", "all")
+#: The probes (:class:`medssl_bench.plan.Probe` ``kind``).
+PROBE_LOGISTIC = "logistic"
+PROBE_KNN = "knn"  # the name of a probe, which the knn protocol shares
+PROBES = (PROBE_LOGISTIC, PROBE_KNN)
 
 
 def pool(features: list[Tensor], pooling: str) -> Tensor:

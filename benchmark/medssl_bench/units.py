@@ -301,18 +301,18 @@ def probe_scores(unit: ProbeUnit, feats: dict[str, Tensor], info: Any,
     """Test scores of ``unit``'s probe trained on its label subset, and its validation
     search (logistic: per C; knn: its validation metrics)."""
     from medssl_bench.metrics import classification_metrics
-    from medssl_bench.probe import knn_scores, logistic_probe
+    from medssl_bench.probe import PROBE_KNN, PROBE_LOGISTIC, knn_scores, logistic_probe
 
     idx = torch.as_tensor(unit.indices, dtype=torch.long)
     train_x, train_y = feats["train_x"][idx], feats["train_y"][idx]
-    if unit.probe == "knn":
+    if unit.probe == PROBE_KNN:
         val = classification_metrics(
             knn_scores(train_x, train_y, feats["val_x"], info.num_classes, unit.k,
                        unit.temperature), feats["val_y"].numpy())
         test = knn_scores(train_x, train_y, feats["test_x"], info.num_classes, unit.k,
                           unit.temperature)
         return test, [{f"val_{k}": v for k, v in val.items()}]
-    if unit.probe == "logistic":
+    if unit.probe == PROBE_LOGISTIC:
         test, _, history = logistic_probe(
             train_x, train_y, feats["val_x"], feats["val_y"], feats["test_x"],
             info.num_classes, unit.c_grid, metric, metric in info.lower_is_better, unit.seed)
