@@ -88,6 +88,23 @@ def test_pooling_deepest_or_all_levels():
     assert both.shape == (2, 8) and (both[:, :3] == 1).all() and (both[:, 3:] == 2).all()
 
 
+@pytest.mark.parametrize("name", ["linear-probe", "knn"])
+def test_pretraining_is_data_efficiencys(registry, name):
+    """Same pretrain section, 2D pretrain section and preset pretrain settings: the same
+    pretrain key, so one cached encoder serves all three protocols."""
+    from medssl_bench.spec import load_spec
+
+    mine, de = load_spec(name, registry), load_spec("data-efficiency", registry)
+    assert mine.pretrain == de.pretrain
+    assert mine.dims2.get("pretrain") == de.dims2.get("pretrain")
+    assert mine.protocol["pretrain_seed"] == de.protocol["pretrain_seed"]
+    assert set(mine.presets) == set(de.presets)
+    for preset in de.presets:
+        assert mine.presets[preset].get("pretrain") == de.presets[preset].get("pretrain")
+    if name == "linear-probe":  # decoder-only on segmentation: the key's finetune config says so
+        assert mine.finetune["freeze"] == "frozen"
+
+
 # --------------------------------------------------------------------------- end to end
 
 
