@@ -419,4 +419,6 @@ def unit_status(ctx: RunContext, unit: PretrainUnit | FinetuneUnit) -> str:
         return "run"
     if ctx.store is not None and not ctx.force and ctx.store.find(ctx.run.spec.name, unit.key):
         return "reuse finished result"
+    if isinstance(unit, ProbeUnit) and not ctx.force and features_path(ctx, unit).exists():
+        return "run (on cached features)"
     return "run"
