@@ -135,8 +135,9 @@ def npz(tmp_path):
 def _run(protocol, *extra, dataset=None):
     data = (["--dataset", "medmnist3d", "--set", f"dataset.path={dataset}"] if dataset
             else ["--set", *PHANTOM])
+    tiny = [s for s in TINY if not (protocol == "few-shot" and s.startswith("protocol.fr"))]
     return cli.main(["run", "--protocol", protocol, "--task", "rotation3d", "--device", "cpu",
-                     *data, "--set", *TINY, *extra])
+                     *data, "--set", *tiny, *extra])
 
 
 def _board(capsys, protocol):
@@ -264,3 +265,48 @@ def test_knn_refusal_is_a_config_error(registry):
                      echo=lambda *a, **k: None)
     with pytest.raises(ConfigError, match="classification dataset"):
         registry.get("protocol", "knn")(run.configs["protocol"]).plan(ctx)
+
+
+# --------------------------------------------------------------------------- few-shot
+
+
+def test_per_class_subset_takes_n_of_each_class_nested_per_seed():
+    from medssl_bench.engine import per_class_subset
+
+    labels = [0, 1, 2, 0, 1, 0, 1, 0, 2, 0]  # class 2 has only two cases
+    one, three = per_class_subset(labels, 1, seed=4), per_class_subset(labels, 3, seed=4)
+    assert sorted(labels[i] for i in one) == [0, 1, 2]
+    assert sorted(labels[i] for i in three) == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert set(one) <= set(three)
+    assert per_class_subset(labels, 3, seed=4) == three  # the same cases for every task
+    assert {tuple(per_class_subset(labels, 1, seed=s)) for s in range(6)} != {tuple(one)}
+
+
+def test_few_shot_probes_n_per_class_on_the_cached_features(workdir, npz, capsys,
+                                                           monkeypatch):
+    import medssl_bench.probe as probe
+
+    real_encode = probe.encode
+    calls = []
+    monkeypatch.setattr(probe, "encode", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    assert _run("few-shot", "protocol.shots=[1,2,50]", dataset=npz) == 0
+    assert len(calls) == 2 * 3  # two encoders x three splits, for 2 seeds x 2 shot counts
+    capsys.readouterr()
+    # 50 per class labels the whole split (8 cases); 1 and 2 per class: 2 and 4 cases
+    from medssl_bench.store import ResultStore
+    from medssl_bench.tracking import Tracker
+
+    results = ResultStore(Tracker(f"sqlite:///{workdir / 'mlflow.db'}")).results("few-shot")
+    assert {(r.fraction, r.n_labeled) for r in results} == {(25.0, 2), (50.0, 4), (100.0, 8)}
+    assert len(results) == 2 * 3 * 2  # tasks x shot counts x seeds
+    rows = _board(capsys, "few-shot")
+    assert {r["task"] for r in rows} == {"rotation3d", "scratch"}
+    # k-NN evaluation: new results on the same features (no feature pass)
+    assert _run("few-shot", "protocol.shots=[1,2,50]", "protocol.evaluation=knn",
+                dataset=npz) == 0
+    assert len(calls) == 6
+
+
+def test_few_shot_probe_on_segmentation_is_refused(workdir, capsys):
+    assert _run("few-shot", "protocol.evaluation=logistic", "--dry-run") != 0
+    assert "protocol.evaluation=finetune" in capsys.readouterr().err.replace("\n", " ")

@@ -19,7 +19,7 @@ fine-tunes (``sweep(..., probe=Probe(...))``): the same label subsets, order and
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -347,12 +347,16 @@ class SweepPlanner:
                             else f"{task.name} (no pretraining)")
 
     def finetune(self, task: ProxyTask, pretraining: PretrainUnit, fraction: float, seed: int,
-                 always_name_corpus: bool = False) -> FinetuneUnit:
+                 always_name_corpus: bool = False,
+                 indices: Sequence[int] | None = None) -> FinetuneUnit:
         """Fine-tune ``task`` from ``pretraining`` on ``fraction`` percent of the labeled
-        training split chosen by ``seed`` (nested subsets, identical for every task)."""
+        training split chosen by ``seed`` (nested subsets, identical for every task), or on
+        the training cases ``indices`` when given (``fraction`` then says what share they are)."""
         ctx = self.ctx
         dataset, data = ctx.plugins["dataset"], ctx.data("dataset")
-        indices = label_subset(len(data.train), fraction / 100, seed, data.train_groups)
+        if indices is None:
+            indices = label_subset(len(data.train), fraction / 100, seed, data.train_groups)
+        indices = sorted(indices)
         ids = [data.train_ids[i] if data.train_ids else str(i) for i in indices]
         pre = pretraining.corpus_label if task.pretrains else None
         what = f"{task.name} {fraction:g}% seed {seed}"
@@ -370,10 +374,11 @@ class SweepPlanner:
         )
 
     def probe(self, task: ProxyTask, pretraining: PretrainUnit, fraction: float, seed: int,
-              probe: Probe, always_name_corpus: bool = False) -> ProbeUnit:
+              probe: Probe, always_name_corpus: bool = False,
+              indices: Sequence[int] | None = None) -> ProbeUnit:
         """Probe the frozen encoder of ``pretraining`` on the label subset :meth:`finetune`
         would fine-tune on (same fraction, seed and cases)."""
-        unit = self.finetune(task, pretraining, fraction, seed, always_name_corpus)
+        unit = self.finetune(task, pretraining, fraction, seed, always_name_corpus, indices)
         dataset, data = self.ctx.plugins["dataset"], self.ctx.data("dataset")
         values = {f.name: getattr(unit, f.name) for f in fields(unit)}
         values.update(
@@ -387,11 +392,14 @@ class SweepPlanner:
         return ProbeUnit(**values)
 
     def sweep(self, corpora: Sequence[str], always_name_corpus: bool = False,
-              fractions: Sequence[float] | None = None, probe: Probe | None = None) -> Plan:
+              fractions: Sequence[float] | None = None, probe: Probe | None = None,
+              subset: Callable[[float, int], Sequence[int]] | None = None) -> Plan:
         """Every task pretrains once per corpus role in ``corpora``, then fine-tunes on the
         run's dataset over fractions (default ``config.fractions``) x seeds; the baseline runs
         once beside them. With ``probe``, each fine-tune is a :class:`ProbeUnit` of the
-        frozen encoder instead (same label subsets, same order)."""
+        frozen encoder instead (same label subsets, same order). ``subset(fraction, seed)``,
+        when given, chooses the training cases of each label subset (few-shot: N per class)
+        in place of :func:`medssl_bench.engine.label_subset`."""
         ctx = self.ctx
         plan = Plan(self.spec.name)
         methods = [t for t in ctx.tasks() if not t.baseline]
@@ -404,8 +412,10 @@ class SweepPlanner:
             plan.add(unit)
         for seed in self.config.seeds:
             for fraction in self.config.fractions if fractions is None else fractions:
+                indices = None if subset is None else subset(fraction, seed)
                 for task, unit in entries:
-                    plan.add(self.finetune(task, unit, fraction, seed, always_name_corpus)
-                             if probe is None else
-                             self.probe(task, unit, fraction, seed, probe, always_name_corpus))
+                    plan.add(self.finetune(task, unit, fraction, seed, always_name_corpus,
+                                           indices) if probe is None else
+                             self.probe(task, unit, fraction, seed, probe, always_name_corpus,
+                                        indices))
         return plan
