@@ -310,3 +310,12 @@ def test_few_shot_probes_n_per_class_on_the_cached_features(workdir, npz, capsys
 def test_few_shot_probe_on_segmentation_is_refused(workdir, capsys):
     assert _run("few-shot", "protocol.evaluation=logistic", "--dry-run") != 0
     assert "protocol.evaluation=finetune" in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_executor_runs_each_unit_kind_with_its_own_runner():
+    from medssl_bench.executor import RUNNERS
+
+    kinds = list(RUNNERS)
+    # most specific first: a subclass listed after its base would never run
+    for i, kind in enumerate(kinds):
+        assert not any(issubclass(later, kind) for later in kinds[i + 1:]), kind

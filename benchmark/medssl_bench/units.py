@@ -286,7 +286,7 @@ def probe_features(ctx: RunContext, unit: ProbeUnit, start: Pretrained) -> dict[
                       unit.pooling, cfg.eval_batch_size)
         out[f"{split}_x"], out[f"{split}_y"] = x.contiguous(), y.contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes never share one
     save_file(out, str(tmp), metadata={"pretrain_key": unit.pretraining,
                                        "pooling": unit.pooling})
     os.replace(tmp, path)
