@@ -319,3 +319,4 @@ def test_executor_runs_each_unit_kind_with_its_own_runner():
     # most specific first: a subclass listed after its base would never run
     for i, kind in enumerate(kinds):
         assert not any(issubclass(later, kind) for later in kinds[i + 1:]), kind
+
