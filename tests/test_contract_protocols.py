@@ -2,12 +2,15 @@
 the file the plugin names and validates under every preset, and its plan builds on tiny
 settings with a unique run key per unit, every dependency planned before the unit that needs
 it, and the baseline beside the tasks for every label subset. A newly registered protocol is
-tested the moment it registers."""
+tested the moment it registers. Protocols are planned on phantom3d; one that declares it
+evaluates classification datasets only (``Protocol.dataset_kinds``) on a tiny MedMNIST 3D
+file in the official npz layout."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,12 +24,28 @@ TINY = {"dataset": {"size": 16, "n_unlabeled": 4, "n_train": 4, "n_val": 2, "n_t
         "backbone": {"filters": [4, 8]}}
 
 
-def _context(registry, name: str, task: str = "rotation3d,jigsaw3d") -> RunContext:
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory) -> Path:
+    """A tiny MedMNIST v2 3D file (official layout: uint8 images, labels (N, 1))."""
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for split, n in (("train", 6), ("val", 3), ("test", 4)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 16, 16, 16), dtype=np.uint8)
+        arrays[f"{split}_labels"] = (np.arange(n) % 2).astype(np.uint8)[:, None]
+    path = tmp_path_factory.mktemp("medmnist") / "tinymnist3d.npz"
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def _context(registry, name: str, npz: Path, task: str = "rotation3d,jigsaw3d") -> RunContext:
     cls = registry.get("protocol", name)
     overrides = dict(TINY)
+    dataset = None
+    if "segmentation" not in cls.dataset_kinds:  # a classification-only protocol
+        overrides["dataset"], dataset = {"path": str(npz)}, "medmnist3d"
     if cls.uses_pretrain_dataset:  # a second corpus: the phantom generated from another seed
         overrides["pretrain_dataset"] = {**TINY["dataset"], "seed": 7}
-    run = resolve_run(registry, name, task, overrides=overrides, preset="quick",
+    run = resolve_run(registry, name, task, dataset=dataset, overrides=overrides, preset="quick",
                       pretrain_dataset="phantom3d" if cls.uses_pretrain_dataset else None)
     return RunContext(registry=registry, run=run, plugins=instantiate(registry, run),
                       device=torch.device("cpu"), store=None, cache_dir=Path("unused"),
@@ -46,8 +65,8 @@ def test_spec_ships_beside_the_protocol_and_validates(registry, name):
 
 
 @pytest.mark.parametrize("name", PROTOCOLS)
-def test_plan_builds_with_unique_keys_and_ordered_dependencies(registry, name):
-    ctx = _context(registry, name)
+def test_plan_builds_with_unique_keys_and_ordered_dependencies(registry, name, npz):
+    ctx = _context(registry, name, npz)
     plan = registry.get("protocol", name)(ctx.run.configs["protocol"]).plan(ctx)
     keys = [u.key for u in plan]
     assert keys and len(keys) == len(set(keys)), "every unit needs its own run key"
@@ -75,9 +94,9 @@ def test_plan_builds_with_unique_keys_and_ordered_dependencies(registry, name):
 
 
 @pytest.mark.parametrize("name", PROTOCOLS)
-def test_plan_is_the_same_when_planned_twice(registry, name):
-    first = _context(registry, name)
-    second = _context(registry, name)
+def test_plan_is_the_same_when_planned_twice(registry, name, npz):
+    first = _context(registry, name, npz)
+    second = _context(registry, name, npz)
     plan_a = registry.get("protocol", name)(first.run.configs["protocol"]).plan(first)
     plan_b = registry.get("protocol", name)(second.run.configs["protocol"]).plan(second)
     assert [u.key for u in plan_a] == [u.key for u in plan_b]

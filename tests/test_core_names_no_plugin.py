@@ -19,6 +19,7 @@ ALLOWED = {
     ("store.py", "convergence"): "reading 0.1 records: 0.1 drew convergence curves for that "
                                  "protocol's results",
     ("interfaces.py", "convergence"): "the name of a figure (metric per epoch), not a protocol",
+    ("probe.py", "knn"): "the name of a probe (cosine k-NN on features), not the protocol",
 }
 
 

@@ -30,7 +30,7 @@ class Outcome:
     status: str  # "ran", "reused", "failed", "skipped"
     detail: str = ""
     task: str = ""
-    stage: str = "finetune"  # or "pretrain"
+    stage: str = "finetune"  # or "pretrain", "probe"
 
 
 @dataclass
@@ -48,6 +48,9 @@ class RunContext:
     progress: Progress = field(default_factory=Progress)
     echo: Any = print
     outcomes: list[Outcome] = field(default_factory=list)
+    #: What units of this run share in memory (the probes' features by cache file), so a
+    #: --force run recomputes a shared thing once, not once per unit.
+    memo: dict[str, Any] = field(default_factory=dict)
     _data: dict[str, DataSplits] = field(default_factory=dict, repr=False)
     _baseline: ProxyTask | None = field(default=None, repr=False)
 

@@ -564,5 +564,32 @@ def label_subset(
     return sorted(permutation[:count])
 
 
+def per_class_subset(labels: Sequence[int], per_class: int, seed: int) -> list[int]:
+    """Indices of ``per_class`` labelled cases of every class (all of a class that has
+    fewer), drawn by ``seed``: one permutation per seed, each class taking its first cases in
+    it, so for one seed the subsets are nested (1 per class inside 5 inside ...) and
+    identical for every task."""
+    if per_class < 1:
+        raise ValueError(f"{per_class} cases per class: need at least 1")
+    permutation = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    taken: dict[int, int] = {}
+    chosen = []
+    for i in permutation.tolist():
+        label = int(labels[i])
+        if taken.get(label, 0) < per_class:
+            taken[label] = taken.get(label, 0) + 1
+            chosen.append(i)
+    return sorted(chosen)
+
+
+def train_labels(dataset: TorchDataset) -> list[int]:
+    """The class of every case of a labelled classification split: its ``targets`` when it
+    holds them (array-backed datasets), else read item by item."""
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == len(dataset):  # type: ignore[arg-type]
+        return [int(t) for t in targets]
+    return [int(dataset[i][1]) for i in range(len(dataset))]  # type: ignore[arg-type]
+
+
 def subset(dataset: TorchDataset, indices: Sequence[int]) -> Subset:
     return Subset(dataset, list(indices))

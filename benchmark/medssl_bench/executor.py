@@ -12,6 +12,7 @@ Every executor:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from medssl_bench.config import PluginConfig
@@ -19,8 +20,8 @@ from medssl_bench.context import Outcome, RunContext
 from medssl_bench.errors import BenchError
 from medssl_bench.hookspecs import hookimpl
 from medssl_bench.interfaces import Executor
-from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit, Unit
-from medssl_bench.units import Pretrained, run_finetune, run_pretrain
+from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit, ProbeUnit, Unit
+from medssl_bench.units import run_finetune, run_pretrain, run_probe
 
 
 def reap(ctx: RunContext) -> None:
@@ -29,13 +30,21 @@ def reap(ctx: RunContext) -> None:
         ctx.echo(f"Marked {len(reaped)} run(s) left RUNNING by a killed process as KILLED.")
 
 
+#: Unit class -> its runner, most specific class first (the first ``isinstance`` match runs):
+#: a new kind of unit is one entry here. A runner takes the context, the unit and the
+#: results of the units it depends on (key -> result).
+RUNNERS: dict[type[Unit], Callable[[RunContext, Any, dict[str, Any]], Any]] = {
+    PretrainUnit: lambda ctx, unit, done: run_pretrain(ctx, unit),
+    ProbeUnit: lambda ctx, unit, done: run_probe(ctx, unit, done[unit.pretraining]),
+    FinetuneUnit: lambda ctx, unit, done: run_finetune(ctx, unit, done[unit.pretraining]),
+}
+
+
 def run_unit(ctx: RunContext, unit: Unit, done: dict[str, Any]) -> Any:
     """Run one unit whose dependencies are in ``done`` (key -> their results)."""
-    if isinstance(unit, PretrainUnit):
-        return run_pretrain(ctx, unit)
-    if isinstance(unit, FinetuneUnit):
-        start: Pretrained = done[unit.pretraining]
-        return run_finetune(ctx, unit, start)
+    for kind, runner in RUNNERS.items():
+        if isinstance(unit, kind):
+            return runner(ctx, unit, done)
     raise TypeError(f"no runner for unit {unit!r}")
 
 

@@ -260,6 +260,10 @@ class Protocol(Plugin):
     #: The report figures its results offer (:data:`FIGURE_DATA_EFFICIENCY`,
     #: :data:`FIGURE_CONVERGENCE`); recorded with every result.
     figures: ClassVar[tuple[str, ...]] = (FIGURE_DATA_EFFICIENCY,)
+    #: The kinds of downstream dataset (``DatasetInfo.kind``) the protocol evaluates on; it
+    #: refuses the others in ``plan`` with a ConfigError before anything trains. The
+    #: contract tests plan a protocol without "segmentation" here on a classification dataset.
+    dataset_kinds: ClassVar[tuple[str, ...]] = ("segmentation", "classification")
 
     @classmethod
     def spec_path(cls) -> Path:

@@ -13,12 +13,14 @@ transfer, convergence, and third-party ones): every task pretrains once per corp
 fine-tunes over label fractions x seeds beside the baseline task. Fine-tunes are ordered seed
 by seed and fraction by fraction with the baseline first in each group, so a sweep cut short
 still holds comparable results (the baseline beside each task at the same label subset).
+Frozen-encoder protocols (linear-probe, knn) plan :class:`ProbeUnit`s in place of the
+fine-tunes (``sweep(..., probe=Probe(...))``): the same label subsets, order and baseline.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +30,7 @@ from medssl_bench.config import NEUTRAL, PluginConfig
 from medssl_bench.engine import label_subset
 from medssl_bench.errors import BenchError
 from medssl_bench.identity import ids_hash, key_of, semantic
+from medssl_bench.probe import PROBE_KNN
 from medssl_bench.store import entry_label
 
 if TYPE_CHECKING:
@@ -93,6 +96,48 @@ class FinetuneUnit(Unit):
     @property
     def pretraining(self) -> str:
         return self.depends_on[0]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """How a frozen encoder is evaluated: which probe and the settings it needs.
+
+    ``logistic``: a logistic regression on standardised features, its inverse regularisation
+    ``C`` chosen on the validation split from ``c_grid``; ``knn``: cosine k-NN with ``k``
+    neighbours voting ``exp(similarity / temperature)`` (solo-learn). ``pooling``:
+    ``deepest`` (global average of the deepest level) or ``all`` (every level's, concatenated).
+    """
+
+    kind: str
+    pooling: str = "deepest"
+    k: int = 20
+    temperature: float = 0.07
+    c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+    def settings(self) -> dict[str, Any]:
+        """What determines the probe's result (its run key and setup hash hold these)."""
+        if self.kind == PROBE_KNN:
+            return {"kind": self.kind, "pooling": self.pooling, "k": self.k,
+                    "temperature": self.temperature}
+        return {"kind": self.kind, "pooling": self.pooling, "c_grid": list(self.c_grid)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeUnit(FinetuneUnit):
+    """Probe the frozen encoder of the pretraining ``depends_on[0]`` on a label subset: its
+    features of the labelled splits (extracted once, cached), a logistic regression or a
+    k-NN on the subset's features, tested on the test split; the same identity fields as a
+    fine-tune, so probes rank beside their baseline like fine-tunes do."""
+
+    probe: str
+    pooling: str = "deepest"
+    k: int = 20
+    temperature: float = 0.07
+    c_grid: tuple[float, ...] = ()
+
+    @property
+    def stage(self) -> str:
+        return "probe"
 
 
 @dataclass
@@ -228,6 +273,21 @@ class SweepPlanner:
             "finetune": semantic(self.finetune_cfg),
         }, 10)
 
+    def probe_setup_hash(self, dataset: Dataset, data: DataSplits, probe: Probe) -> str:
+        """:meth:`setup_hash` of a probe: the probe's settings in place of the fine-tuning."""
+        return key_of({
+            "protocol": semantic(self.config, frozenset({"pretrain_seed"})),
+            "dataset": self._dataset(dataset, data),
+            "backbone": self._backbone(),
+            "probe": self.probe_settings(probe),
+        }, 10)
+
+    def probe_settings(self, probe: Probe) -> dict[str, Any]:
+        """The probe's settings plus what of the fine-tuning config changes its features."""
+        cfg = self.finetune_cfg
+        return {**probe.settings(), "channel_adaptation": cfg.channel_adaptation,
+                "amp": cfg.amp}
+
     def task_setup_hash(self, task: ProxyTask) -> str:
         """What differs between two runs of one task that share a setup."""
         if not task.pretrains:
@@ -244,6 +304,22 @@ class SweepPlanner:
             "dataset": self._dataset(dataset, data),
             "backbone": self._backbone(),
             "finetune": semantic(self.finetune_cfg),
+            "versions": self.versions(task, dataset),
+            "fraction": fraction, "seed": seed, "subset": ids_hash(list(ids)),
+        })
+
+    def probe_key(self, task: ProxyTask, dataset: Dataset, data: DataSplits,
+                  pretrain_key: str, fraction: float, seed: int, ids: Sequence[str],
+                  probe: Probe) -> str:
+        """Like :meth:`finetune_key`, with the probe's settings in place of the fine-tuning
+        config (a ``probe`` entry: never equal to a fine-tune's key)."""
+        return key_of({
+            "protocol": [self.spec.name, self.spec.version, semantic(self.config)],
+            "pretrain_key": pretrain_key,
+            "task": task.name,
+            "dataset": self._dataset(dataset, data),
+            "backbone": self._backbone(),
+            "probe": self.probe_settings(probe),
             "versions": self.versions(task, dataset),
             "fraction": fraction, "seed": seed, "subset": ids_hash(list(ids)),
         })
@@ -271,12 +347,16 @@ class SweepPlanner:
                             else f"{task.name} (no pretraining)")
 
     def finetune(self, task: ProxyTask, pretraining: PretrainUnit, fraction: float, seed: int,
-                 always_name_corpus: bool = False) -> FinetuneUnit:
+                 always_name_corpus: bool = False,
+                 indices: Sequence[int] | None = None) -> FinetuneUnit:
         """Fine-tune ``task`` from ``pretraining`` on ``fraction`` percent of the labeled
-        training split chosen by ``seed`` (nested subsets, identical for every task)."""
+        training split chosen by ``seed`` (nested subsets, identical for every task), or on
+        the training cases ``indices`` when given (``fraction`` then says what share they are)."""
         ctx = self.ctx
         dataset, data = ctx.plugins["dataset"], ctx.data("dataset")
-        indices = label_subset(len(data.train), fraction / 100, seed, data.train_groups)
+        if indices is None:
+            indices = label_subset(len(data.train), fraction / 100, seed, data.train_groups)
+        indices = sorted(indices)
         ids = [data.train_ids[i] if data.train_ids else str(i) for i in indices]
         pre = pretraining.corpus_label if task.pretrains else None
         what = f"{task.name} {fraction:g}% seed {seed}"
@@ -293,11 +373,33 @@ class SweepPlanner:
             baseline=task.baseline, target=getattr(self.config, "target", None),
         )
 
+    def probe(self, task: ProxyTask, pretraining: PretrainUnit, fraction: float, seed: int,
+              probe: Probe, always_name_corpus: bool = False,
+              indices: Sequence[int] | None = None) -> ProbeUnit:
+        """Probe the frozen encoder of ``pretraining`` on the label subset :meth:`finetune`
+        would fine-tune on (same fraction, seed and cases)."""
+        unit = self.finetune(task, pretraining, fraction, seed, always_name_corpus, indices)
+        dataset, data = self.ctx.plugins["dataset"], self.ctx.data("dataset")
+        values = {f.name: getattr(unit, f.name) for f in fields(unit)}
+        values.update(
+            key=self.probe_key(task, dataset, data, pretraining.key, fraction, seed,
+                               unit.subset_ids, probe),
+            what=f"{unit.what} ({probe.kind} probe)",
+            setup=self.probe_setup_hash(dataset, data, probe),
+            probe=probe.kind, pooling=probe.pooling, k=probe.k,
+            temperature=probe.temperature, c_grid=tuple(probe.c_grid),
+        )
+        return ProbeUnit(**values)
+
     def sweep(self, corpora: Sequence[str], always_name_corpus: bool = False,
-              fractions: Sequence[float] | None = None) -> Plan:
+              fractions: Sequence[float] | None = None, probe: Probe | None = None,
+              subset: Callable[[float, int], Sequence[int]] | None = None) -> Plan:
         """Every task pretrains once per corpus role in ``corpora``, then fine-tunes on the
         run's dataset over fractions (default ``config.fractions``) x seeds; the baseline runs
-        once beside them."""
+        once beside them. With ``probe``, each fine-tune is a :class:`ProbeUnit` of the
+        frozen encoder instead (same label subsets, same order). ``subset(fraction, seed)``,
+        when given, chooses the training cases of each label subset (few-shot: N per class)
+        in place of :func:`medssl_bench.engine.label_subset`."""
         ctx = self.ctx
         plan = Plan(self.spec.name)
         methods = [t for t in ctx.tasks() if not t.baseline]
@@ -310,6 +412,10 @@ class SweepPlanner:
             plan.add(unit)
         for seed in self.config.seeds:
             for fraction in self.config.fractions if fractions is None else fractions:
+                indices = None if subset is None else subset(fraction, seed)
                 for task, unit in entries:
-                    plan.add(self.finetune(task, unit, fraction, seed, always_name_corpus))
+                    plan.add(self.finetune(task, unit, fraction, seed, always_name_corpus,
+                                           indices) if probe is None else
+                             self.probe(task, unit, fraction, seed, probe, always_name_corpus,
+                                        indices))
         return plan

@@ -1,7 +1,9 @@
 """Running one unit of a plan: a pretraining (train once, then reuse its cached encoder;
-resume an interrupted one from its last epoch checkpoint) or a fine-tune (skip it when a
-finished run has its key; record its result). Every executor runs units through these
-functions, so skipping, resuming and recording behave the same however units are scheduled.
+resume an interrupted one from its last epoch checkpoint), a fine-tune (skip it when a
+finished run has its key; record its result) or a probe of the frozen encoder (features
+extracted once per encoder, split and pooling, cached; a probe per label subset). Every
+executor runs units through these functions, so skipping, resuming and recording behave the
+same however units are scheduled.
 """
 
 from __future__ import annotations
@@ -15,13 +17,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from medssl_bench.checkpoint import load_checkpoint, save_checkpoint
 from medssl_bench.context import Outcome, RunContext
-from medssl_bench.engine import check_input_size, finetune, pad_to_multiple, pretrain, subset
+from medssl_bench.engine import (
+    build_downstream,
+    check_input_size,
+    finetune,
+    pad_to_multiple,
+    pretrain,
+    subset,
+)
 from medssl_bench.errors import BenchError, ConfigError
-from medssl_bench.identity import ids_hash
-from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit
+from medssl_bench.identity import ids_hash, key_of, semantic
+from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit, ProbeUnit
+from medssl_bench.runtime import Runtime
 from medssl_bench.store import ResultIdentity, ResultRecord
 from medssl_bench.weights import StateDicts, load_weights, save_weights
 
@@ -223,6 +234,140 @@ def run_finetune(ctx: RunContext, unit: FinetuneUnit, start: Pretrained) -> Resu
     return record
 
 
+# --------------------------------------------------------------------------- probes
+
+SPLITS = ("train", "val", "test")
+
+
+def features_path(ctx: RunContext, unit: ProbeUnit) -> Path:
+    """Where the frozen encoder's features of the labelled splits are cached: one file per
+    (pretrained encoder, dataset split, pooling), shared by every probe, seed and fraction.
+    The short last part hashes what else changes the features (the dataset's settings, the
+    channel adaptation, the precision, the seed of an encoder that was not pretrained)."""
+    dataset, data = ctx.plugins["dataset"], ctx.data("dataset")
+    cfg = ctx.run.configs["finetune"]
+    rest = key_of({"dataset": [dataset.name, semantic(dataset.config)],
+                   "backbone": [ctx.plugins["backbone"].name,
+                                semantic(ctx.plugins["backbone"].config)],
+                   "channel_adaptation": cfg.channel_adaptation, "amp": cfg.amp,
+                   "init_seed": ctx.run.configs["protocol"].pretrain_seed}, 8)
+    return (ctx.cache_dir / "features"
+            / f"{unit.pretraining}-{data.split_hash}-{unit.pooling}-{rest}.safetensors")
+
+
+def probe_features(ctx: RunContext, unit: ProbeUnit, start: Pretrained) -> dict[str, Tensor]:
+    """``{split}_x`` (pooled features) and ``{split}_y`` (labels) of the train, val and test
+    splits, from the cache or from one pass of the frozen encoder (then cached)."""
+    from safetensors.torch import load_file, save_file
+
+    from medssl_bench.probe import encode
+
+    path = features_path(ctx, unit)
+    memo = ctx.memo.setdefault("features", {})
+    if str(path) in memo:
+        return memo[str(path)]
+    if path.exists() and not ctx.force:
+        try:
+            memo[str(path)] = load_file(str(path))
+            return memo[str(path)]
+        except Exception as exc:  # a damaged cache file is recomputed, never trusted
+            ctx.echo(f"[yellow]Ignoring a damaged feature cache[/yellow] {path}: {exc}")
+    data, cfg, backbone = ctx.data("dataset"), ctx.run.configs["finetune"], ctx.plugins["backbone"]
+    with torch.random.fork_rng(devices=[]):  # an encoder not pretrained: a seeded random one
+        torch.manual_seed(ctx.run.configs["protocol"].pretrain_seed)
+        model = build_downstream(backbone, data.info, start.weights, cfg)
+    runtime = Runtime.local(ctx.device, cfg)
+    encoder = runtime.place(model.encoder)
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    out: dict[str, Tensor] = {}
+    for split in SPLITS:
+        x, y = encode(encoder, getattr(data, split), runtime, backbone.size_multiple(),
+                      unit.pooling, cfg.eval_batch_size)
+        out[f"{split}_x"], out[f"{split}_y"] = x.contiguous(), y.contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes never share one
+    save_file(out, str(tmp), metadata={"pretrain_key": unit.pretraining,
+                                       "pooling": unit.pooling})
+    os.replace(tmp, path)
+    ctx.echo(f"Features of the frozen {unit.task} encoder ({unit.pooling} pooling) cached at "
+             f"{path}")
+    memo[str(path)] = out
+    return out
+
+
+def probe_scores(unit: ProbeUnit, feats: dict[str, Tensor], info: Any,
+                 metric: str) -> tuple[Any, list[dict[str, float]]]:
+    """Test scores of ``unit``'s probe trained on its label subset, and its validation
+    search (logistic: per C; knn: its validation metrics)."""
+    from medssl_bench.metrics import classification_metrics
+    from medssl_bench.probe import PROBE_KNN, PROBE_LOGISTIC, knn_scores, logistic_probe
+
+    idx = torch.as_tensor(unit.indices, dtype=torch.long)
+    train_x, train_y = feats["train_x"][idx], feats["train_y"][idx]
+    if unit.probe == PROBE_KNN:
+        val = classification_metrics(
+            knn_scores(train_x, train_y, feats["val_x"], info.num_classes, unit.k,
+                       unit.temperature), feats["val_y"].numpy())
+        test = knn_scores(train_x, train_y, feats["test_x"], info.num_classes, unit.k,
+                          unit.temperature)
+        return test, [{f"val_{k}": v for k, v in val.items()}]
+    if unit.probe == PROBE_LOGISTIC:
+        test, _, history = logistic_probe(
+            train_x, train_y, feats["val_x"], feats["val_y"], feats["test_x"],
+            info.num_classes, unit.c_grid, metric, metric in info.lower_is_better, unit.seed)
+        return test, history
+    raise ConfigError(f"Unknown probe {unit.probe!r}: choose logistic or knn.")
+
+
+def run_probe(ctx: RunContext, unit: ProbeUnit, start: Pretrained) -> ResultRecord | None:
+    """Probe the frozen encoder on the unit's label subset, test and record it, as
+    :func:`run_finetune` records a fine-tune: skipped when finished, a failure recorded."""
+    from medssl_bench.metrics import classification_metrics
+
+    store, protocol = ctx.store, ctx.run.spec.name
+    if not ctx.force and store.find(protocol, unit.key) is not None:
+        ctx.outcomes.append(Outcome(unit.what, "reused", task=unit.task, stage=unit.stage))
+        return None
+    if store.running_elsewhere(protocol, unit.key):
+        ctx.outcomes.append(Outcome(unit.what, "skipped", "running in another live process",
+                                    unit.task, unit.stage))
+        return None
+    data = ctx.data("dataset")
+    who = identity(ctx, unit)
+    params = {"fraction": unit.fraction, "seed": unit.seed, "n_labeled": len(unit.indices),
+              "probe": {"kind": unit.probe, "pooling": unit.pooling, "k": unit.k,
+                        "temperature": unit.temperature, "c_grid": list(unit.c_grid)},
+              "protocol": ctx.run.configs["protocol"].model_dump(mode="json")}
+    run_id = store.start_finetune(who, unit.what, params, start.run_id)
+    t0 = time.perf_counter()
+    try:
+        if data.info.kind != "classification":
+            raise ConfigError(f"A {unit.probe} probe needs a classification dataset; "
+                              f"{ctx.plugins['dataset'].name!r} is {data.info.kind}.")
+        feats = probe_features(ctx, unit, start)
+        scores, history = probe_scores(unit, feats, data.info, unit.metric)
+        test_metrics = classification_metrics(scores, feats["test_y"].numpy())
+        value = test_metrics.get(unit.metric, math.nan)
+        seconds = time.perf_counter() - t0
+        record = ResultRecord(**who.model_dump(), value=value, test_metrics=test_metrics,
+                              val_history=history, seconds=seconds)
+        store.finish_finetune(run_id, record, ctx.run.as_dict())
+    except Exception as exc:
+        store.fail(run_id, exc)
+        detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc(limit=3)
+        ctx.outcomes.append(Outcome(unit.what, "failed", detail, unit.task, unit.stage))
+        ctx.echo(f"[red]FAILED[/red] {unit.what}: {exc}")
+        return None
+    except BaseException as exc:
+        store.fail(run_id, exc)
+        raise
+    ctx.outcomes.append(Outcome(unit.what, "ran", f"{unit.metric}={value:.4f}", unit.task,
+                                unit.stage))
+    ctx.echo(f"{unit.what}: test {unit.metric} = {value:.4f} ({seconds:.1f}s)")
+    return record
+
+
 # --------------------------------------------------------------------------- preflight
 
 
@@ -274,4 +419,6 @@ def unit_status(ctx: RunContext, unit: PretrainUnit | FinetuneUnit) -> str:
         return "run"
     if ctx.store is not None and not ctx.force and ctx.store.find(ctx.run.spec.name, unit.key):
         return "reuse finished result"
+    if isinstance(unit, ProbeUnit) and not ctx.force and features_path(ctx, unit).exists():
+        return "run (on cached features)"
     return "run"
