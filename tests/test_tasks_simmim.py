@@ -5,22 +5,19 @@ Tiny volumes and networks (2-core CI)."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from masked_fixtures import ADRENAL, TINY, bench_run_beside_scratch, medmnist_sets, smooth
 from torch import nn
 
-from medssl_bench import cli
 from medssl_bench.errors import ConfigError
 from medssl_bench.plugins import build_registry
 from medssl_bench_tasks.masking import expand_to, masked_count, random_patch_mask
 from medssl_bench_tasks.simmim import SimMIM3D, pixel_shuffle_3d, reconstruction_loss
 
 REGISTRY = build_registry(autoload=False)
-ADRENAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist3d" / "adrenalmnist3d.npz"
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -30,11 +27,6 @@ def _gen(seed: int = 0) -> torch.Generator:
 def _backbone(filters=(4, 8)):
     cls = REGISTRY.get("backbone", "unet3d")
     return cls(cls.Config(filters=list(filters), width=1.0))
-
-
-def _smooth(batch: int, size: int = 16, seed: int = 0, channels: int = 1) -> torch.Tensor:
-    coarse = torch.rand(batch, channels, 4, 4, 4, generator=_gen(seed))
-    return nn.functional.interpolate(coarse, size=(size,) * 3, mode="trilinear")
 
 
 class _Spy(nn.Module):
@@ -150,11 +142,11 @@ def test_tiny_model_overfits_a_fixed_batch():
     backbone = _backbone()
     encoder = backbone.build_encoder(1)
     heads = task.build_heads(backbone, encoder)
-    batch = task.make_batch(_smooth(2), _gen(8))
+    batch = task.make_batch(smooth(2), _gen(8))
     params = [*encoder.parameters(), *heads.parameters()]
     optimizer = torch.optim.Adam(params, lr=1e-2)
     losses = []
-    for _ in range(40):
+    for _ in range(30):
         loss, _ = task.compute_loss(encoder, heads, batch)
         optimizer.zero_grad()
         loss.backward()
@@ -163,39 +155,16 @@ def test_tiny_model_overfits_a_fixed_batch():
     assert losses[-1] < 0.3 * losses[0], losses
 
 
-TINY = [
-    "dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=4", "dataset.n_val=2",
-    "dataset.n_test=2", "backbone.filters=[4,8]", "task.mask_patch_size=4",
-    "pretrain.epochs=1", "pretrain.iterations_per_epoch=1", "pretrain.batch_size=2",
-    "finetune.epochs=1", "finetune.warmup_epochs=0", "finetune.iterations_per_epoch=1",
-    "protocol.seeds=[0]", "protocol.fractions=[100]",
-]
-
-
-def _bench_run_beside_scratch(name, sets, capsys, dataset=()) -> None:
-    assert cli.main(["run", "--protocol", "data-efficiency", "--task", name, *dataset,
-                     "--device", "cpu", "--set", *sets]) == 0
-    capsys.readouterr()
-    assert cli.main(["leaderboard", "--format", "json"]) == 0
-    tasks = {r["task"] for r in json.loads(capsys.readouterr().out)}
-    assert {name, "scratch"} <= tasks
-
-
-def _medmnist_sets(patch: int) -> list[str]:
-    return [f"dataset.path={ADRENAL}", "backbone.filters=[4,8]", f"task.mask_patch_size={patch}",
-            *[s for s in TINY if s.split("=")[0].split(".")[0] in ("pretrain", "finetune",
-                                                                    "protocol")]]
+@pytest.mark.slow
+def test_bench_run_on_phantom3d(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    bench_run_beside_scratch("simmim3d", TINY, capsys)
 
 
 @pytest.mark.slow
-def test_bench_run_on_phantom3d_and_medmnist(tmp_path, monkeypatch, capsys):
-    for sub in ("phantom", "medmnist"):
-        (tmp_path / sub).mkdir()
+@pytest.mark.skipif(not ADRENAL.exists(), reason="../shared/data/medmnist3d is not beside the checkout")
+def test_bench_run_on_medmnist(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path / "phantom")
-    _bench_run_beside_scratch("simmim3d", TINY, capsys)
-    if not ADRENAL.exists():
-        pytest.skip("../shared/data/medmnist3d is not beside the checkout")
-    monkeypatch.chdir(tmp_path / "medmnist")  # 28^3 volumes: 4^3 patches
-    _bench_run_beside_scratch("simmim3d", _medmnist_sets(4), capsys,
-                              ("--dataset", "medmnist3d"))
+    monkeypatch.chdir(tmp_path)  # 28^3 volumes: 4^3 patches
+    bench_run_beside_scratch("simmim3d", medmnist_sets(4), capsys, ("--dataset", "medmnist3d"))

@@ -11,13 +11,13 @@ import math
 
 import pytest
 import torch
+from masked_fixtures import ADRENAL, TINY, bench_run_beside_scratch, medmnist_sets, smooth
 from torch import nn
 
 from medssl_bench.errors import ConfigError
 from medssl_bench.plugins import build_registry
 from medssl_bench_tasks.masking import expand_to, masked_norm, patchify, random_patch_mask
 from medssl_bench_tasks.spark import Densify, SparK3D, SparseMask, reconstruction_loss, sparsify
-from test_tasks_simmim import ADRENAL, TINY, _bench_run_beside_scratch, _medmnist_sets, _smooth
 
 REGISTRY = build_registry(autoload=False)
 
@@ -170,7 +170,7 @@ def test_tiny_model_overfits_a_fixed_batch():
     backbone = _backbone()
     encoder = backbone.build_encoder(1)
     heads = task.build_heads(backbone, encoder)
-    batch = task.make_batch(_smooth(2), _gen(13))
+    batch = task.make_batch(smooth(2), _gen(13))
     optimizer = torch.optim.Adam([*encoder.parameters(), *heads.parameters()], lr=1e-2)
     losses = []
     for _ in range(30):
@@ -183,15 +183,15 @@ def test_tiny_model_overfits_a_fixed_batch():
 
 
 @pytest.mark.slow
-def test_bench_run_on_phantom3d_and_medmnist(tmp_path, monkeypatch, capsys):
-    for sub in ("phantom", "medmnist"):
-        (tmp_path / sub).mkdir()
+def test_bench_run_on_phantom3d(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path / "phantom")
-    _bench_run_beside_scratch("spark3d", TINY, capsys)
-    if not ADRENAL.exists():
-        pytest.skip("../shared/data/medmnist3d is not beside the checkout")
-    monkeypatch.chdir(tmp_path / "medmnist")
-    _bench_run_beside_scratch("spark3d", _medmnist_sets(4), capsys,
-                              ("--dataset", "medmnist3d"))
+    monkeypatch.chdir(tmp_path)
+    bench_run_beside_scratch("spark3d", TINY, capsys)
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ADRENAL.exists(), reason="../shared/data/medmnist3d is not beside the checkout")
+def test_bench_run_on_medmnist(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # 28^3 volumes: 4^3 patches
+    bench_run_beside_scratch("spark3d", medmnist_sets(4), capsys, ("--dataset", "medmnist3d"))

@@ -222,7 +222,7 @@ def reconstruction_loss(prediction: Tensor, target: Tensor, mask: Tensor, patch:
 
 
 class SparK3D(ProxyTask):
-    """SparK: masked modelling for CNNs, masked regions empty through the encoder (sparse conv emulated densely)."""
+    """SparK: masked modelling for CNNs, masked regions kept empty through the encoder (sparse conv)."""
 
     name = "spark3d"
     family = "masked-modelling"
