@@ -127,6 +127,8 @@ def test_patch_size_must_divide_the_volume_and_vits_are_refused():
     task = SimMIM3D(SimMIM3D.Config(mask_patch_size=12))
     with pytest.raises(ConfigError, match="task.mask_patch_size=12"):
         task.make_batch(torch.rand(1, 1, 16, 16, 16), _gen())
+    with pytest.raises(ConfigError, match="task.mask_patch_size=12"):
+        task.check_input((16, 16, 16), 1)  # before anything trains (bench run's preflight)
 
     class ViTish(nn.Module):
         in_channels = 1

@@ -195,3 +195,16 @@ def test_bench_run_on_medmnist(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # 28^3 volumes: 4^3 patches
     bench_run_beside_scratch("spark3d", medmnist_sets(4), capsys, ("--dataset", "medmnist3d"))
+
+
+def test_scales_coarser_than_the_mask_grid_are_visible_where_any_patch_is():
+    """nnssl masks 16^3 blocks under a stride-32 encoder: a deep cell covering several patches
+    stays active (visible) when any of them is; it is empty only when all are masked."""
+    mask = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    mask[0, :2, :2, :2] = True  # the first 2x2x2 block of patches wholly masked
+    mask[0, 2:, 2:, 2:] = True
+    mask[0, 3, 3, 3] = False  # ... this block has one visible patch
+    coarse = expand_to(mask, (2, 2, 2))[0, 0]
+    assert coarse[0, 0, 0] and not coarse[1, 1, 1] and coarse.sum() == 1
+    fine = expand_to(mask, (8, 8, 8))[0, 0]
+    assert torch.equal(fine[::2, ::2, ::2], mask[0]) and fine.sum() == 8 * mask.sum()

@@ -156,6 +156,11 @@ class SimMIM3D(ProxyTask):
                               encoder_stride(backbone, encoder))
         return nn.ModuleDict({"mask_token": token, "head": head})
 
+    def check_input(self, image_shape: tuple[int, ...], channels: int) -> None:
+        """3D volumes whose every side the mask patch divides (checked before training)."""
+        super().check_input(image_shape, channels)
+        patch_grid(tuple(image_shape), self.config.mask_patch_size, "task.mask_patch_size")
+
     def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         cfg = self.config
         grid = patch_grid(tuple(images.shape[2:]), cfg.mask_patch_size, "task.mask_patch_size")

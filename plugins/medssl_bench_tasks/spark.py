@@ -31,10 +31,14 @@ densifies with a sparse batch norm for ResNets (layer norm for ConvNeXt), mask t
 3x3 elsewhere), decodes with a light U-Net decoder, and computes the MSE on masked patches
 against per-patch normalised targets (``(x - mean) / (var + 1e-6) ** .5``). nnssl's
 Spark-3D (``SparkTrainer``, ``SparK3D``, ``SparkLoss``) uses a ResEnc-L with its own U-Net
-decoder, 160^3 crops, 16^3 mask blocks (``mask_creation(block_size=16)``; scales coarser
-than the block grid count as visible), a ratio of 0.75, a sparse *instance* norm in the
-densifier, and a plain MSE on raw intensities of the masked voxels: those are options here.
+decoder, 160^3 crops, 16^3 mask blocks (``mask_creation(block_size=16)``), a ratio of
+0.75, a sparse *instance* norm in the densifier, and a plain MSE on raw intensities of the
+masked voxels: those are options here.
 Our decoder is always the backbone's U-Net decoder (as nnssl), not SparK's 2D LightDecoder.
+At scales coarser than the mask grid (a patch smaller than the encoder's stride, as nnssl's
+16^3 blocks under a stride-32 encoder) nnssl counts every position as visible; we keep a
+coarse cell empty when every patch it covers is masked and visible otherwise (the rule of a
+strided sparse convolution), which equals nnssl's wherever a cell covers any visible patch.
 """
 
 from __future__ import annotations
@@ -253,6 +257,11 @@ class SparK3D(ProxyTask):
             for i, c in enumerate(channels))
         decoder = backbone.build_decoder(encoder, encoder.in_channels, skip_connections=True)
         return nn.ModuleDict({"reconstruct": SparKDecoder(densify, decoder)})
+
+    def check_input(self, image_shape: tuple[int, ...], channels: int) -> None:
+        """3D volumes whose every side the mask patch divides (checked before training)."""
+        super().check_input(image_shape, channels)
+        patch_grid(tuple(image_shape), self.config.mask_patch_size, "task.mask_patch_size")
 
     def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         cfg = self.config
