@@ -4,10 +4,9 @@ exists), the augmentations do what they say, and a tiny model learns."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from task_e2e import MEDMNIST, bench_run_beside_scratch
 from torch import nn
 from torch.nn import functional as F
 
@@ -18,8 +17,6 @@ torch.set_num_threads(1)
 
 PLAIN = dict(crop_scale_min=1.0, crop_ratio_min=1.0, crop_ratio_max=1.0, flip_p=0.0,
              color_p=0.0, blur_p=0.0)
-MEDMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist3d" / \
-    "adrenalmnist3d.npz"
 
 
 def _images(batch: int, channels: int = 1, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -213,32 +210,6 @@ def test_tiny_model_learns():
         losses.append(loss.item())
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert end < 0.8 * start, (start, end)
-
-
-TINY = ["backbone.filters=[4,8]", "pretrain.epochs=1", "pretrain.iterations_per_epoch=1",
-        "pretrain.batch_size=2", "finetune.epochs=1", "finetune.warmup_epochs=0",
-        "finetune.iterations_per_epoch=1", "protocol.seeds=[0]", "protocol.fractions=[100]"]
-PHANTOM = ["dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=4", "dataset.n_val=2",
-           "dataset.n_test=2"]
-
-
-def bench_run_beside_scratch(task: str, tmp_path, monkeypatch, capsys, medmnist: bool) -> None:
-    """`bench run --protocol data-efficiency --task TASK` at tiny settings on phantom3d or the
-    MedMNIST file: exit 0 and the task beside scratch on the leaderboard."""
-    import json
-
-    from medssl_bench import cli
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    data = (["--dataset", "medmnist3d"], [f"dataset.path={MEDMNIST}"]) if medmnist else (
-        [], PHANTOM)
-    assert cli.main(["run", "--protocol", "data-efficiency", "--task", task, "--device", "cpu",
-                     *data[0], "--set", *TINY, *data[1]]) == 0
-    capsys.readouterr()
-    assert cli.main(["leaderboard", "--format", "json"]) == 0
-    tasks = {row["task"] for row in json.loads(capsys.readouterr().out)}
-    assert {task, "scratch"} <= tasks
 
 
 @pytest.mark.slow
