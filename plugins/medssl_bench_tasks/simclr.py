@@ -8,11 +8,11 @@ temperature makes each view pick its partner out of all the other ``2B - 1`` vie
 batch, so every other volume's two views are negatives.
 
 How it is built (batched, on the device, all randomness from the generator): the crop and
-the flips of a view are one output-to-input affine map per sample, resampled in one
-trilinear pass by :func:`medssl_bench_tasks.augment.apply_affine` (the exemplar
-augmentations' resampler); the exemplar's plane rotations are an option (``rotate_p``), its
-brightness/contrast jitter another (``intensity: exemplar``); the blur is one separable
-grouped convolution per axis with a kernel per sample.
+the flips of a view are one axis-aligned output-to-input map per sample, resampled by the
+exemplar augmentations' resampler (:func:`medssl_bench_tasks.augment.apply_factored`: a 1D
+lerp and one 2D pass, exactly trilinear); the exemplar's plane rotations are an option (``rotate_p``), its
+brightness/contrast jitter another (``intensity: exemplar``); the blur is one banded
+matrix per sample and axis, applied by batched matmuls.
 
 Under DDP (``gather_negatives``) the projections of every rank are gathered, so negatives
 come from the global batch; the local part keeps its gradient (the others are constants).
@@ -32,8 +32,10 @@ from torch.nn import functional as F
 from medssl_bench.config import PluginConfig
 from medssl_bench.interfaces import Backbone, Encoder, ProxyTask, global_pool
 from medssl_bench_tasks.augment import (
+    AffineFactors,
     AffineParams,
     apply_affine,
+    apply_factored,
     color_jitter,
     sample_affine,
 )
@@ -78,27 +80,41 @@ def resized_crop_maps(
 
 def gaussian_blur(images: Tensor, sigma: Tensor, apply: Tensor, kernel: int) -> Tensor:
     """Separable Gaussian blur of ``(N, C, *spatial)`` with one ``sigma`` per sample, on the
-    samples where ``apply`` holds (the others are returned unchanged): one grouped
-    convolution per axis, zero padding (``kernel`` odd)."""
-    n, c = images.shape[:2]
-    d = images.dim() - 2
+    samples where ``apply`` holds (the others are returned unchanged), zero padding,
+    ``kernel`` taps (odd), weights normalised over the whole kernel.
+
+    Why matrices: a per-sample kernel would need a grouped convolution, whose CPU kernel is
+    slow for 3D depthwise filters (~170 ms per 128^3 volume); along each axis the blur is a
+    banded ``L x L`` matrix per sample, applied by one batched matmul without moving any
+    axis (about 4x faster on the CPU, and a plain GEMM on the GPU)."""
+    index = apply.nonzero().flatten()
+    if index.numel() == 0:
+        return images
+    sub = images.index_select(0, index)
+    m, c = sub.shape[:2]
+    shape = tuple(sub.shape[2:])
     radius = kernel // 2
-    taps = torch.arange(-radius, radius + 1, device=images.device, dtype=images.dtype)
-    weights = torch.exp(-0.5 * (taps.view(1, -1) / sigma.to(images.dtype).view(-1, 1)) ** 2)
-    weights = weights / weights.sum(1, keepdim=True)
-    identity = torch.zeros_like(weights)
-    identity[:, radius] = 1.0
-    weights = torch.where(apply.view(-1, 1), weights, identity)
-    weights = weights.repeat_interleave(c, 0)  # (n * c, kernel)
-    x = images.reshape(1, n * c, *images.shape[2:])
-    conv = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
-    for axis in range(d):
-        shape = [n * c, 1] + [1] * d
-        shape[2 + axis] = kernel
-        padding = [0] * d
-        padding[axis] = radius
-        x = conv(x, weights.view(shape), padding=padding, groups=n * c)
-    return x.view_as(images)
+    taps = torch.arange(-radius, radius + 1, device=images.device, dtype=torch.float32)
+    s = sigma.index_select(0, index).float().view(m, 1)
+    norm = torch.exp(-0.5 * (taps.view(1, -1) / s) ** 2).sum(1).view(m, 1, 1)
+    for axis, length in enumerate(shape):
+        pos = torch.arange(length, device=images.device, dtype=torch.float32)
+        offset = pos.view(-1, 1) - pos.view(1, -1)
+        band = torch.exp(-0.5 * (offset.view(1, length, length) / s.view(m, 1, 1)) ** 2)
+        band = (band * (offset.abs() <= radius)) / norm
+        band = band.to(images.dtype)
+        lead = math.prod(shape[:axis])
+        trail = math.prod(shape[axis + 1:])
+        # out[..., i, ...] = sum_j band[i, j] x[..., j, ...]
+        if trail == 1:  # the contiguous axis: rows times band^T, one GEMM per sample
+            rows = sub.reshape(m, c * lead, length)
+            sub = torch.bmm(rows, band.transpose(1, 2)).view(m, c, *shape)
+        else:
+            rows = sub.reshape(m, c * lead, length, trail)
+            sub = torch.matmul(band.view(m, 1, length, length), rows).view(m, c, *shape)
+    out = images.clone()
+    out.index_copy_(0, index, sub)
+    return out
 
 
 def gather_with_grad(z: Tensor) -> tuple[Tensor, int]:
@@ -210,8 +226,13 @@ class SimCLR3D(ProxyTask):
                                  device)
         if c.rotate_p > 0:
             rotations = AffineParams(flip_p=0.0, rotate_p=c.rotate_p, zoom_p=0.0)
-            maps = sample_affine(n, shape, rotations, generator, device) @ maps
-        views = apply_affine(images, maps)
+            views = apply_affine(images,
+                                 sample_affine(n, shape, rotations, generator, device) @ maps)
+        else:
+            # axis-aligned: a "planar" factor of the exemplar's factored resampler (a 1D lerp
+            # and one 2D pass on the CPU, half the cost of a trilinear grid_sample there)
+            eye = torch.eye(len(shape) + 1, device=device).expand(n, 2, -1, -1)
+            views = apply_factored(images, AffineFactors(eye, maps.unsqueeze(1)))
         if c.intensity == "exemplar":
             views = color_jitter(views, c.color_p, generator)
         else:

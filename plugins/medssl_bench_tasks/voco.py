@@ -59,7 +59,8 @@ def overlap_shares(starts: Tensor, corners: Tensor, crop: tuple[int, ...]) -> Te
 
 
 def split_base_crops(images: Tensor, grid: tuple[int, ...], crop: tuple[int, ...]) -> Tensor:
-    """The base crops of ``(B, C, D, H, W)`` images as ``(B * K, C, *crop)`` (one reshape)."""
+    """The base crops of ``(B, C, D, H, W)`` images as a ``(B * K, C, *crop)`` view-shaped
+    expression (a reshape of a permuted view; copying it out is the only data movement)."""
     b, c = images.shape[:2]
     covered = images[:, :, :grid[0] * crop[0], :grid[1] * crop[1], :grid[2] * crop[2]]
     blocks = covered.reshape(b, c, grid[0], crop[0], grid[1], crop[1], grid[2], crop[2])
@@ -217,32 +218,38 @@ class VoCo3D(ProxyTask):
         quarters = torch.randint(1, 4, (n,), generator=generator, device=device)
         shift_on = torch.rand(n, generator=generator, device=device) < c.shift_p
         offset = (torch.rand(n, generator=generator, device=device) * 2 - 1) * c.shift
+        # in place on the chosen crops only (``crops`` is a fresh batch that make_batch owns)
         for axis in range(3):
-            if c.flip_p > 0:
-                crops = torch.where(flips[:, axis].view(view), crops.flip(2 + axis), crops)
-        if c.rotate_p > 0 and crops.shape[2] == crops.shape[3]:
+            index = flips[:, axis].nonzero().flatten()
+            if index.numel():
+                crops[index] = crops[index].flip(2 + axis)
+        if crops.shape[2] == crops.shape[3]:
             for k in (1, 2, 3):
-                crops = torch.where((turn & (quarters == k)).view(view),
-                                    torch.rot90(crops, k, (2, 3)), crops)
-        if c.shift_p > 0:
-            crops = crops + torch.where(shift_on, offset, 0.0).to(crops.dtype).view(view)
+                index = (turn & (quarters == k)).nonzero().flatten()
+                if index.numel():
+                    crops[index] = torch.rot90(crops[index], k, (2, 3))
+        index = shift_on.nonzero().flatten()
+        if index.numel():
+            crops[index] += offset[index].to(crops.dtype).view(-1, *view[1:])
         return crops
 
     def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        b, device = images.shape[0], images.device
+        b, channels, device = images.shape[0], images.shape[1], images.device
         shape = tuple(images.shape[2:])
         grid = self.grid
         crop = grid_geometry(shape, grid)
         r = self.config.random_crops
-        base = split_base_crops(images, grid, crop)
+        k = grid[0] * grid[1] * grid[2]
+        crops = torch.empty(b * (k + r), channels, *crop, dtype=images.dtype, device=device)
+        crops[:b * k] = split_base_crops(images, grid, crop)
         # random crops at uniform integer positions inside the area the grid covers
         high = torch.tensor([g * s - s + 1 for g, s in zip(grid, crop, strict=True)],
                             device=device)
         starts = (torch.rand(b, r, 3, generator=generator, device=device) * high).long()
         starts = torch.minimum(starts, high - 1)
-        random = extract_patches(images, starts, crop).reshape(b * r, images.shape[1], *crop)
+        crops[b * k:] = extract_patches(images, starts, crop).reshape(b * r, channels, *crop)
         overlap = overlap_shares(starts, base_crop_corners(grid, crop, device), crop)
-        crops = self.augment(torch.cat([base, random]), generator)
+        crops = self.augment(crops, generator)
         if self.config.crop_resize:
             side = self.config.crop_resize
             crops = F.interpolate(crops, size=(side,) * 3, mode="trilinear",
