@@ -122,9 +122,11 @@ class VoCo3D(ProxyTask):
         base_grid: list[int] = Field(
             default=[4, 4, 1], description="Base crops per spatial axis, in the tensor's "
             "axis order (D, H, W). Paper and authors' code: 4 x 4 = 16 base crops in the "
-            "axial plane and one across the depth (the code's 384 x 384 x 96 volumes give "
-            "96^3 crops); OpenMind/nnssl: (4, 4, 1) on 256 x 256 x 64 patches. The base "
-            "crop side is the volume side over this count; random crops have that size.")
+            "axial plane and one along the cranio-caudal axis (the code's RAS 384 x 384 x 96 "
+            "(x, y, z) volumes give 96^3 crops); OpenMind/nnssl: (4, 4, 1) on 256 x 256 x 64 "
+            "patches. The NIfTI datasets here give RAS (x, y, z) tensors, so W is z and the "
+            "default matches. The base crop side is the volume side over this count, floored; "
+            "random crops have that size.")
         random_crops: int = Field(default=2, ge=1, description="Random crops per volume "
                                   "(authors' code: sw_batch_size 2; nnssl: 4).")
         crop_resize: int = Field(default=0, ge=0, description="Resize every crop to this "
@@ -169,8 +171,8 @@ class VoCo3D(ProxyTask):
                               "of every crop (authors' code: RandFlipd p 0.2 per axis).")
         rotate_p: float = Field(default=0.2, ge=0, le=1, description="Probability of a quarter "
                                 "turn (1-3 x 90 degrees) in the plane of the first two axes "
-                                "(authors' code: RandRotate90d p 0.2, max_k 3); skipped when "
-                                "that plane is not square.")
+                                "(authors' code: RandRotate90d p 0.2, max_k 3, in the (x, y) "
+                                "plane); skipped when that plane is not square.")
         shift_p: float = Field(default=0.1, ge=0, le=1, description="Probability of an "
                                "intensity shift per crop (authors' code: RandShiftIntensityd "
                                "p 0.1).")
