@@ -226,6 +226,37 @@ def test_all_scale_features_and_fp32_under_autocast():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
+def test_teacher_is_an_ema_of_the_student_and_averages_both_predictions():
+    backbone = UNet3D(UNet3D.Config(filters=[4, 8]))
+    encoder = backbone.build_encoder(1)
+    task = VoCo3D(VoCo3D.Config(base_grid=[2, 2, 1], projector_hidden=16, projector_dim=8,
+                                teacher_momentum=0.9))
+    heads = task.build_heads(backbone, encoder)
+    assert not any(p.requires_grad for p in heads["teacher_encoder"].parameters())
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in heads["teacher_encoder"].parameters()]
+    batch = task.make_batch(torch.rand(2, 1, 16, 16, 8), torch.Generator().manual_seed(0))
+    loss, _ = task.compute_loss(encoder, heads, batch)
+    for old, new, student in zip(before, heads["teacher_encoder"].parameters(),
+                                 encoder.parameters(), strict=True):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * student.detach())
+    loss.backward()
+    assert all(p.grad is None for p in heads["teacher_encoder"].parameters())
+    assert any(p.grad is not None for p in encoder.parameters())
+    # the prediction averages student-random/teacher-base and teacher-random/student-base
+    with torch.no_grad():
+        z = task.embed(encoder, heads, batch["crops"])
+        zt = task.embed(heads["teacher_encoder"], heads, batch["crops"], "teacher_projector")
+    k, r = 4, task.config.random_crops
+    expected = 0.5 * (task.prediction(z[8:].view(2, r, -1), zt[:8].view(2, k, -1))
+                      + task.prediction(zt[8:].view(2, r, -1), z[:8].view(2, k, -1)))
+    reg = task.regularisation(z[:8].view(2, k, -1))
+    torch.testing.assert_close(loss.detach(), task.prediction_loss(expected, batch["overlap"])
+                               + reg, atol=1e-4, rtol=1e-4)
+
+
 def test_tiny_model_learns():
     torch.manual_seed(0)
     backbone = UNet3D(UNet3D.Config(filters=[8, 16, 32]))

@@ -18,11 +18,15 @@ intensity shifts) ``torch.where`` selections. Crops whose size is not a multiple
 backbone's ``size_multiple`` are zero-padded symmetrically before the encoder.
 
 Where paper and code differ, the config names each source (see its fields). The released
-code's later teacher-student (EMA) variant, from the journal extension, is not implemented.
+code's teacher-student variant (from the journal extension; ``teacher_momentum``) keeps an
+EMA copy of the encoder and projector in the heads, updated from the student at every step
+(so the loop must hand over the encoder itself or a wrapper whose ``parameters()`` are the
+encoder's, as DDP and torch.compile do).
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -178,6 +182,13 @@ class VoCo3D(ProxyTask):
                                "p 0.1).")
         shift: float = Field(default=0.1, ge=0, description="Intensity shift range +-offset "
                              "(authors' code: 0.1).")
+        teacher_momentum: float = Field(
+            default=0.0, ge=0, lt=1, description="0: one network, as in the CVPR paper. > 0: "
+            "the released code's teacher-student variant (journal extension; momentum 0.9 "
+            "there; nnssl issue #22 reports VoCo's loss falls only with it): an EMA teacher "
+            "of encoder and projector, the prediction the mean of student-random vs "
+            "teacher-base and teacher-random vs student-base similarities (detach_bases "
+            "does not apply).")
 
         @field_validator("base_grid")
         @classmethod
@@ -204,11 +215,32 @@ class VoCo3D(ProxyTask):
         c = self.config
         width = (sum(encoder.feature_channels) if c.features == "all_scales"
                  else encoder.embed_dim)
-        return nn.ModuleDict({
+        heads = nn.ModuleDict({
             "projector": Projector(width, c.projector_hidden, c.projector_dim,
                                    c.projector_norm),
             "pad": CropPad(backbone.size_multiple(), backbone.min_input_size()),
         })
+        if c.teacher_momentum > 0:
+            for name, module in (("teacher_encoder", encoder),
+                                 ("teacher_projector", heads["projector"])):
+                teacher = copy.deepcopy(module)
+                teacher.requires_grad_(False)
+                heads[name] = teacher
+        return heads
+
+    @torch.no_grad()
+    def update_teacher(self, encoder: Encoder, heads: nn.ModuleDict) -> None:
+        """teacher = m * teacher + (1 - m) * student, parameter by parameter."""
+        m = self.config.teacher_momentum
+        student = [*encoder.parameters(), *heads["projector"].parameters()]
+        teacher = [*heads["teacher_encoder"].parameters(),
+                   *heads["teacher_projector"].parameters()]
+        if len(student) != len(teacher):
+            raise ConfigError(
+                "Task 'voco3d': teacher_momentum needs the encoder's parameters, but the "
+                f"student shows {len(student)} tensors where the teacher has {len(teacher)} "
+                "(a wrapper that hides them?). Set task.teacher_momentum=0.")
+        torch._foreach_lerp_(teacher, [p.detach() for p in student], 1 - m)
 
     def augment(self, crops: Tensor, generator: torch.Generator) -> Tensor:
         """The authors' crop augmentations, per crop: flips, a quarter turn, a shift."""
@@ -258,13 +290,14 @@ class VoCo3D(ProxyTask):
                                   align_corners=True)
         return {"crops": crops, "overlap": overlap, "starts": starts}
 
-    def embed(self, encoder: Encoder, heads: nn.ModuleDict, crops: Tensor) -> Tensor:
+    def embed(self, encoder: Encoder, heads: nn.ModuleDict, crops: Tensor,
+              projector: str = "projector") -> Tensor:
         features = encoder(heads["pad"](crops))
         if self.config.features == "all_scales":
             pooled = torch.cat([f.flatten(2).mean(-1) for f in features], 1)
         else:
             pooled = global_pool(features)
-        return heads["projector"](pooled)
+        return heads[projector](pooled)
 
     def prediction(self, random: Tensor, base: Tensor) -> Tensor:
         """``(B, R, K)`` predicted overlaps from ``(B, R, P)`` and ``(B, K, P)`` features."""
@@ -306,11 +339,23 @@ class VoCo3D(ProxyTask):
         target = batch["overlap"]
         b, r, k = target.shape
         z = self.embed(encoder, heads, batch["crops"])
+        teacher = self.config.teacher_momentum > 0
+        if teacher:  # as the released code: update first, then the teacher's features
+            self.update_teacher(encoder, heads)
+            with torch.no_grad():
+                zt = self.embed(heads["teacher_encoder"], heads, batch["crops"],
+                                "teacher_projector")
         with torch.autocast(z.device.type, enabled=False):  # fp32 similarities
             z = z.float()
             base, random = z[:b * k].view(b, k, -1), z[b * k:].view(b, r, -1)
-            logits = self.prediction(random, base.detach() if self.config.detach_bases
-                                     else base)
+            if teacher:
+                zt = zt.float()
+                base_t, random_t = zt[:b * k].view(b, k, -1), zt[b * k:].view(b, r, -1)
+                logits = 0.5 * (self.prediction(random, base_t)
+                                + self.prediction(random_t, base))
+            else:
+                logits = self.prediction(random, base.detach() if self.config.detach_bases
+                                         else base)
             pred = self.prediction_loss(logits, target)
             reg = self.regularisation(base)
             loss = pred + self.config.reg_weight * reg
