@@ -20,6 +20,8 @@ def bench_register_tasks(register):
     from medssl_bench_tasks.scratch import Scratch
     from medssl_bench_tasks.simmim import SimMIM3D
     from medssl_bench_tasks.spark import SparK3D
+    from medssl_bench_tasks.simclr import SimCLR3D
+    from medssl_bench_tasks.voco import VoCo3D
 
     register(Scratch)
     register(Rotation3D)
@@ -36,3 +38,5 @@ def bench_register_tasks(register):
     register(Exemplar2D)
     register(SimMIM3D)
     register(SparK3D)
+    register(SimCLR3D)
+    register(VoCo3D)
