@@ -18,9 +18,9 @@ def bench_register_tasks(register):
     from medssl_bench_tasks.rpl import RelativePatchLocation3D
     from medssl_bench_tasks.rpl2d import RelativePatchLocation2D
     from medssl_bench_tasks.scratch import Scratch
+    from medssl_bench_tasks.simclr import SimCLR3D
     from medssl_bench_tasks.simmim import SimMIM3D
     from medssl_bench_tasks.spark import SparK3D
-    from medssl_bench_tasks.simclr import SimCLR3D
     from medssl_bench_tasks.voco import VoCo3D
 
     register(Scratch)
