@@ -18,6 +18,8 @@ def bench_register_tasks(register):
     from medssl_bench_tasks.rpl import RelativePatchLocation3D
     from medssl_bench_tasks.rpl2d import RelativePatchLocation2D
     from medssl_bench_tasks.scratch import Scratch
+    from medssl_bench_tasks.swinssl import SwinSSL3D
+    from medssl_bench_tasks.volumefusion import VolumeFusion3D
 
     register(Scratch)
     register(Rotation3D)
@@ -32,3 +34,5 @@ def bench_register_tasks(register):
     register(Jigsaw2D)
     register(CPC2D)
     register(Exemplar2D)
+    register(VolumeFusion3D)
+    register(SwinSSL3D)
