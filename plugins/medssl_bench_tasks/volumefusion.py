@@ -169,7 +169,7 @@ def code_regions(
         pos = torch.arange(dim, device=device)[None] - offset[:, None]
         index = torch.div(pos, side[:, None], rounding_mode="floor")
         valid = (pos >= 0) & (index < n[:, None])
-        per_axis.append((index.clamp(min=0), valid))
+        per_axis.append((torch.minimum(index.clamp(min=0), (n - 1)[:, None]), valid))
         counts.append(n)
     (i_d, v_d), (i_h, v_h), (i_w, v_w) = per_axis
     n_d, n_h, n_w = counts
