@@ -15,7 +15,14 @@ import torch
 from medssl_bench import cli
 from medssl_bench.errors import ConfigError
 from medssl_bench.plugins import build_registry
-from medssl_bench_tasks.swinssl import SwinSSL3D, cutout_mask, inpaint_loss, nt_xent
+from medssl_bench_tasks.swinssl import (
+    SwinSSL3D,
+    cutout_boxes,
+    cutout_mask,
+    inpaint_loss,
+    nt_xent,
+    paint_boxes,
+)
 
 ADRENAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist3d" / "adrenalmnist3d.npz"
 
@@ -188,3 +195,24 @@ def test_bench_run_beside_scratch(dataset, tmp_path, monkeypatch, capsys):
     assert cli.main(["leaderboard", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["task"] for r in rows} == {"swinssl3d", "scratch"}
+
+
+def test_boxes_reach_the_drawn_share_and_paint_as_their_union():
+    spatial = (12, 16, 20)
+    starts, ends, active = cutout_boxes(8, spatial, (0.1, 0.3), (0.05, 0.25), _gen(9), "cpu")
+    sides = [(e - s) for s, e in zip(starts, ends, strict=True)]
+    volume = (sides[0] * sides[1] * sides[2] * active).sum(1).float() / math.prod(spatial)
+    last = (sides[0] * sides[1] * sides[2]).float() / math.prod(spatial)
+    assert (volume >= 0.1).all() and (volume < 0.3 + last.max()).all()
+    for axis, dim in enumerate(spatial):
+        assert (starts[axis] >= 0).all() and (ends[axis] <= dim).all()
+        assert (sides[axis] >= 1).all() and (sides[axis] <= max(1, int(0.25 * dim))).all()
+    # Boxes are placed in order: once one is skipped, no later one is placed.
+    assert (active.long().diff(dim=1) <= 0).all()
+    painted = paint_boxes(starts, ends, active, spatial)
+    naive = torch.zeros(8, *spatial, dtype=torch.bool)
+    for b in range(8):
+        for j in active[b].nonzero().flatten().tolist():
+            naive[b, starts[0][b, j]:ends[0][b, j], starts[1][b, j]:ends[1][b, j],
+                  starts[2][b, j]:ends[2][b, j]] = True
+    assert torch.equal(painted, naive)

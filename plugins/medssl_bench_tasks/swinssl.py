@@ -144,39 +144,68 @@ def cutout_mask(
     """``(B, *spatial)`` boolean union of cutout boxes: per volume a target share ``U[drop)``
     of the voxels, then boxes (sides ``U[box)`` of each axis, at least 1 voxel, starts uniform
     with the box inside the volume) added until their summed volume (overlaps counted, as the
-    code counts them) reaches the target."""
+    code counts them) reaches the target.
+
+    Boxes are drawn in chunks of :data:`BOX_CHUNK` for the whole batch until every volume has
+    reached its target; the union is painted in one pass, whatever the number of boxes: +-1 at
+    each box's 8 corners (inclusion-exclusion), then a cumulative sum along each axis gives
+    every voxel's cover count."""
+    starts, ends, active = cutout_boxes(batch, spatial, drop, box, generator, device)
+    return paint_boxes(starts, ends, active, spatial)
+
+
+def cutout_boxes(
+    batch: int, spatial: tuple[int, ...], drop: tuple[float, float], box: tuple[float, float],
+    generator: torch.Generator, device,
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """The boxes of :func:`cutout_mask`: per axis ``(B, N)`` starts and ends (exclusive), and
+    ``(B, N)`` which of them are placed."""
     voxels = 1
     for dim in spatial:
         voxels *= dim
     low, high = drop
     target = (low + (high - low) * torch.rand(batch, generator=generator, device=device)) * voxels
     done = torch.zeros(batch, device=device)
-    mask = torch.zeros((batch, *spatial), dtype=torch.bool, device=device)
-    coords = [torch.arange(dim, device=device) for dim in spatial]
+    all_starts: list[list[Tensor]] = [[] for _ in spatial]
+    all_ends: list[list[Tensor]] = [[] for _ in spatial]
+    all_active: list[Tensor] = []
     while True:
-        active_any = False
-        sizes, starts = [], []
-        for dim in spatial:
+        sizes = []
+        for axis, dim in enumerate(spatial):
             frac = box[0] + (box[1] - box[0]) * torch.rand(
                 (batch, BOX_CHUNK), generator=generator, device=device)
             size = (frac * dim).long().clamp(1, dim)
             start = (torch.rand((batch, BOX_CHUNK), generator=generator, device=device)
                      * (dim - size + 1)).long().minimum(dim - size)
             sizes.append(size)
-            starts.append(start)
+            all_starts[axis].append(start)
+            all_ends[axis].append(start + size)
         volume = sizes[0] * sizes[1] * sizes[2]
         before = done[:, None] + volume.cumsum(1) - volume  # summed volume before each box
         active = before < target[:, None]
         done = done + (volume * active).sum(1)
-        for j in range(BOX_CHUNK):
-            on = active[:, j]
-            inside = [(c >= s[:, j, None]) & (c < (s[:, j] + z[:, j])[:, None])
-                      for c, s, z in zip(coords, starts, sizes, strict=True)]
-            mask |= (inside[0][:, :, None, None] & inside[1][:, None, :, None]
-                     & inside[2][:, None, None]) & on[:, None, None, None]
-        active_any = bool((done < target).any())
-        if not active_any:
-            return mask
+        all_active.append(active)
+        if not bool((done < target).any()):
+            break
+    return ([torch.cat(x, 1) for x in all_starts], [torch.cat(x, 1) for x in all_ends],
+            torch.cat(all_active, 1))
+
+
+def paint_boxes(
+    starts: list[Tensor], ends: list[Tensor], active: Tensor, spatial: tuple[int, ...]
+) -> Tensor:
+    """``(B, *spatial)`` union of the active boxes ``[start, end)`` per axis, in one pass."""
+    batch, device = active.shape[0], active.device
+    active = active.long()
+    d, h, w = (dim + 1 for dim in spatial)
+    corners = torch.zeros((batch, d * h * w), dtype=torch.long, device=device)
+    for pick in range(8):
+        ends_taken = [(pick >> axis) & 1 for axis in range(3)]
+        at = [ends[a] if e else starts[a] for a, e in enumerate(ends_taken)]
+        sign = -1 if sum(ends_taken) % 2 else 1
+        corners.scatter_add_(1, (at[0] * h + at[1]) * w + at[2], sign * active)
+    cover = corners.view(batch, d, h, w).cumsum(1).cumsum(2).cumsum(3)
+    return cover[:, :-1, :-1, :-1] > 0
 
 
 class SwinSSL3D(ProxyTask):
