@@ -12,6 +12,7 @@ import torch
 
 from medssl_bench import cli
 from medssl_bench.plugins import build_registry
+from medssl_bench_tasks import volumefusion
 from medssl_bench_tasks.volumefusion import VolumeFusion3D
 
 ADRENAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist3d" / "adrenalmnist3d.npz"
@@ -73,6 +74,17 @@ def test_paper_scheme_draws_all_coefficients_and_overwrites():
     labels = task.make_batch(torch.rand(8, 1, 32, 32, 32, generator=_gen(4)), _gen(5))["labels"]
     counts = torch.bincount(labels.flatten(), minlength=5)
     assert (counts > 0).all()  # 0, .25, .5, .75 and 1 all occur
+
+
+@pytest.mark.parametrize("spatial", [(16, 16, 16), (12, 20, 28)])
+def test_paper_scheme_bit_sets_equal_painting_box_after_box(spatial, monkeypatch):
+    """The one-bit-per-box shortcut gives what painting the boxes in order, later on top,
+    gives."""
+    cfg = VolumeFusion3D.Config()
+    fast = volumefusion.paper_regions(6, spatial, cfg, _gen(13), "cpu")
+    monkeypatch.setattr(volumefusion, "BITMASK_BOXES", 0)
+    painted = volumefusion.paper_regions(6, spatial, cfg, _gen(13), "cpu")
+    assert torch.equal(fast, painted) and len(fast.unique()) == 5
 
 
 def test_code_scheme_fuses_exactly_the_ratio_of_blocks():

@@ -37,8 +37,10 @@ background and image ``(i + 1) mod B`` as foreground, so every image serves once
 the batch keeps its size; ``halves`` is nnssl's pairing (first half foreground, second half
 background, half as many fused volumes).
 
-Batch construction is batched torch on the images' device: one loop over the (at most
-``num_regions[1]``) boxes, each step for the whole batch at once; no per-sample loop.
+Batch construction is batched torch on the images' device, no per-sample loop: the paper
+scheme gives every box one bit and finds each voxel's top box as the highest bit of the AND of
+its three axes' bit sets (a few whole-volume operations whatever the number of boxes; a loop
+over boxes beyond 52); the code scheme gathers each voxel's block class.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ from medssl_bench.errors import ConfigError
 from medssl_bench.interfaces import Backbone, Encoder, ProxyTask
 
 Triple = tuple[float, float, float]
+
+#: Up to this many boxes, the paper scheme paints them at once with one bit per box.
+BITMASK_BOXES = 52
 
 
 class VolumeFusionConfig(PluginConfig):
@@ -143,13 +148,24 @@ def paper_regions(
         sizes.append(size)
         starts.append(start)
     classes = _uniform_int(0, cfg.num_classes - 1, (batch, high), generator, device)
-    labels = torch.zeros((batch, *spatial), dtype=torch.long, device=device)
+    placed = torch.arange(high, device=device)[None] < count[:, None]
     coords = [torch.arange(dim, device=device) for dim in spatial]
+    inside = [(c[None, None] >= s[..., None]) & (c[None, None] < (s + z)[..., None])
+              for c, s, z in zip(coords, starts, sizes, strict=True)]  # (B, M, dim) per axis
+    inside[0] &= placed[..., None]
+    if high <= BITMASK_BOXES:
+        # One bit per box: a voxel's boxes are the AND of its three axes' bit sets, and the
+        # box on top is the highest set bit (exact in float64 below 2**53).
+        bit = (2 ** torch.arange(high, device=device, dtype=torch.float64)).long()
+        masks = [(x.long() * bit[None, :, None]).sum(1) for x in inside]  # (B, dim)
+        cover = masks[0][:, :, None, None] & masks[1][:, None, :, None] & masks[2][:, None, None]
+        top = cover.double().clamp(min=1).log2().floor().long()
+        labels = torch.gather(classes, 1, top.flatten(1)).view(batch, *spatial)
+        return torch.where(cover > 0, labels, 0)
+    labels = torch.zeros((batch, *spatial), dtype=torch.long, device=device)
     for j in range(high):
-        inside = [(c >= s[:, j, None]) & (c < (s[:, j] + z[:, j])[:, None])
-                  for c, s, z in zip(coords, starts, sizes, strict=True)]
-        box = inside[0][:, :, None, None] & inside[1][:, None, :, None] & inside[2][:, None, None]
-        box &= (j < count)[:, None, None, None]
+        box = (inside[0][:, j, :, None, None] & inside[1][:, j, None, :, None]
+               & inside[2][:, j, None, None])
         labels = torch.where(box, classes[:, j, None, None, None], labels)
     return labels
 
