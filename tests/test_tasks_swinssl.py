@@ -195,6 +195,7 @@ def test_bench_run_beside_scratch(dataset, tmp_path, monkeypatch, capsys):
     assert cli.main(["leaderboard", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["task"] for r in rows} == {"swinssl3d", "scratch"}
+    assert {r["dataset"] for r in rows} == {dataset if dataset == "phantom3d" else "medmnist3d"}
 
 
 def test_boxes_reach_the_drawn_share_and_paint_as_their_union():

@@ -171,3 +171,4 @@ def test_bench_run_beside_scratch(dataset, tmp_path, monkeypatch, capsys):
     assert cli.main(["leaderboard", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert {r["task"] for r in rows} == {"volumefusion3d", "scratch"}
+    assert {r["dataset"] for r in rows} == {dataset if dataset == "phantom3d" else "medmnist3d"}
