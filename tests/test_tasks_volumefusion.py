@@ -51,6 +51,16 @@ def test_fusion_labels_match_the_fused_volume(scheme, pairing):
     assert torch.allclose(inputs, a * images[fg] + (1 - a) * images[bg], atol=1e-6)
 
 
+def test_a_lone_volume_is_fused_with_its_mirror_image():
+    task = _task()
+    image = torch.rand(1, 1, 16, 16, 16, generator=_gen(14))
+    batch = task.make_batch(image, _gen(15))
+    a = batch["labels"][:, None].float() / 4
+    mirror = image.flip((2, 3, 4))
+    assert torch.allclose(batch["inputs"], a * mirror + (1 - a) * image, atol=1e-6)
+    assert (batch["labels"] > 0).any()
+
+
 def test_paper_scheme_one_box_has_the_stated_size():
     task = _task(num_regions=(1, 1), num_classes=2)
     spatial = (16, 32, 32)

@@ -35,7 +35,8 @@ Facts used (sources):
 Pairing (ours, documented in ``pairing``): by default fused volume ``i`` has image ``i`` as
 background and image ``(i + 1) mod B`` as foreground, so every image serves once as each and
 the batch keeps its size; ``halves`` is nnssl's pairing (first half foreground, second half
-background, half as many fused volumes).
+background, half as many fused volumes). A batch of one volume fuses it with its own mirror
+image (flipped along every axis), never with itself.
 
 Batch construction is batched torch on the images' device, no per-sample loop: the paper
 scheme gives every box one bit and finds each voxel's top box as the highest bit of the AND of
@@ -251,6 +252,10 @@ class VolumeFusion3D(ProxyTask):
         with torch.autocast(device.type, enabled=False):
             alpha = (labels.float() / (cfg.num_classes - 1))[:, None]
             fg, bg = images[foreground].float(), images[background].float()
+            # A volume fused with itself would hide every coefficient: alone in its batch,
+            # its foreground is its own mirror image (PyMIC fuses two crops of one scan).
+            same = (foreground == background).view(-1, 1, 1, 1, 1)
+            fg = torch.where(same, fg.flip((2, 3, 4)), fg)
             inputs = alpha * fg + (1 - alpha) * bg
         return {"inputs": inputs, "labels": labels, "foreground": foreground,
                 "background": background}
