@@ -21,7 +21,9 @@ def bench_register_tasks(register):
     from medssl_bench_tasks.simclr import SimCLR3D
     from medssl_bench_tasks.simmim import SimMIM3D
     from medssl_bench_tasks.spark import SparK3D
+    from medssl_bench_tasks.swinssl import SwinSSL3D
     from medssl_bench_tasks.voco import VoCo3D
+    from medssl_bench_tasks.volumefusion import VolumeFusion3D
 
     register(Scratch)
     register(Rotation3D)
@@ -40,3 +42,5 @@ def bench_register_tasks(register):
     register(SparK3D)
     register(SimCLR3D)
     register(VoCo3D)
+    register(VolumeFusion3D)
+    register(SwinSSL3D)
