@@ -18,15 +18,17 @@ PHANTOM = ["dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=4", "dat
            "dataset.n_test=2"]
 
 
-def bench_run_beside_scratch(task: str, tmp_path, monkeypatch, capsys, medmnist: bool) -> None:
+def bench_run_beside_scratch(task: str, tmp_path, monkeypatch, capsys, medmnist: bool,
+                             extra: list[str] = ()) -> None:
     """`bench run --protocol data-efficiency --task TASK` at tiny settings on phantom3d or the
-    MedMNIST file: exit 0 and the task beside scratch on the leaderboard."""
+    MedMNIST file: exit 0 and the task beside scratch on the leaderboard. ``extra``: the
+    task's own settings for tiny volumes."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     data = (["--dataset", "medmnist3d"], [f"dataset.path={MEDMNIST}"]) if medmnist else (
         [], PHANTOM)
     assert cli.main(["run", "--protocol", "data-efficiency", "--task", task, "--device", "cpu",
-                     *data[0], "--set", *TINY, *data[1]]) == 0
+                     *data[0], "--set", *TINY, *data[1], *extra]) == 0
     capsys.readouterr()
     assert cli.main(["leaderboard", "--format", "json"]) == 0
     tasks = {row["task"] for row in json.loads(capsys.readouterr().out)}

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from masked_fixtures import ADRENAL, TINY, bench_run_beside_scratch, medmnist_sets, smooth
+from masked_fixtures import smooth
 from torch import nn
 
 from medssl_bench.errors import ConfigError
@@ -155,18 +155,3 @@ def test_tiny_model_overfits_a_fixed_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses
-
-
-@pytest.mark.slow
-def test_bench_run_on_phantom3d(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    bench_run_beside_scratch("simmim3d", TINY, capsys)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not ADRENAL.exists(), reason="../shared/data/medmnist3d is not beside the checkout")
-def test_bench_run_on_medmnist(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)  # 28^3 volumes: 4^3 patches
-    bench_run_beside_scratch("simmim3d", medmnist_sets(4), capsys, ("--dataset", "medmnist3d"))

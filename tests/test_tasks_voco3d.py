@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import ValidationError
-from task_e2e import MEDMNIST, bench_run_beside_scratch
 from torch import nn
 from torch.nn import functional as F
 
@@ -279,14 +278,3 @@ def test_tiny_model_learns():
         losses.append(loss.item())
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert end < 0.8 * start, (start, end)
-
-
-@pytest.mark.slow
-def test_bench_run_on_phantom3d(tmp_path, monkeypatch, capsys):
-    bench_run_beside_scratch("voco3d", tmp_path, monkeypatch, capsys, medmnist=False)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not MEDMNIST.is_file(), reason=f"{MEDMNIST} is absent")
-def test_bench_run_on_medmnist(tmp_path, monkeypatch, capsys):
-    bench_run_beside_scratch("voco3d", tmp_path, monkeypatch, capsys, medmnist=True)

@@ -4,18 +4,12 @@ scratch. Tiny volumes and networks (2-core CI)."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
-from medssl_bench import cli
 from medssl_bench.plugins import build_registry
 from medssl_bench_tasks import volumefusion
 from medssl_bench_tasks.volumefusion import VolumeFusion3D
-
-ADRENAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist3d" / "adrenalmnist3d.npz"
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -155,30 +149,3 @@ def test_tiny_model_overfits_a_fixed_batch():
         loss.backward()
         opt.step()
     assert losses[-1] < 0.7 * losses[0], losses
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("dataset", ["phantom3d", "adrenalmnist3d"])
-def test_bench_run_beside_scratch(dataset, tmp_path, monkeypatch, capsys):
-    if dataset == "adrenalmnist3d" and not ADRENAL.exists():
-        pytest.skip("../shared/data/medmnist3d/adrenalmnist3d.npz is not beside the checkout")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    if dataset == "phantom3d":
-        data = ["dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=4",
-                "dataset.n_val=2", "dataset.n_test=2"]
-        extra = []
-    else:
-        data = [f"dataset.path={ADRENAL}"]
-        extra = ["--dataset", "medmnist3d"]
-    base = ["backbone.filters=[4,8]", "pretrain.epochs=1", "pretrain.iterations_per_epoch=1",
-            "pretrain.batch_size=2", "finetune.epochs=1", "finetune.warmup_epochs=0",
-            "finetune.iterations_per_epoch=1", "protocol.seeds=[0]", "protocol.fractions=[100]"]
-    argv = ["run", "--protocol", "data-efficiency", "--task", "volumefusion3d", "--device",
-            "cpu", *extra, "--set", *base, *data]
-    assert cli.main(argv) == 0
-    capsys.readouterr()
-    assert cli.main(["leaderboard", "--format", "json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
-    assert {r["task"] for r in rows} == {"volumefusion3d", "scratch"}
-    assert {r["dataset"] for r in rows} == {dataset if dataset == "phantom3d" else "medmnist3d"}
