@@ -278,16 +278,20 @@ def fmt_cell(view_row: Any, column: str) -> str:
 
 
 def fmt_correlation(c: Correlation) -> str:
-    """``data-efficiency vs knn at 10%: Spearman 0.80 (p 0.104), Kendall 0.60 (p 0.233), 5
-    entries``; ``-`` and the reason when there is none."""
-    head = f"{c.a} vs {c.b} at {c.scope}: "
+    """``data-efficiency vs knn at 10%: Spearman +0.80 (p 0.104), Kendall +0.60 (p 0.233), 5
+    entries`` (``over mean ranks`` for the correlation of the mean ranks); ``-`` and the
+    reason when there is none."""
+    head = f"{c.a} vs {c.b} " + ("over mean ranks: " if c.fraction is None
+                                 else f"at {c.scope}: ")
     if c.spearman is None and c.kendall is None:
         return head + f"Spearman -, Kendall - ({c.reason})"
 
     def one(name: str, value: float | None, p: float | None) -> str:
         if value is None:
             return f"{name} -"
-        return f"{name} {value:+.2f}" + ("" if p is None else f" (p {p:.3f})")
+        if p is None:
+            return f"{name} {value:+.2f}"
+        return f"{name} {value:+.2f} (p {'<0.001' if p < 0.001 else f'{p:.3f}'})"
 
     return (head + one("Spearman", c.spearman, c.spearman_p) + ", "
             + one("Kendall", c.kendall, c.kendall_p) + f", {c.n} entries")
