@@ -214,6 +214,8 @@ def test_the_cli_prints_the_side_by_side_view(store_dir, capsys):
 def test_a_typo_still_gets_its_did_you_mean(store_dir, capsys):
     assert cli.main(["leaderboard", "--protocol", "linear-prob"]) == 2
     assert "Did you mean 'linear-probe'" in capsys.readouterr().err
+    assert cli.main(["leaderboard", "--protocol", "alll"]) == 2
+    assert "Did you mean 'all'" in capsys.readouterr().err
     assert cli.main(["leaderboard", "--protocol", "all", "--dataset", "phantom3d"]) == 1
     assert "phantom2d" in capsys.readouterr().err
 
