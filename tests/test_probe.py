@@ -203,6 +203,19 @@ def test_probes_pretrain_once_extract_once_and_rank_beside_scratch(workdir, npz,
     assert _run("knn", "protocol.pooling=all", dataset=npz) == 0
     assert calls["encode"] == 12
 
+    # every protocol side by side: entries matched by label across protocols whose setups
+    # differ; k-NN's two poolings are two settings, two columns
+    capsys.readouterr()
+    assert cli.main(["leaderboard", "--format", "json", "--protocol", "all"]) == 0
+    (view,) = json.loads(capsys.readouterr().out)
+    first, knn_a, knn_b, last = view["columns"]
+    assert (first, last) == ("data-efficiency", "linear-probe")
+    assert knn_a.startswith("knn [") and knn_b.startswith("knn [") and knn_a != knn_b
+    cells = {(r["label"], r["fraction"]): r["cells"] for r in view["rows"]}
+    assert {k for k, c in cells.items() if len(c) == 4} == {
+        (t, f) for t in ("rotation3d", "scratch") for f in (50.0, 100.0)}
+    assert all(c["n"] == 0 or c["reason"].startswith("only 2") for c in view["correlations"])
+
 
 def test_probe_keys_differ_from_finetune_keys_and_between_probes(workdir, npz, capsys):
     assert _run("linear-probe", "--dry-run", dataset=npz) == 0

@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     schema.add_argument("name", nargs="?", help="Plugin name (not needed for pretrain/finetune).")
 
     board = sub.add_parser("leaderboard", help="Rank finished results from MLflow.")
-    board.add_argument("--protocol", help="Only this protocol.")
+    board.add_argument("--protocol", help="Only this protocol; 'all': every protocol side by "
+                       "side per dataset, with their rank correlations.")
     board.add_argument("--dataset", help="Only this dataset.")
     board.add_argument("--task", help="Only this task (scratch is always kept).")
     board.add_argument("--spec-version", type=int, help="Only results of this spec version.")
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="Plots (data-efficiency and convergence curves) and "
                             "a JSON/Markdown summary, written to a folder and logged to MLflow.")
     report.add_argument("--out", default="bench-report", help="Output folder (default bench-report).")
-    report.add_argument("--protocol", help="Only this protocol.")
+    report.add_argument("--protocol", help="Only this protocol; 'all': adds every protocol side "
+                        "by side per dataset, with their rank correlations.")
     report.add_argument("--dataset", help="Only this dataset.")
     report.add_argument("--task", help="Only these tasks (comma-separated; scratch is kept).")
     report.add_argument("--spec-version", type=int, help="Only results of this spec version.")
@@ -394,7 +396,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from medssl_bench.store import ResultStore
 
     store = ResultStore.existing(_tracking_uri(args))  # None: no store file, nothing run yet
-    results = leaderboard.select(store.results() if store else [], args.protocol,
+    side_by_side = args.protocol == leaderboard.ALL_PROTOCOLS
+    results = leaderboard.select(store.results() if store else [],
+                                 None if side_by_side else args.protocol,
                                  args.dataset, args.task, args.spec_version)
     mixed = leaderboard.mixed_versions(results)
     for protocol, versions in mixed.items():
@@ -402,8 +406,10 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
                           "is ranked in its own section (never together). --spec-version N "
                           "shows one.")
     rows = leaderboard.aggregate(results)
+    if side_by_side and args.format != "json":
+        return _print_side_by_side(args.format, rows)
     if args.format == "json":
-        print(leaderboard.as_json(rows, with_summary=args.summary))
+        print(leaderboard.as_json(rows, with_summary=args.summary, side_by_side=side_by_side))
     elif args.format == "csv":
         print(leaderboard.as_csv(rows), end="")
     elif args.format == "markdown":
@@ -418,6 +424,24 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_side_by_side(fmt: str, rows: list) -> int:
+    """``bench leaderboard --protocol all``: one view per dataset (and backbone, metric)."""
+    from medssl_bench import leaderboard
+
+    views = leaderboard.protocol_views(rows)
+    if fmt == "csv":
+        print(leaderboard.views_csv(views), end="")
+    elif fmt == "markdown":
+        print(leaderboard.views_markdown(views), end="")
+    elif not views:
+        console.print("No finished results yet. Run one: "
+                      "`bench run --protocol data-efficiency --task rotation3d`")
+    else:
+        for table in leaderboard.views_rich_tables(views):
+            console.print(table)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from medssl_bench import report
     from medssl_bench.store import ResultStore
@@ -426,7 +450,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if store is None:  # still answer a typo'd filter as the leaderboard does
         from medssl_bench import leaderboard
 
-        leaderboard.select([], args.protocol, args.dataset, args.task, args.spec_version)
+        leaderboard.select([], None if args.protocol == leaderboard.ALL_PROTOCOLS
+                           else args.protocol, args.dataset, args.task, args.spec_version)
     written = report.write_report(
         store, Path(args.out), protocol=args.protocol, dataset=args.dataset, task=args.task,
         spec_version=args.spec_version, target=args.target, error_bars=args.error_bars,

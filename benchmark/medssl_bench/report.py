@@ -140,8 +140,12 @@ def write_report(
     """Write plots, ``report.json`` and ``report.md`` to ``out``; the paths written (none when
     nothing was run yet). Filters that match no result raise, as in ``bench leaderboard``
     (:func:`leaderboard.select`). Each result's figures (declared by its protocol) say
-    which plots it appears in."""
+    which plots it appears in. ``protocol="all"``: every protocol, and a section with them
+    side by side per dataset and their rank correlations (``protocols`` in report.json)."""
     store = as_store(store)
+    side_by_side = protocol == leaderboard.ALL_PROTOCOLS  # every protocol, plus the views
+    if side_by_side:
+        protocol = None
     results = leaderboard.select(store.results(), protocol, dataset, task, spec_version)
     if not results:
         return []
@@ -172,17 +176,23 @@ def write_report(
         written.append(plot_convergence(entries, path))
     data = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": leaderboard.row_dicts(rows),
             **summary, FIGURE_CONVERGENCE: [c.as_dict() for c in convergence]}
+    views = leaderboard.protocol_views(rows) if side_by_side else []
+    if side_by_side:
+        data["protocols"] = leaderboard.views_dicts(views)
     json_path = out / "report.json"
     json_path.write_text(json.dumps(data, indent=2, default=str))
     md_path = out / "report.md"
     md = "# medssl-bench report\n\n## Leaderboard\n\n" + leaderboard.as_markdown(rows)
+    if side_by_side:
+        md += "\n## Protocols side by side\n\n" + leaderboard.views_markdown(views)
     if convergence:
         md += "\n## Convergence\n\n" + _convergence_markdown(convergence)
     md += "\n## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in written) + "\n"
     md_path.write_text(md)
     written += [json_path, md_path]
     if log_to_mlflow:
-        run_id = store.log_report(written, protocol, dataset)
+        run_id = store.log_report(written, leaderboard.ALL_PROTOCOLS if side_by_side
+                                  else protocol, dataset)
         echo(f"Logged the report to MLflow experiment {EXPERIMENT_PREFIX}{REPORT_EXPERIMENT} "
              f"(run {run_id}).")
     return written

@@ -21,10 +21,21 @@ section and never shares a ranking with another. A metric the dataset declares
 lower-is-better ranks ascending.
 
 One module per job: :mod:`.select` (which records, and the messages when a filter matches
-none), :mod:`.stats` (aggregation, tests, ranks, annotation saving), :mod:`.published`
+none), :mod:`.stats` (aggregation, tests, ranks, annotation saving), :mod:`.agreement`
+(``--protocol all``: protocols side by side and their rank correlations), :mod:`.published`
 (reference rows), :mod:`.render` (table, markdown, csv, json).
 """
 
+from medssl_bench.leaderboard.agreement import (
+    ALL_PROTOCOLS,
+    MIN_COMMON,
+    Cell,
+    Correlation,
+    ProtocolView,
+    ViewRow,
+    correlate,
+    protocol_views,
+)
 from medssl_bench.leaderboard.published import matching_published, published_rows
 from medssl_bench.leaderboard.render import (
     COLUMNS,
@@ -38,6 +49,10 @@ from medssl_bench.leaderboard.render import (
     row_dicts,
     stats_legend,
     summary,
+    views_csv,
+    views_dicts,
+    views_markdown,
+    views_rich_tables,
 )
 from medssl_bench.leaderboard.select import (
     NoMatchingResults,
@@ -66,12 +81,18 @@ from medssl_bench.leaderboard.stats import (
 from medssl_bench.store import legacy_label as task_label  # the 0.1 label rule, for 0.1 callers
 
 __all__ = [
+    "ALL_PROTOCOLS",
     "ALPHA",
     "COLUMNS",
     "GROUP_KEYS",
+    "MIN_COMMON",
     "SECTION_KEYS",
+    "Cell",
+    "Correlation",
     "NoMatchingResults",
+    "ProtocolView",
     "Row",
+    "ViewRow",
     "aggregate",
     "annotation_saving",
     "as_csv",
@@ -82,6 +103,7 @@ __all__ = [
     "check_single_version",
     "collect",
     "compare",
+    "correlate",
     "family_ranks",
     "filter_results",
     "fmt_delta",
@@ -92,6 +114,7 @@ __all__ = [
     "mean_ci",
     "mean_ranks",
     "mixed_versions",
+    "protocol_views",
     "published_rows",
     "row_dicts",
     "section_of",
@@ -100,4 +123,8 @@ __all__ = [
     "summary",
     "t_test",
     "task_label",
+    "views_csv",
+    "views_dicts",
+    "views_markdown",
+    "views_rich_tables",
 ]

@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import asdict
 from typing import Any
 
+from medssl_bench.leaderboard.agreement import Correlation, ProtocolView, protocol_views
 from medssl_bench.leaderboard.published import matching_published
 from medssl_bench.leaderboard.stats import (
     ALPHA,
@@ -36,11 +37,29 @@ def summary(rows: list[Row]) -> dict[str, Any]:
             "annotation_saving": annotation_saving(rows), "published": matching_published(rows)}
 
 
-def as_json(rows: list[Row], with_summary: bool = False) -> str:
-    """A list of row objects; with ``with_summary`` an object ``{rows, mean_ranks, ...}``."""
+def as_json(rows: list[Row], with_summary: bool = False, side_by_side: bool = False) -> str:
+    """A list of row objects; with ``with_summary`` an object ``{rows, mean_ranks, ...}``.
+    With ``side_by_side`` (``--protocol all``): the list of :func:`protocol_views` as dicts,
+    or, with ``with_summary``, the summary object with them under ``protocols``."""
     if with_summary:
-        return json.dumps({"rows": row_dicts(rows), **summary(rows)}, indent=2, default=_clean)
+        extra = {"protocols": views_dicts(protocol_views(rows))} if side_by_side else {}
+        return json.dumps({"rows": row_dicts(rows), **summary(rows), **extra}, indent=2,
+                          default=_clean)
+    if side_by_side:
+        return json.dumps(views_dicts(protocol_views(rows)), indent=2, default=_clean)
     return json.dumps(row_dicts(rows), indent=2)
+
+
+def views_dicts(views: list[ProtocolView]) -> list[dict[str, Any]]:
+    """The views as JSON-ready dicts (NaN as null)."""
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return _clean(value)
+
+    return [clean(v.as_dict()) for v in views]
 
 
 COLUMNS = ("protocol", "spec_version", "dataset", "backbone", "fraction", "rank", "label", "task",
@@ -244,3 +263,107 @@ def as_rich_table(rows: list[Row]):
     from rich.console import Group
 
     return Group(*as_rich_tables(rows))
+
+
+# --------------------------------------------------------------------------- side by side
+
+
+def fmt_cell(view_row: Any, column: str) -> str:
+    """``0.7100 ± 0.0100 (n=3)``; ``-`` where the protocol has no result for the entry."""
+    cell = view_row.cells.get(column)
+    if cell is None:
+        return "-"
+    spread = f"{cell.mean:.4f} ± {cell.std:.4f}" if cell.n > 1 else f"{cell.mean:.4f}"
+    return f"{spread} (n={cell.n})"
+
+
+def fmt_correlation(c: Correlation) -> str:
+    """``data-efficiency vs knn at 10%: Spearman +0.80 (p 0.104), Kendall +0.60 (p 0.233), 5
+    entries`` (``over mean ranks`` for the correlation of the mean ranks); ``-`` and the
+    reason when there is none."""
+    head = f"{c.a} vs {c.b} " + ("over mean ranks: " if c.fraction is None
+                                 else f"at {c.scope}: ")
+    if c.spearman is None and c.kendall is None:
+        return head + f"Spearman -, Kendall - ({c.reason})"
+
+    def one(name: str, value: float | None, p: float | None) -> str:
+        if value is None:
+            return f"{name} -"
+        if p is None:
+            return f"{name} {value:+.2f}"
+        return f"{name} {value:+.2f} (p {'<0.001' if p < 0.001 else f'{p:.3f}'})"
+
+    return (head + one("Spearman", c.spearman, c.spearman_p) + ", "
+            + one("Kendall", c.kendall, c.kendall_p) + f", {c.n} entries")
+
+
+SIDE_BY_SIDE_NOTE = ("cells: mean ± std over seeds (n); entries matched across protocols by "
+                     "(dataset, backbone, metric, entry, fraction), not by setup (each "
+                     "protocol's config is part of its setup); rank correlations over the "
+                     "entries both protocols ranked, at one fraction or over mean ranks")
+
+
+def _view_title(v: ProtocolView) -> str:
+    return f"{v.dataset} · {v.backbone} · test {v.metric}: protocols side by side"
+
+
+def views_markdown(views: list[ProtocolView]) -> str:
+    """Each view as a markdown table, its rank correlations listed under it."""
+    lines: list[str] = []
+    for v in views:
+        if lines:
+            lines.append("")
+        lines += [f"**{_view_title(v)}**", "",
+                  "| entry | fraction | " + " | ".join(v.columns) + " |",
+                  "|" + "---|" * (len(v.columns) + 2)]
+        for r in v.rows:
+            lines.append(f"| {r.label} | {r.fraction:g}% | "
+                         + " | ".join(fmt_cell(r, c) for c in v.columns) + " |")
+        lines += ["", "Rank correlation between protocols:" if v.correlations
+                  else "Rank correlation between protocols: - (a single protocol)", ""]
+        lines += [f"- {fmt_correlation(c)}" for c in v.correlations]
+    if views:
+        lines += ["", SIDE_BY_SIDE_NOTE + "."]
+    return "\n".join(lines) + "\n"
+
+
+def views_csv(views: list[ProtocolView]) -> str:
+    """One line per (view, entry, fraction, protocol column) with a result (long format; the
+    correlations are in the json ``--summary`` and the other formats)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(("dataset", "backbone", "metric", "label", "fraction", "protocol", "mean",
+                     "std", "n"))
+    for v in views:
+        for r in v.rows:
+            for c in v.columns:
+                cell = r.cells.get(c)
+                if cell is not None:
+                    writer.writerow((v.dataset, v.backbone, v.metric, r.label, r.fraction, c,
+                                     cell.mean, cell.std, cell.n))
+    return buf.getvalue()
+
+
+def views_rich_tables(views: list[ProtocolView]) -> list[Any]:
+    """One rich table per view, its rank correlations as the caption under it."""
+    from rich.table import Table
+
+    tables = []
+    for v in views:
+        table = Table(title=_view_title(v), caption_justify="left")
+        table.add_column("entry")
+        table.add_column("fraction", justify="right")
+        for c in v.columns:
+            table.add_column(c)
+        previous = None
+        for r in v.rows:
+            if previous is not None and r.fraction != previous:
+                table.add_section()
+            previous = r.fraction
+            entry = f"[dim]{r.label}[/dim]" if r.baseline else f"[bold]{r.label}[/bold]"
+            table.add_row(entry, f"{r.fraction:g}%", *(fmt_cell(r, c) for c in v.columns))
+        caption = ["rank correlation between protocols:"]
+        caption += [fmt_correlation(c) for c in v.correlations] or ["- (a single protocol)"]
+        table.caption = "\n".join([*caption, SIDE_BY_SIDE_NOTE])
+        tables.append(table)
+    return tables

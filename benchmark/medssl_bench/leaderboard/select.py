@@ -7,6 +7,7 @@ from collections import defaultdict
 from typing import Any
 
 from medssl_bench.errors import BenchError, did_you_mean
+from medssl_bench.leaderboard.agreement import ALL_PROTOCOLS
 from medssl_bench.store import ResultRecord, ResultStore, as_store
 from medssl_bench.tracking import Tracker
 
@@ -92,8 +93,9 @@ def select(results: list[ResultRecord], protocol: str | None = None,
                 have = present[field_]
                 where = (f"Finished results exist for {kind}: {', '.join(sorted(have))}." if have
                          else f"Installed {kind}s: {', '.join(sorted(known))}.")
+                also = {ALL_PROTOCOLS} if kind == "protocol" else set()  # the CLI's side by side
                 raise BenchError(f"Unknown {kind} {value!r} ({option})."
-                                 f"{did_you_mean(value, known | have)} {where}")
+                                 f"{did_you_mean(value, known | have | also)} {where}")
     if not results:
         return []
     selected = filter_results(results, protocol, dataset, task, spec_version)
