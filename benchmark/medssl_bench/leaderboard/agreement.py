@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from typing import Any
@@ -151,7 +151,9 @@ def protocol_views(rows: list[Row]) -> list[ProtocolView]:
     views = []
     for (dataset, backbone, metric), entries in sorted(by_view.items()):
         names = _column_names(entries)
-        columns = sorted(set(names.values()), key=lambda c: (c != "data-efficiency", c))
+        # the protocol with the most results first (the full sweep), then by name
+        size = Counter(names[(r.protocol, r.spec_version, r.setup)] for r in entries)
+        columns = sorted(set(names.values()), key=lambda c: (-size[c], c))
         higher = entries[0].higher_is_better
         table: dict[tuple, ViewRow] = {}
         # column -> fraction -> label -> mean (ranking direction: higher is better)
