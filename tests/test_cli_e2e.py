@@ -155,4 +155,5 @@ def test_failed_pretraining_skips_its_finetunes_and_says_why(workdir, capsys, mo
     assert _run() == 1
     captured = capsys.readouterr()
     assert "planted" in captured.err
+    assert "FAILED pretraining rotation3d on phantom3d: loss became nan" in captured.out
     assert "4 skipped" in captured.out and "4 ran" in captured.out  # scratch still ran

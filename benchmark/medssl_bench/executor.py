@@ -49,11 +49,16 @@ def run_unit(ctx: RunContext, unit: Unit, done: dict[str, Any]) -> Any:
 
 
 def record_failure(ctx: RunContext, unit: Unit, exc: Exception) -> None:
+    """One failed unit: an outcome with the error, and one red line (the sweep goes on)."""
     import traceback
 
     detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc(limit=3)
-    ctx.outcomes.append(Outcome(unit.what, "failed", detail, unit.task, unit.stage))
-    ctx.echo(f"[red]FAILED[/red] {unit.what}: {exc}")
+    what, shown = unit.what, unit.what
+    if isinstance(unit, PretrainUnit):  # always name the corpus of a failed pretraining
+        what = f"pretrain {unit.task} on {unit.corpus_label}"
+        shown = f"pretraining {unit.task} on {unit.corpus_label}"
+    ctx.outcomes.append(Outcome(what, "failed", detail, unit.task, unit.stage))
+    ctx.echo(f"[red]FAILED[/red] {shown}: {exc}")
 
 
 class InProcess(Executor):
