@@ -333,3 +333,37 @@ def test_executor_runs_each_unit_kind_with_its_own_runner():
     for i, kind in enumerate(kinds):
         assert not any(issubclass(later, kind) for later in kinds[i + 1:]), kind
 
+
+
+def test_a_probe_curve_is_logged_during_pretraining_without_changing_it(workdir, npz, capsys):
+    """pretrain.probe_every=1: a k-NN probe metric per pretraining epoch in MLflow; the
+    pretrained encoder is bit for bit the one a run without the probe makes (same key, same
+    cache file, same weights)."""
+    from mlflow.tracking import MlflowClient
+
+    from medssl_bench.weights import load_weights
+
+    args = ["pretrain.epochs=2", "pretrain.iterations_per_epoch=1"]
+    assert _run("data-efficiency", *args, "pretrain.probe_every=1", dataset=npz) == 0
+    cache = workdir / ".medssl_bench" / "cache" / "pretrain"
+    (probed,) = cache.glob("*.safetensors")
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    (run,) = [r for r in client.search_runs(ids) if r.data.tags.get("task") == "rotation3d"
+              and r.data.tags.get("medssl_bench.kind") == "pretrain"]
+    curve = client.get_metric_history(run.info.run_id, "probe_auc")
+    assert sorted(p.step for p in curve) == [0, 1]
+    assert all(0 <= p.value <= 1 for p in curve)
+    weights = load_weights(probed)
+    probed.rename(workdir / "probed.safetensors")
+    assert _run("data-efficiency", *args, "--force", dataset=npz) == 0  # no probe
+    (plain,) = cache.glob("*.safetensors")
+    assert plain.name == probed.name, "the probe setting must not change the pretraining key"
+    for part, tensors in load_weights(plain).items():
+        for key, value in tensors.items():
+            assert torch.equal(value, weights[part][key]), f"{part}.{key} changed by the probe"
+
+
+def test_probe_during_pretraining_on_segmentation_says_it_is_skipped(workdir, capsys):
+    assert _run("data-efficiency", "pretrain.probe_every=1") == 0
+    assert "probe needs a classification dataset" in capsys.readouterr().out

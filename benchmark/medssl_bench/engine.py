@@ -69,6 +69,15 @@ class PretrainConfig(TrainingConfig):
     """Pretraining hyperparameters (Taleb et al. appendix: Adam, lr 1e-3 for 3D tasks)."""
 
     epochs: int = Field(default=1000, ge=0, description="Pretraining epochs (reference configs: 1000).")
+    probe_every: int = Field(default=0, ge=0, json_schema_extra=NEUTRAL, description="Every "
+                             "this many epochs (and after the last), a k-NN probe of the "
+                             "frozen encoder on a small labelled subset of a classification "
+                             "dataset is logged as a pretraining metric (probe_<metric>), so "
+                             "you can see whether pretraining still improves; 0: off. It "
+                             "cannot change the pretrained weights (random state restored).")
+    probe_cases: int = Field(default=100, ge=2, json_schema_extra=NEUTRAL, description="Labelled "
+                             "training cases the probe's k-NN votes with (validation cases "
+                             "are the queries).")
     batch_size: int = Field(default=4, ge=1, description="Volumes per step before the task "
                             "multiplies them (rotation copies, patches, ...).")
     lr: float = Field(default=1e-3, gt=0, description="Learning rate, the peak of the schedule "
@@ -205,6 +214,18 @@ class PretrainStep(nn.Module):
         return self.task.compute_loss(self.encoder, self.heads, batch)
 
 
+def _untouched_rng(device: torch.device, fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``fn()`` with the global random state (CPU, and CUDA on a GPU) restored after it."""
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        return fn()
+    finally:
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+
+
 def pretrain(
     task: ProxyTask,
     backbone: Backbone,
@@ -218,6 +239,7 @@ def pretrain(
     resume: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     runtime: Runtime | None = None,
+    probe: Callable[[Encoder], dict[str, float]] | None = None,
 ) -> PretrainResult:
     """Train ``backbone``'s encoder (and the task's heads) with ``task`` on ``unlabeled``.
 
@@ -225,7 +247,9 @@ def pretrain(
     ``resume``/``on_checkpoint`` carry a full training state between epochs so an interrupted
     pretraining continues where it stopped. ``progress`` receives the loop's events;
     ``runtime`` (default: one process on ``device``) takes ``cfg``'s precision, compile and
-    gradient accumulation.
+    gradient accumulation. ``probe(encoder)`` (with ``cfg.probe_every``): metrics of the
+    encoder logged with the epoch's losses every ``probe_every`` epochs and after the last;
+    the random state is restored after it, so probing never changes the training.
     """
     runtime = (runtime or Runtime.local(device)).configured(cfg)
     device = runtime.device
@@ -265,6 +289,9 @@ def pretrain(
 
     def end_epoch(epoch: int, logs: dict[str, float]) -> None:
         epoch_logs = {f"pretrain_{k}": v for k, v in logs.items()}
+        if probe and cfg.probe_every and ((epoch + 1) % cfg.probe_every == 0
+                                          or epoch + 1 == cfg.epochs):
+            epoch_logs |= _untouched_rng(device, lambda: probe(encoder))
         history.append(epoch_logs)
         if on_epoch:
             on_epoch(epoch_logs, epoch)

@@ -16,7 +16,8 @@ the features and records the results.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,3 +130,21 @@ def knn_scores(train_x: Tensor, train_y: Tensor, query_x: Tensor, num_classes: i
     onehot = torch.nn.functional.one_hot(train_y[idx], num_classes).double()
     votes = (onehot * weights[..., None]).sum(1)
     return (votes / votes.sum(1, keepdim=True)).numpy()
+
+
+def knn_probe(labelled: TorchDataset, queries: TorchDataset, info: Any, runtime: Runtime,
+              multiple: int, k: int = 20, temperature: float = 0.07,
+              batch_size: int = 4) -> Callable[[Encoder], dict[str, float]]:
+    """A k-NN probe for ``pretrain(probe=...)``: the encoder's pooled features of
+    ``labelled`` vote (:func:`knn_scores`) for the classes of ``queries``; returns the
+    dataset's metrics as ``probe_<metric>``. The encoder is left in eval mode (the loop puts
+    it back in train mode at the next epoch)."""
+
+    def probe(encoder: Encoder) -> dict[str, float]:
+        train_x, train_y = encode(encoder, labelled, runtime, multiple, batch_size=batch_size)
+        query_x, query_y = encode(encoder, queries, runtime, multiple, batch_size=batch_size)
+        scores = knn_scores(train_x, train_y, query_x, info.num_classes, k, temperature)
+        metrics = classification_metrics(scores, query_y.numpy())
+        return {f"probe_{name}": value for name, value in metrics.items()}
+
+    return probe

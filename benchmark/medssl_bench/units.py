@@ -115,6 +115,7 @@ def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
             ctx.device, ctx.run.configs["protocol"].pretrain_seed,
             on_epoch=lambda logs, epoch: store.log_epoch(run_id, logs, epoch),
             progress=ctx.progress, resume=resume, on_checkpoint=on_checkpoint,
+            probe=pretraining_probe(ctx),
         )
         save_weights(result.weights, cache, {"pretrain_key": unit.key, "task": unit.task})
         checkpoint.unlink(missing_ok=True)
@@ -126,6 +127,30 @@ def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
     detail = f"{result.seconds:.0f}s" + (f", resumed at epoch {resume['epoch']}" if resume else "")
     ctx.outcomes.append(Outcome(unit.what, "ran", detail, unit.task, "pretrain"))
     return Pretrained(result.weights, run_id)
+
+
+def pretraining_probe(ctx: RunContext) -> Any:
+    """The k-NN probe a pretraining logs every ``pretrain.probe_every`` epochs: on up to
+    ``pretrain.probe_cases`` labelled training cases of the run's dataset (the same cases for
+    every task), queried by its validation split. None when off, or (with a message) when the
+    dataset is not a classification dataset."""
+    from medssl_bench.engine import label_subset
+    from medssl_bench.probe import knn_probe
+    from medssl_bench.runtime import Runtime
+
+    cfg = ctx.run.configs["pretrain"]
+    if not cfg.probe_every:
+        return None
+    data = ctx.data("dataset")
+    if data.info.kind != "classification":
+        ctx.echo(f"[yellow]pretrain.probe_every[/yellow]: the probe needs a classification "
+                 f"dataset ({ctx.plugins['dataset'].name} is {data.info.kind}); not probed.")
+        return None
+    n = len(data.train)
+    cases = label_subset(n, min(1.0, cfg.probe_cases / n), 0, data.train_groups)
+    return knn_probe(subset(data.train, cases), data.val, data.info, Runtime.local(ctx.device),
+                     ctx.plugins["backbone"].size_multiple(),
+                     batch_size=ctx.run.configs["finetune"].eval_batch_size)
 
 
 def _record_only(ctx: RunContext, unit: PretrainUnit, cache: Path | None) -> str:
