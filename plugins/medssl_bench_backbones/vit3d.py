@@ -234,6 +234,7 @@ class ViT3D(Backbone):
 
     name = "vit3d"
     spatial_dims = 3
+    provides = ("tokens",)  # tokens / encode_tokens / forward(x, keep_index=...): MAE
 
     class Config(PluginConfig):
         size: Literal["S", "B", "L"] = Field(
