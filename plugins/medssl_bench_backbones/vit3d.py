@@ -124,7 +124,6 @@ class ViT3DEncoder(Encoder):
         p = cfg.patch_size
         self.in_channels = in_channels
         self.patch_size = p
-        self.embed_dim_ = dim
         self.stem_weight_key = "patch_embed.weight"
         self.patch_embed = nn.Conv3d(in_channels, dim, p, stride=p)
         grid = (cfg.img_size // p,) * 3
@@ -157,10 +156,6 @@ class ViT3DEncoder(Encoder):
         elif isinstance(m, nn.Conv3d) and m.kernel_size == m.stride:
             nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
             nn.init.zeros_(m.bias)
-
-    @property
-    def embed_dim(self) -> int:
-        return self.embed_dim_
 
     def grid(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(s // self.patch_size for s in spatial)
