@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from task_e2e import PHANTOM
 from torch.nn import functional as F
 
 from medssl_bench import cli
@@ -128,8 +129,7 @@ def test_bench_run_rotation3d_with_vit3d(tmp_path, monkeypatch, capsys):
         "--device", "cpu", "--set", *backbone, "pretrain.epochs=1",
         "pretrain.iterations_per_epoch=1", "pretrain.batch_size=2", "finetune.epochs=1",
         "finetune.warmup_epochs=0", "finetune.iterations_per_epoch=1", "protocol.seeds=[0]",
-        "protocol.fractions=[100]", "dataset.size=16", "dataset.n_unlabeled=4",
-        "dataset.n_train=4", "dataset.n_val=2", "dataset.n_test=2"]) == 0
+        "protocol.fractions=[100]", *PHANTOM]) == 0
     capsys.readouterr()
     assert cli.main(["leaderboard", "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)

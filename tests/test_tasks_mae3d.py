@@ -4,10 +4,14 @@ a tiny model overfits, the capability check, and `bench run` with vit3d."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from masked_fixtures import ADRENAL, bench_run_beside_scratch, smooth
+from masked_fixtures import smooth
+from task_e2e import MEDMNIST, PHANTOM
 
+from medssl_bench import cli
 from medssl_bench.errors import ConfigError
 from medssl_bench.plugins import build_registry
 from medssl_bench.spec import resolve_run
@@ -157,6 +161,7 @@ def test_a_backbone_without_tokens_is_refused():
     assert "mae3d" in every.task_names
 
 
+#: tiny vit3d and mae3d settings for `bench run` (task_e2e.TINY is sized for unet3d)
 VIT_SETS = [f"backbone.{k}={v}" for k, v in TINY_VIT.items()] + [
     f"task.{k}={v}" for k, v in QUICK.items()] + [
     "pretrain.epochs=1", "pretrain.iterations_per_epoch=1", "pretrain.batch_size=2",
@@ -165,19 +170,24 @@ VIT_SETS = [f"backbone.{k}={v}" for k, v in TINY_VIT.items()] + [
 
 
 @pytest.mark.slow
-def test_bench_run_on_phantom3d(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+@pytest.mark.parametrize("medmnist", [False, True], ids=["phantom3d", "adrenalmnist3d"])
+def test_bench_run_beside_scratch(medmnist, tmp_path, monkeypatch, capsys):
+    """`bench run --task mae3d --backbone vit3d` on the 16^3 phantom (8^3 patches) and on
+    MedMNIST's 28^3 volumes (4^3 patches, a 7^3 token grid), beside scratch."""
+    if medmnist and not MEDMNIST.is_file():
+        pytest.skip(f"{MEDMNIST} is not beside the checkout")
     monkeypatch.chdir(tmp_path)
-    sets = [*VIT_SETS, "dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=4",
-            "dataset.n_val=2", "dataset.n_test=2"]
-    bench_run_beside_scratch("mae3d", sets, capsys, ("--backbone", "vit3d"))
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not ADRENAL.exists(), reason="../shared/data/medmnist3d is not beside the checkout")
-def test_bench_run_on_medmnist(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)  # 28^3 volumes: 4^3 patches, a 7^3 token grid
-    sets = [s.replace("patch_size=8", "patch_size=4") for s in VIT_SETS]
-    bench_run_beside_scratch("mae3d", [f"dataset.path={ADRENAL}", *sets], capsys,
-                             ("--backbone", "vit3d", "--dataset", "medmnist3d"))
+    if medmnist:
+        data = ["--dataset", "medmnist3d"]
+        sets = [f"dataset.path={MEDMNIST}",
+                *(s.replace("patch_size=8", "patch_size=4") for s in VIT_SETS)]
+    else:
+        data, sets = [], [*VIT_SETS, *PHANTOM]
+    assert cli.main(["run", "--protocol", "data-efficiency", "--task", "mae3d", "--backbone",
+                     "vit3d", "--device", "cpu", *data, "--set", *sets]) == 0
+    capsys.readouterr()
+    assert cli.main(["leaderboard", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {"mae3d", "scratch"} <= {row["task"] for row in rows}
+    assert {row.get("backbone", "vit3d") for row in rows} == {"vit3d"}

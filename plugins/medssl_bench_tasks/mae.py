@@ -27,6 +27,11 @@ MAE's 224^2 images) and whose decoder sees every token, ``decoder_dim``/``decode
 are the documented knobs (the ``quick`` preset uses 32 wide, 1 block). Our encoders have no
 class token (Primus has none; MAE's is only for the linear probe).
 
+nnssl's 3D MAE (``EvaMAETrainer``, ``run/run_training_wandb.py`` defaults): Primus-M encoder
+(8^3 patches, 864 wide, 16 blocks, 12 heads), an EVA decoder as wide as the encoder with 6
+blocks and 8 heads, AdamW lr 3e-5 (weight decay 5e-3, 50 warm-up epochs, then poly), drop path
+0.2; ``protocols/recipes/openmind-mae.yaml`` uses those settings.
+
 Needs a backbone whose encoder encodes a token subset (``requires = ("tokens",)``: vit3d).
 The encoder is called through ``encoder(x, keep_index=...)`` (its ``forward``, what a compiled
 or distributed wrapper sees). Randomness: :meth:`MAE3D.make_batch` draws one uniform key per
