@@ -87,6 +87,7 @@ from medssl_bench.engine import (
 )
 from medssl_bench.interfaces import DatasetInfo
 from medssl_bench.plugins import build_registry
+from medssl_bench.spec import missing_capabilities
 
 #: bf16 dense tensor-core peaks (TFLOP/s) by a substring of the CUDA device name. H100/H200:
 #: the ~790 TFLOP/s issue 13 gives for the H200 (its % of peak figures use it; NVIDIA's
@@ -494,6 +495,11 @@ def pretrain_workload(settings: Settings, name: str) -> Workload:
     task_cls = registry.get("task", name)
     task = task_cls(settings.plugin_config("task", task_cls, f"task.{name}"))
     backbone_name = args.backbone or registry.default("backbone", settings.dims)
+    if not args.backbone and missing_capabilities(registry, name, backbone_name):
+        # a task that needs what the default backbone lacks (mae3d: tokens) gets the first
+        # backbone that offers it
+        backbone_name = next((b for b in registry.names("backbone")
+                              if not missing_capabilities(registry, name, b)), backbone_name)
     backbone = settings.backbone(backbone_name)
     if settings.data is not None:
         info = settings.data.info

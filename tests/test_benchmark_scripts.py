@@ -39,11 +39,24 @@ def test_batch_construction_json_covers_every_task(capsys):
 
 def test_train_throughput_json_covers_every_task_and_backbone(capsys):
     bench = _load("train_throughput")
+    registry = build_registry()
+    others = [n for n in registry.names("backbone")
+              if registry.get("backbone", n).spatial_dims == 3 and n != "unet3d"]
+    every = [n for n in registry.names("task")
+             if registry.get("task", n).pretrains and registry.get("task", n).spatial_dims == 3]
+    plain = [n for n in every if not registry.get("task", n).requires]
+    capable = [n for n in every if n not in plain]  # they run on a backbone offering more
     code = bench.main(["--size", "16", "--batch-size", "2", "--steps", "1", "--warmup", "0",
+                       "--tasks", ",".join(plain), "--backbones", "unet3d",
                        "--set", "backbone.filters=[4,8]", "task.cpc3d.code_size=32",
                        "task.cpc3d.patch_embedding=16", "--json", "--quiet"])
     result = json.loads(capsys.readouterr().out)
-    registry = build_registry()
+    if others or capable:  # the other 3D backbones and their tasks at the CPU-sized preset
+        code |= bench.main(["--size", "16", "--batch-size", "2", "--steps", "1", "--warmup",
+                            "0", "--tasks", ",".join(capable) or "none",
+                            "--backbones", ",".join(others) or "none",
+                            "--preset", "quick", "--json", "--quiet"])
+        result["rows"] += json.loads(capsys.readouterr().out)["rows"]
     tasks = {n for n in registry.names("task")
              if registry.get("task", n).pretrains and registry.get("task", n).spatial_dims == 3}
     backbones = {f"finetune/{n}" for n in registry.names("backbone")

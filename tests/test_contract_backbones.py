@@ -33,6 +33,13 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
                             "out_indices": [1, 2, 3], "decoder_channels": [16, 8]},
         "resnet18": {"model": "resnet18", "decoder_channels": [16, 8]},
     },
+    "vit3d": {
+        # 16^3 patches: the pyramid's finest level is at stride 2, the decoder ends with a x2
+        "patch16-sincos": {"embed_dim": 24, "depth": 2, "heads": 2, "patch_size": 16,
+                           "img_size": 32, "pos_embed": "sincos", "feature_size": 2},
+        "two-levels": {"embed_dim": 16, "depth": 3, "heads": 2, "patch_size": 4, "img_size": 16,
+                       "levels": 2, "feature_size": 2},
+    },
 }
 
 

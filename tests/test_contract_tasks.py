@@ -20,6 +20,12 @@ def _images(task_cls, channels: int, batch: int = 2) -> torch.Tensor:
 
 
 def _backbone(task_cls):
+    if task_cls.requires:  # the first backbone of its dims offering what the task requires
+        name = next(n for n in REGISTRY.names("backbone")
+                    if REGISTRY.get("backbone", n).spatial_dims == task_cls.spatial_dims
+                    and set(task_cls.requires) <= set(REGISTRY.get("backbone", n).provides))
+        cls = REGISTRY.get("backbone", name)
+        return cls(cls.Config(**cls.presets.get("quick", {})))
     if task_cls.spatial_dims == 3:
         cls = REGISTRY.get("backbone", "unet3d")
         return cls(cls.Config(filters=[8, 16, 32], width=1.0))
@@ -56,9 +62,9 @@ class _ForwardOnly(torch.nn.Module):
         self.wrapped = [encoder]  # not a submodule: nothing of it is reachable but forward
         self.calls = 0
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, **kwargs) -> list[torch.Tensor]:
         self.calls += 1
-        return self.wrapped[0](x)
+        return self.wrapped[0](x, **kwargs)  # keyword arguments pass, as DDP passes them
 
 
 @pytest.mark.parametrize("name", TASKS)

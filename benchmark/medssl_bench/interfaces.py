@@ -85,6 +85,11 @@ class Backbone(Plugin):
 
     kind: ClassVar[PluginKind] = "backbone"
     spatial_dims: ClassVar[int]
+    #: Capabilities its encoders offer beyond the :class:`Encoder` contract, matched against
+    #: :attr:`ProxyTask.requires`. ``"tokens"``: a patch-token encoder with ``patch_size``,
+    #: ``tokens(x) -> (B, N, D)``, ``encode_tokens(tokens, keep_index) -> (B, K, D)`` and
+    #: ``forward(x, keep_index=K)`` returning ``[encode_tokens(tokens(x), K)]`` (MAE).
+    provides: ClassVar[tuple[str, ...]] = ()
 
     def build_encoder(self, in_channels: int) -> Encoder:
         raise NotImplementedError
@@ -150,6 +155,10 @@ class ProxyTask(Plugin):
     paper_input_size: ClassVar[tuple[int, ...]] = (128, 128, 128)
     #: The smallest spatial input the task can work with (contract tests use it).
     min_input_size: ClassVar[tuple[int, ...]] = (16, 16, 16)
+    #: Backbone capabilities the task needs (:attr:`Backbone.provides`); ``--task all`` leaves
+    #: the task out for a backbone without them, naming it explicitly is refused, and the
+    #: contract tests run it on a backbone that has them.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
         """The task-specific modules trained beside the encoder (dropped after pretraining,

@@ -110,12 +110,23 @@ class ResolvedRun:
         return out
 
 
-def expand_tasks(registry: Registry, task: str, dims: int) -> list[str]:
-    """``a,b`` -> [a, b]; ``all`` -> every registered pretraining task of ``dims`` dims."""
+def missing_capabilities(registry: Registry, task: str, backbone: str | None) -> list[str]:
+    """What task ``task`` requires (``ProxyTask.requires``) that ``backbone`` lacks."""
+    if backbone is None or backbone not in registry.names("backbone"):
+        return []
+    provides = set(getattr(registry.get("backbone", backbone), "provides", ()))
+    return [c for c in getattr(registry.get("task", task), "requires", ()) if c not in provides]
+
+
+def expand_tasks(registry: Registry, task: str, dims: int,
+                 backbone: str | None = None) -> list[str]:
+    """``a,b`` -> [a, b]; ``all`` -> every registered pretraining task of ``dims`` dims that
+    ``backbone`` offers the capabilities of (``ProxyTask.requires``)."""
     if task.strip() == "all":
         names = [n for n in registry.names("task")
                  if getattr(registry.get("task", n), "pretrains", True)
-                 and getattr(registry.get("task", n), "spatial_dims", 3) == dims]
+                 and getattr(registry.get("task", n), "spatial_dims", 3) == dims
+                 and not missing_capabilities(registry, n, backbone)]
         if not names:
             raise ConfigError(f"--task all: no {dims}D pretraining task is registered.")
         return names
@@ -131,6 +142,15 @@ def expand_tasks(registry: Registry, task: str, dims: int) -> list[str]:
                 f"Task {name!r} is {cls.spatial_dims}D but the dataset is {dims}D. Pick a "
                 f"{dims}D task (`bench plugins` lists them) or a {cls.spatial_dims}D dataset."
             )
+        missing = missing_capabilities(registry, name, backbone)
+        if missing:
+            offering = [b for b in registry.names("backbone")
+                        if set(cls.requires) <= set(getattr(registry.get("backbone", b),
+                                                            "provides", ()))]
+            raise ConfigError(
+                f"Task {name!r} needs a backbone offering {', '.join(missing)}, which "
+                f"{backbone!r} does not. Use --backbone "
+                f"{' or '.join(offering) or '(none registered offers it)'}.")
     return names
 
 
@@ -303,7 +323,7 @@ def resolve_run(
     dataset_cls = registry.get("dataset", names["dataset"])
     dims = getattr(dataset_cls, "spatial_dims", 3)
     names["backbone"] = backbone or default_backbone(registry, dims)
-    many = expand_tasks(registry, names["task"], dims)
+    many = expand_tasks(registry, names["task"], dims, names["backbone"])
     names["task"] = many[0]
     check_backbone_dims(registry, names["backbone"], names["dataset"])
     pre_name = pretrain_dataset or run_section.get("pretrain_dataset")

@@ -7,6 +7,8 @@ from medssl_bench.hookspecs import hookimpl
 def bench_register_backbones(register):
     from medssl_bench_backbones.timm2d import Timm2D
     from medssl_bench_backbones.unet3d import UNet3D
+    from medssl_bench_backbones.vit3d import ViT3D
 
     register(UNet3D)
     register(Timm2D)
+    register(ViT3D)

@@ -12,6 +12,7 @@ def bench_register_tasks(register):
     from medssl_bench_tasks.genesis import Genesis3D
     from medssl_bench_tasks.jigsaw import Jigsaw3D
     from medssl_bench_tasks.jigsaw2d import Jigsaw2D
+    from medssl_bench_tasks.mae import MAE3D
     from medssl_bench_tasks.parts2whole import Parts2Whole3D
     from medssl_bench_tasks.rotation import Rotation3D
     from medssl_bench_tasks.rotation2d import Rotation2D
@@ -44,3 +45,4 @@ def bench_register_tasks(register):
     register(VoCo3D)
     register(VolumeFusion3D)
     register(SwinSSL3D)
+    register(MAE3D)
