@@ -15,7 +15,7 @@ an MSE on the masked voxels (``MAEMSELoss``): those are the options below.
 
 CNN path (today): the mask token is a learned per-channel intensity written into the input
 volume at the masked patches; the encoder then sees the whole, token-filled volume. ViT path
-(with the ViT backbone, later): SimMIM puts the token on the patch embeddings instead. The
+(not built yet; vit3d exists now): SimMIM puts the token on the patch embeddings instead. The
 seam is :meth:`SimMIM3D.build_mask_token`: it returns the module that puts the token in, and
 is the one place a token-level module (a forward hook on the ViT's patch embedding, as
 SparK's hooks do for convolutions) will go; until then an encoder with a ``patch_embed``
@@ -143,8 +143,9 @@ class SimMIM3D(ProxyTask):
         """The module that puts the mask token in (the CNN/ViT seam, see the module doc)."""
         if hasattr(encoder, "patch_embed"):
             raise ConfigError(
-                f"Task {self.name!r}: the encoder has a patch embedding (a ViT); SimMIM's token-"
-                "level mask for ViTs arrives with the ViT backbone. Use a CNN backbone.")
+                f"Task {self.name!r}: the encoder has a patch embedding (a ViT such as vit3d); "
+                "SimMIM's token-level mask for ViTs is not built yet. Use a CNN backbone "
+                "(unet3d), or mae3d for masked modelling on vit3d.")
         return InputMaskToken(encoder.in_channels)
 
     def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
