@@ -9,12 +9,14 @@ Every sample hides exactly the same number of patches (as both reference codes d
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from medssl_bench.errors import ConfigError
+from medssl_bench.interfaces import ProxyTask
 
 
 def patch_grid(spatial: tuple[int, ...], patch: int, field: str) -> tuple[int, ...]:
@@ -153,3 +155,24 @@ def _update_running(module: nn.BatchNorm3d, mean: Tensor, var: Tensor, n: Tensor
                                                 alpha=momentum)
     module.running_var.mul_(1 - momentum).add_(unbiased.to(module.running_var.dtype),
                                                alpha=momentum)
+
+
+class PatchMaskingTask(ProxyTask):
+    """What SimMIM and SparK share: volumes cut into ``config.mask_patch_size`` patches, a
+    random share ``config.mask_ratio`` of them masked per volume (rounded by
+    :attr:`mask_rounding`, see :func:`masked_count`). ``make_batch`` returns the images and the
+    patch-grid mask ``(B, *grid)``, True where masked."""
+
+    mask_rounding: ClassVar[str] = "ceil"
+
+    def check_input(self, image_shape: tuple[int, ...], channels: int) -> None:
+        """3D volumes whose every side the mask patch divides (checked before training)."""
+        super().check_input(image_shape, channels)
+        patch_grid(tuple(image_shape), self.config.mask_patch_size, "task.mask_patch_size")
+
+    def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        cfg = self.config
+        grid = patch_grid(tuple(images.shape[2:]), cfg.mask_patch_size, "task.mask_patch_size")
+        count = masked_count(int(torch.tensor(grid).prod()), cfg.mask_ratio, self.mask_rounding)
+        mask = random_patch_mask(images.shape[0], grid, count, generator, images.device)
+        return {"images": images, "mask": mask}

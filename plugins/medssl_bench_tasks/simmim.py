@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from medssl_bench.config import PluginConfig
 from medssl_bench.errors import ConfigError
-from medssl_bench.interfaces import Backbone, Encoder, ProxyTask
-from medssl_bench_tasks.masking import expand_to, masked_count, patch_grid, random_patch_mask
+from medssl_bench.interfaces import Backbone, Encoder
+from medssl_bench_tasks.masking import PatchMaskingTask, expand_to
 
 
 class SimMIMConfig(PluginConfig):
@@ -122,7 +122,7 @@ def reconstruction_loss(prediction: Tensor, target: Tensor, masked: Tensor,
     return (err * weight).sum() / ((weight.sum() + 1e-5) * target.shape[1])
 
 
-class SimMIM3D(ProxyTask):
+class SimMIM3D(PatchMaskingTask):
     """SimMIM: reconstruct masked 3D patches (learned mask token at the input), L1 on masked voxels."""
 
     name = "simmim3d"
@@ -156,18 +156,6 @@ class SimMIM3D(ProxyTask):
             head = LinearHead(encoder.feature_channels[-1], encoder.in_channels,
                               encoder_stride(backbone, encoder))
         return nn.ModuleDict({"mask_token": token, "head": head})
-
-    def check_input(self, image_shape: tuple[int, ...], channels: int) -> None:
-        """3D volumes whose every side the mask patch divides (checked before training)."""
-        super().check_input(image_shape, channels)
-        patch_grid(tuple(image_shape), self.config.mask_patch_size, "task.mask_patch_size")
-
-    def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        cfg = self.config
-        grid = patch_grid(tuple(images.shape[2:]), cfg.mask_patch_size, "task.mask_patch_size")
-        count = masked_count(int(torch.tensor(grid).prod()), cfg.mask_ratio, "ceil")
-        mask = random_patch_mask(images.shape[0], grid, count, generator, images.device)
-        return {"images": images, "mask": mask}
 
     def compute_loss(self, encoder, heads, batch):
         images, mask = batch["images"], batch["mask"]

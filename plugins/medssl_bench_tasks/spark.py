@@ -51,16 +51,14 @@ from torch import Tensor, nn
 
 from medssl_bench.config import PluginConfig
 from medssl_bench.errors import ConfigError
-from medssl_bench.interfaces import Backbone, Encoder, ProxyTask
+from medssl_bench.interfaces import Backbone, Encoder
 from medssl_bench_tasks.masking import (
     SUPPORTED_NORMS,
+    PatchMaskingTask,
     expand_to,
-    masked_count,
     masked_norm,
     normalise_patches,
-    patch_grid,
     patchify,
-    random_patch_mask,
 )
 
 MASKED_OUTPUT = (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d)
@@ -225,10 +223,11 @@ def reconstruction_loss(prediction: Tensor, target: Tensor, mask: Tensor, patch:
     return (per_patch * weight).sum() / (weight.sum() + 1e-8)
 
 
-class SparK3D(ProxyTask):
+class SparK3D(PatchMaskingTask):
     """SparK: masked modelling for CNNs, masked regions kept empty through the encoder (sparse conv)."""
 
     name = "spark3d"
+    mask_rounding = "keep_round"  # SparK keeps round(L * (1 - ratio)) patches
     family = "masked-modelling"
     spatial_dims = 3
     transfers = ("encoder",)
@@ -257,18 +256,6 @@ class SparK3D(ProxyTask):
             for i, c in enumerate(channels))
         decoder = backbone.build_decoder(encoder, encoder.in_channels, skip_connections=True)
         return nn.ModuleDict({"reconstruct": SparKDecoder(densify, decoder)})
-
-    def check_input(self, image_shape: tuple[int, ...], channels: int) -> None:
-        """3D volumes whose every side the mask patch divides (checked before training)."""
-        super().check_input(image_shape, channels)
-        patch_grid(tuple(image_shape), self.config.mask_patch_size, "task.mask_patch_size")
-
-    def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        cfg = self.config
-        grid = patch_grid(tuple(images.shape[2:]), cfg.mask_patch_size, "task.mask_patch_size")
-        count = masked_count(int(torch.tensor(grid).prod()), cfg.mask_ratio, "keep_round")
-        mask = random_patch_mask(images.shape[0], grid, count, generator, images.device)
-        return {"images": images, "mask": mask}
 
     def encode(self, encoder, images: Tensor, mask: Tensor) -> list[Tensor]:
         """The encoder's features with ``mask`` hidden (empty) throughout, through ``encoder(x)``."""
