@@ -159,6 +159,10 @@ class ProxyTask(Plugin):
     #: the task out for a backbone without them, naming it explicitly is refused, and the
     #: contract tests run it on a backbone that has them.
     requires: ClassVar[tuple[str, ...]] = ()
+    #: Backbone capabilities the task cannot work with (SparK's sparse convolutions refuse a
+    #: patch-token encoder: ``("tokens",)``); ``--task all`` leaves the task out for such a
+    #: backbone, naming it explicitly is refused before anything loads.
+    refuses: ClassVar[tuple[str, ...]] = ()
 
     def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
         """The task-specific modules trained beside the encoder (dropped after pretraining,

@@ -110,6 +110,14 @@ class ResolvedRun:
         return out
 
 
+def refused_capabilities(registry: Registry, task: str, backbone: str | None) -> list[str]:
+    """What ``backbone`` offers that task ``task`` cannot work with (``ProxyTask.refuses``)."""
+    if backbone is None or backbone not in registry.names("backbone"):
+        return []
+    provides = set(getattr(registry.get("backbone", backbone), "provides", ()))
+    return [c for c in getattr(registry.get("task", task), "refuses", ()) if c in provides]
+
+
 def missing_capabilities(registry: Registry, task: str, backbone: str | None) -> list[str]:
     """What task ``task`` requires (``ProxyTask.requires``) that ``backbone`` lacks."""
     if backbone is None or backbone not in registry.names("backbone"):
@@ -126,7 +134,8 @@ def expand_tasks(registry: Registry, task: str, dims: int,
         names = [n for n in registry.names("task")
                  if getattr(registry.get("task", n), "pretrains", True)
                  and getattr(registry.get("task", n), "spatial_dims", 3) == dims
-                 and not missing_capabilities(registry, n, backbone)]
+                 and not missing_capabilities(registry, n, backbone)
+                 and not refused_capabilities(registry, n, backbone)]
         if not names:
             raise ConfigError(f"--task all: no {dims}D pretraining task is registered.")
         return names
@@ -151,6 +160,14 @@ def expand_tasks(registry: Registry, task: str, dims: int,
                 f"Task {name!r} needs a backbone offering {', '.join(missing)}, which "
                 f"{backbone!r} does not. Use --backbone "
                 f"{' or '.join(offering) or '(none registered offers it)'}.")
+        refused = refused_capabilities(registry, name, backbone)
+        if refused:
+            fits = [b for b in backbones_of_dims(registry, dims)
+                    if not set(cls.refuses) & set(getattr(registry.get("backbone", b),
+                                                          "provides", ()))]
+            raise ConfigError(
+                f"Task {name!r} cannot run on a backbone offering {', '.join(refused)}, as "
+                f"{backbone!r} does. Use --backbone {' or '.join(fits) or '(none registered)'}.")
     return names
 
 

@@ -126,6 +126,7 @@ class SimMIM3D(PatchMaskingTask):
     """SimMIM: reconstruct masked 3D patches (learned mask token at the input), L1 on masked voxels."""
 
     name = "simmim3d"
+    refuses = ("tokens",)  # its ViT path (a token-level mask) is not built yet
     family = "masked-modelling"
     spatial_dims = 3
     transfers = ("encoder",)
