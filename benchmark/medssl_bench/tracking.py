@@ -416,7 +416,10 @@ class Tracker:
         return None
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status)
+        """Close a run; Ctrl-C/SIGTERM wait until its status is written (an interrupt in the
+        middle of the write would leave it RUNNING)."""
+        with _interrupts_deferred():
+            self.client.set_terminated(run_id, status)
 
     def finetune_runs(self, experiment_ids: list[str] | None = None) -> list[Any]:
         """Every finished fine-tune run (paged through)."""

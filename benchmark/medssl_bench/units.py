@@ -160,10 +160,10 @@ def _record_only(ctx: RunContext, unit: PretrainUnit, cache: Path | None) -> str
     try:
         if cache is not None:
             ctx.store.mark_reused(run_id, cache)
+        ctx.store.finish(run_id)
     except BaseException as exc:
         ctx.store.fail(run_id, exc)
         raise
-    ctx.store.finish(run_id)
     return run_id
 
 
