@@ -35,3 +35,19 @@ def bench_run_beside_scratch(task: str, tmp_path, monkeypatch, capsys, medmnist:
     assert {task, "scratch"} <= tasks
 
 
+
+
+def train_losses(task, encoder, heads, batches, steps: int, lr: float) -> list[float]:
+    """Adam on the encoder and heads for ``steps`` steps; the loss of each step.
+    ``batches()`` gives each step's batch (a fixed batch, or a new one per step)."""
+    import torch
+
+    optimizer = torch.optim.Adam([*encoder.parameters(), *heads.parameters()], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss, _ = task.compute_loss(encoder, heads, batches())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

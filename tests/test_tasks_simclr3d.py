@@ -5,6 +5,7 @@ exists), the augmentations do what they say, and a tiny model learns."""
 from __future__ import annotations
 
 import torch
+from task_e2e import train_losses
 from torch import nn
 from torch.nn import functional as F
 
@@ -195,16 +196,10 @@ def test_tiny_model_learns():
     # augmentation needs far longer on four volumes)
     task = SimCLR3D(SimCLR3D.Config(projection_dim=32, crop_scale_min=0.5, blur_p=0.0))
     heads = task.build_heads(backbone, encoder)
-    optimizer = torch.optim.Adam([*encoder.parameters(), *heads.parameters()], lr=1e-3)
     coarse = torch.rand(4, 1, 4, 4, 4, generator=torch.Generator().manual_seed(5))
     images = F.interpolate(coarse, size=(16, 16, 16), mode="trilinear")
     generator = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(25):
-        loss, _ = task.compute_loss(encoder, heads, task.make_batch(images, generator))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(task, encoder, heads, lambda: task.make_batch(images, generator), 25,
+                          1e-3)
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert end < 0.8 * start, (start, end)

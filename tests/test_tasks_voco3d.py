@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import ValidationError
+from task_e2e import train_losses
 from torch import nn
 from torch.nn import functional as F
 
@@ -265,16 +266,10 @@ def test_tiny_model_learns():
     task = VoCo3D(VoCo3D.Config(base_grid=[2, 2, 1], random_crops=4, projector_hidden=64,
                                 projector_dim=32, **NO_AUG))
     heads = task.build_heads(backbone, encoder)
-    optimizer = torch.optim.Adam([*encoder.parameters(), *heads.parameters()], lr=1e-3)
     coarse = torch.rand(2, 1, 4, 4, 4, generator=torch.Generator().manual_seed(5))
     images = F.interpolate(coarse, size=(16, 16, 16), mode="trilinear")
     generator = torch.Generator().manual_seed(0)
-    losses = []
-    for _ in range(25):
-        loss, _ = task.compute_loss(encoder, heads, task.make_batch(images, generator))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_losses(task, encoder, heads, lambda: task.make_batch(images, generator), 25,
+                          1e-3)
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert end < 0.8 * start, (start, end)

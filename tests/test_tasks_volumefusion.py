@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from task_e2e import train_losses
 
 from medssl_bench.plugins import build_registry
 from medssl_bench_tasks import volumefusion
@@ -140,12 +141,5 @@ def test_tiny_model_overfits_a_fixed_batch():
     coarse = torch.rand(2, 1, 4, 4, 4, generator=_gen(1))
     images = torch.nn.functional.interpolate(coarse, size=(16, 16, 16), mode="trilinear")
     batch = task.make_batch(images, _gen(2))
-    opt = torch.optim.Adam(list(encoder.parameters()) + list(heads.parameters()), lr=1e-2)
-    losses = []
-    for _ in range(20):
-        loss, _ = task.compute_loss(encoder, heads, batch)
-        losses.append(loss.item())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    losses = train_losses(task, encoder, heads, lambda: batch, 20, 1e-2)
     assert losses[-1] < 0.7 * losses[0], losses
