@@ -5,6 +5,7 @@ from medssl_bench.hookspecs import hookimpl
 
 @hookimpl
 def bench_register_backbones(register):
+    from medssl_bench_backbones.genesis_unet3d import GenesisUNet3D
     from medssl_bench_backbones.timm2d import Timm2D
     from medssl_bench_backbones.unet3d import UNet3D
     from medssl_bench_backbones.vit3d import ViT3D
@@ -12,3 +13,4 @@ def bench_register_backbones(register):
     register(UNet3D)
     register(Timm2D)
     register(ViT3D)
+    register(GenesisUNet3D)
