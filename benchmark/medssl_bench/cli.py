@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from medssl_bench import __version__, data_check
+from medssl_bench import __version__, data_check, weights_cli
 from medssl_bench.errors import BenchError, ConfigError
 
 #: Console width when the output is not a terminal (a pipe, a file, a scheduler's log):
@@ -63,6 +63,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="quick: a whole protocol in minutes on a CPU (the default, unless the "
                    "--config file sets run.preset); paper: the papers' settings, for a GPU.")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda.")
+    p.add_argument("--init", action="append", default=[], metavar="weights:NAME",
+                   help="Also fine-tune from weights imported with `bench weights import`, as "
+                   "the leaderboard entry weights:NAME beside the tasks and scratch (without "
+                   "--task: beside scratch only).")
     p.add_argument("--executor", default=None,
                    help="How the plan's units run: inprocess (default: one after another in this "
                    "process); `bench plugins` lists the installed executors, `--set executor.KEY="
@@ -134,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MLflow tracking URI (default sqlite:///mlflow.db; a plain .db path "
                         "works too).")
     data_check.add_parser(sub)
+    weights_cli.add_parser(sub)
     return parser
 
 
@@ -152,12 +157,28 @@ def _resolve(args: argparse.Namespace):
     from medssl_bench.spec import resolve_run
 
     registry = get_registry()
+    task = args.task
+    if not task and args.init and not _config_names_task(args.config):
+        task = registry.baseline_task().name  # --init alone: the imports beside the baseline
     run = resolve_run(
-        registry, args.protocol, args.task, args.backbone, args.dataset, args.preset or "auto",
+        registry, args.protocol, task, args.backbone, args.dataset, args.preset or "auto",
         args.config, parse_overrides(args.overrides), args.pretrain_dataset, args.executor,
     )
     device = resolve_device(args.device)
     return registry, run, device
+
+
+def _config_names_task(path: str | None) -> bool:
+    from medssl_bench.config import load_yaml
+
+    return bool(path and ((load_yaml(path) or {}).get("run") or {}).get("task"))
+
+
+def _inits(args: argparse.Namespace, plugins: dict[str, Any], cache_dir: Path) -> list[Any]:
+    """``--init weights:NAME``: the imported weights, checked against the run's backbone."""
+    from medssl_bench.imports import resolve_inits
+
+    return resolve_inits(args.init, cache_dir, plugins["backbone"]) if args.init else []
 
 
 def _warn(run: Any, device: Any) -> None:
@@ -177,7 +198,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     registry, run, device = _resolve(args)
     check_data_paths(run)
-    check_source_paths(instantiate(registry, run))
+    plugins = instantiate(registry, run)
+    check_source_paths(plugins)
+    _inits(args, plugins, weights_cli.cache_dir(None))
     absolute_uri(_tracking_uri(args))  # refuses what bench run refuses, creates nothing
     console.print_json(json.dumps(run.as_dict()))
     _warn(run, device)
@@ -268,9 +291,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # a dry run reads the store (what is finished) but never creates one
     store = ResultStore.existing(uri) if args.dry_run else ResultStore(Tracker(uri), str(device))
     cache_dir = Path(args.cache_dir or os.environ.get("BENCH_CACHE_DIR") or ".medssl_bench/cache")
+    inits = _inits(args, plugins, cache_dir)
     console.print(
         f"[bold]bench run[/bold] protocol={run.names['protocol']} (v{run.spec.version}) "
-        f"task={','.join(run.task_names)} backbone={run.names['backbone']} "
+        f"task={','.join([*run.task_names, *(i.name for i in inits)])} backbone={run.names['backbone']} "
         f"dataset={run.names['dataset']} "
         + (f"pretrain_dataset={run.names['pretrain_dataset']} " if "pretrain_dataset" in run.names
            else "") +
@@ -289,7 +313,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                                        highlight=False)))
         ctx = RunContext(
             registry=registry, run=run, plugins=plugins, device=device, store=store,
-            cache_dir=cache_dir, force=args.force,
+            cache_dir=cache_dir, force=args.force, inits=inits,
             progress=rich_progress,
             echo=console.print,
         )
@@ -473,6 +497,7 @@ COMMANDS = {
     "leaderboard": cmd_leaderboard,
     "report": cmd_report,
     "data": lambda args: data_check.run(args, console),
+    "weights": lambda args: weights_cli.run(args, console),
 }
 
 

@@ -14,3 +14,12 @@ def bench_register_backbones(register):
     register(Timm2D)
     register(ViT3D)
     register(GenesisUNet3D)
+
+
+@hookimpl
+def bench_register_weight_formats(register):
+    from medssl_bench_backbones import weight_formats as f
+
+    for cls in (f.GenesisFormat, f.SwinUNETRFormat, f.VoCoFormat, f.NNUNetFormat,
+                f.OpenMindFormat, f.SafetensorsFormat):
+        register(cls)
