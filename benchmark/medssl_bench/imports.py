@@ -124,8 +124,8 @@ def read_checkpoint(path: Path, fmt: WeightFormat) -> Any:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"(?:Unsupported global|Unsupported operand)[^\n]*", str(exc))
-        what = f" ({found.group(0).strip()})" if found else ""
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
         raise WeightsError(
             f"Refused {path.name}: it is not plain weights; loading it would call code it "
             f"names{what}. bench never unpickles arbitrary objects (torch.load "
