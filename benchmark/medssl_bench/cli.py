@@ -181,6 +181,17 @@ def _inits(args: argparse.Namespace, plugins: dict[str, Any], cache_dir: Path) -
     return resolve_inits(args.init, cache_dir, plugins["backbone"]) if args.init else []
 
 
+def _check_inits_planned(ctx: Any, plan: Any) -> None:
+    """A protocol that plans its own units (not through SweepPlanner.sweep) may not know
+    imported weights: refuse rather than run without the entry the user asked for."""
+    planned = {getattr(u, "weights", "") for u in plan}
+    lost = [i.name for i in ctx.inits if i.provenance.name not in planned]
+    if lost:
+        raise ConfigError(f"Protocol {ctx.run.spec.name!r} does not plan imported weights "
+                          f"({', '.join(lost)}); drop --init or use a sweep protocol such as "
+                          "data-efficiency.")
+
+
 def _warn(run: Any, device: Any) -> None:
     """One yellow line per legal but probably unintended choice, at the start of a run."""
     warnings = list(run.warnings)
@@ -318,6 +329,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             echo=console.print,
         )
         plan = plugins["protocol"].plan(ctx)
+        _check_inits_planned(ctx, plan)
         preflight(ctx, plan)
         if args.dry_run:
             console.print(_plan_table(ctx, plan))
