@@ -11,12 +11,17 @@ import re
 
 import pytest
 import torch
+from pydantic import Field
 from torch import nn
 
 from medssl_bench import cli
+from medssl_bench.config import PluginConfig
+from medssl_bench.hookspecs import hookimpl
 from medssl_bench.imports import import_weights, read_checkpoint
+from medssl_bench.interfaces import Backbone, Encoder
 from medssl_bench.plugins import build_registry
 from medssl_bench.weights import load_weights, save_weights
+from medssl_bench_backbones.weight_formats import SwinUNETRFormat
 
 REGISTRY = build_registry(autoload=False)
 
@@ -183,6 +188,23 @@ def test_partial_load_is_refused_unless_allowed(workdir, capsys):
     assert sorted(report["random"]) == sorted(f"encoder.{k}" for k in missing)
     assert report["dropped"] == {"rotation_head.weight": "no such layer in the backbone"}
     assert report["provenance"]["allow_partial"] is True
+
+
+def test_weights_of_another_width_are_dropped_by_shape_never_placed_elsewhere(workdir, capsys):
+    """Settings that contradict the file (--set backbone.width) leave each tensor out with its
+    shape in the reason; none lands on another layer whose shape happens to fit."""
+    state = genesis_state_from_our_model(0.25)
+    file = genesis_file(workdir / "g.pt", state)
+    assert _import(str(file), "--format", "genesis", "--set", "backbone.width=0.125") != 0
+    assert "Partial load refused" in capsys.readouterr().err
+    assert _import(str(file), "--format", "genesis", "--set", "backbone.width=0.125",
+                   "--allow-partial", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["dropped"] and all(why.startswith("shape ") for why in report["dropped"].values())
+    assert report["loaded"]  # width-free shapes (counters, the 1-class out.bias) still fit
+    for placed in report["loaded"]:  # each at its own name
+        part, _, key = placed.partition(".")
+        assert key.replace("out.", "out_tr.final_conv.") in state
 
 
 def test_a_pickle_that_would_run_code_is_refused(workdir, capsys):
@@ -390,3 +412,124 @@ def test_finetune_from_imported_genesis_weights_beside_scratch(workdir, capsys):
 def _load_key(out: str) -> str:
     line = next(line for line in out.splitlines() if "load weights:genesis" in line)
     return re.search(r"\b[0-9a-f]{16,}\b", line).group(0)
+
+
+# --------------------------------------------------------------------------- placement
+
+
+class _SwinInside(Backbone):
+    """Test backbone: MONAI's Swin transformer under a prefix of its own (``body.``) in the
+    encoder, the UNETR blocks under another (``blocks.``) in the decoder, its output as out."""
+
+    name = "test-swin-inside"
+    spatial_dims = 3
+
+    class Config(PluginConfig):
+        feature_size: int = Field(default=12, description="Swin UNETR feature size.")
+
+    def _net(self, in_channels: int, out_channels: int) -> nn.Module:
+        from monai.networks.nets import SwinUNETR
+
+        return SwinUNETR(in_channels=in_channels, out_channels=out_channels,
+                         feature_size=self.config.feature_size)
+
+    def build_encoder(self, in_channels: int) -> Encoder:
+        encoder = Encoder()
+        encoder.body = self._net(in_channels, 2).swinViT
+        encoder.in_channels, encoder.stem_weight_key = in_channels, "body.patch_embed.proj.weight"
+        encoder.feature_channels = [self.config.feature_size * 2**i for i in range(5)]
+        return encoder
+
+    def build_decoder(self, encoder: Encoder, out_channels: int,
+                      skip_connections: bool = True) -> nn.Module:
+        net = self._net(encoder.in_channels, out_channels)
+        decoder = nn.Module()
+        decoder.blocks = nn.ModuleDict({n: getattr(net, n) for n, _ in net.named_children()
+                                        if n not in ("swinViT", "out")})
+        decoder.out = net.out
+        return decoder
+
+
+class _TestSwinFormat(SwinUNETRFormat):
+    """Test format: Swin UNETR checkpoints for the test backbone."""
+
+    name = "test-swinunetr"
+    backbone = "test-swin-inside"
+
+
+class _TestPlugin:
+    @hookimpl
+    def bench_register_backbones(self, register):
+        register(_SwinInside)
+
+    @hookimpl
+    def bench_register_weight_formats(self, register):
+        register(_TestSwinFormat)
+
+
+def test_library_keys_land_on_a_backbone_that_holds_the_library_modules_under_prefixes(workdir):
+    """A whole fine-tuned Swin UNETR (MONAI keys, module. prefix) onto a backbone that keeps
+    the transformer as encoder.body.* and the rest as decoder.blocks.* and decoder.out.*:
+    every tensor placed, the right values in the right places."""
+    registry = build_registry([_TestPlugin()], autoload=False)
+    library = _swin_library_state()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in library.items()}},
+               workdir / "swin.pt")
+    prov, report = import_weights(registry, workdir / "swin.pt", "test-swinunetr",
+                                  workdir / "cache", name="swin")
+    assert report.random == [] and report.dropped == {}
+    assert len(report.loaded) == len(library)
+    stored = load_weights(workdir / "cache/weights/swin.safetensors")
+    pairs = [("encoder", "body.layers1.0.blocks.0.attn.qkv.weight",
+              "swinViT.layers1.0.blocks.0.attn.qkv.weight"),
+             ("decoder", "blocks.encoder1.layer.conv1.conv.weight",
+              "encoder1.layer.conv1.conv.weight"),
+             ("decoder", "out.conv.conv.weight", "out.conv.conv.weight")]
+    for part, ours, theirs in pairs:
+        assert torch.equal(stored[part][ours], library[theirs])
+    assert prov.in_channels == 1
+
+
+@pytest.mark.skipif("swinunetr" not in REGISTRY.names("backbone"),
+                    reason="the swinunetr backbone (branch backbones) is not registered yet")
+def test_swin_release_imports_into_the_swinunetr_backbone(workdir):
+    """model_swinvit.pt built from the Swin transformer inside our swinunetr backbone (at its
+    quick preset), in the release's layout: every tensor of the file lands in the encoder."""
+    from monai.networks.nets.swin_unetr import SwinTransformer
+
+    cls = REGISTRY.get("backbone", "swinunetr")
+    values = dict(cls.presets.get("quick", {}))
+    encoder = cls(cls.Config.model_validate(values)).build_encoder(1)
+    swin = next(m for m in encoder.modules() if isinstance(m, SwinTransformer))
+    published = {f"module.{k}".replace(".mlp.linear1.", ".mlp.fc1.")
+                 .replace(".mlp.linear2.", ".mlp.fc2."): v for k, v in swin.state_dict().items()}
+    torch.save({"state_dict": published}, workdir / "model_swinvit.pt")
+    _, report = import_weights(REGISTRY, workdir / "model_swinvit.pt", "swinunetr",
+                               workdir / "cache", backbone_values=values, allow_partial=True)
+    assert report.dropped == {} and len(report.loaded) == len(published)
+
+
+@pytest.mark.skipif("resenc3d" not in REGISTRY.names("backbone"),
+                    reason="the resenc3d backbone (branch backbones) is not registered yet")
+@pytest.mark.parametrize("fmt", ["nnunet", "openmind"])
+def test_nnunet_checkpoint_imports_into_the_resenc3d_backbone(workdir, fmt):
+    """checkpoint_final.pth built from the dynamic-network-architectures modules inside our
+    resenc3d backbone (quick preset), in nnU-Net's layout: encoder and decoder load whole,
+    only decoder.encoder.* (the copy) is dropped."""
+    from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+    from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+
+    cls = REGISTRY.get("backbone", "resenc3d")
+    values = dict(cls.presets.get("quick", {}))
+    backbone = cls(cls.Config.model_validate(values))
+    encoder = backbone.build_encoder(1)
+    decoder = backbone.build_decoder(encoder, 2)
+    net = nn.Module()
+    net.encoder = next(m for m in encoder.modules() if isinstance(m, ResidualEncoder))
+    net.decoder = next(m for m in decoder.modules() if isinstance(m, UNetDecoder))
+    file = nnunet_checkpoint(workdir / "checkpoint_final.pth", net, fmt == "openmind")
+    _, report = import_weights(REGISTRY, file, fmt, workdir / "cache",
+                               backbone_values=values)
+    assert report.random == []
+    assert set(report.dropped) == {k for k in net.state_dict()
+                                   if k.startswith("decoder.encoder.")}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import pickle
 import re
 from collections import Counter
@@ -141,15 +142,30 @@ def read_checkpoint(path: Path, fmt: WeightFormat) -> Any:
 # --------------------------------------------------------------------------- mapping
 
 
-def _best_prefix(source: list[str], target: dict[str, Tensor]) -> str:
-    """The prefix ``P`` for which ``P + key`` names the most target keys: how a part holds
-    the network's modules (``""`` when it holds them under their own names)."""
-    counts: Counter[str] = Counter()
+def _rewrites(source: list[str], target: dict[str, Tensor]) -> list[tuple[tuple[str, str], int]]:
+    """How a part holds the network's modules: ``(drop, add)`` pairs, most keys first, such
+    that ``add + key[len(drop):]`` names a target key (``("", "")``: under their own names;
+    ``("", "net.")``: wrapped; ``("swinViT.", "body.")``: kept under another name). Up to two
+    leading components are dropped, two or more always kept; a rewrite only one key supports
+    is not trusted."""
+    index: dict[str, list[str]] = {}
+    for name in target:
+        parts = name.split(".")
+        for i in range(len(parts) - 1):
+            index.setdefault(".".join(parts[i:]), []).append(".".join(parts[:i]) + "." * bool(i))
+    counts: Counter[tuple[str, str]] = Counter()
     for key in source:
-        for name in target:
-            if name.endswith(key) and (len(name) == len(key) or name[-len(key) - 1] == "."):
-                counts[name[: len(name) - len(key)]] += 1
-    return counts.most_common(1)[0][0] if counts else ""
+        parts = key.split(".")
+        for i in range(min(3, len(parts) - 1)):
+            drop = ".".join(parts[:i]) + "." * bool(i)
+            for add in index.get(key[len(drop):], ()):
+                counts[(drop, add)] += 1
+    return [(pair, n) for pair, n in counts.most_common() if n > 1 or pair == ("", "")]
+
+
+def _best_prefix(source: list[str], target: dict[str, Tensor]) -> tuple[str, str]:
+    ranked = _rewrites(source, target)
+    return ranked[0][0] if ranked else ("", "")
 
 
 def place(mapped: dict[str, Tensor], targets: dict[str, dict[str, Tensor]],
@@ -160,13 +176,18 @@ def place(mapped: dict[str, Tensor], targets: dict[str, dict[str, Tensor]],
     parts: StateDicts = {}
     direct = {k for k in mapped if k.partition("/")[0] in targets and "/" in k}
     loose = [k for k in mapped if k not in direct]
-    prefixes = {part: _best_prefix(loose, sd) for part, sd in targets.items()}
+    # a key's own name wins; otherwise the rewrite most keys support, over both parts
+    ranked = sorted(((math.inf if pair == ("", "") else n, part, pair)
+                     for part, sd in targets.items() for pair, n in _rewrites(loose, sd)),
+                    key=lambda t: -t[0])
     for key, value in mapped.items():
         if key in direct:
             part, _, name = key.partition("/")
             candidates = [(part, name)]
         else:
-            candidates = [(part, prefixes[part] + key) for part in targets]
+            candidates = [(part, add + key[len(drop):]) for _, part, (drop, add) in ranked
+                          if key.startswith(drop)]
+        # the best-supported home, never a worse one whose shape happens to fit
         spot = next(((p, n) for p, n in candidates if n in targets[p]), None)
         if spot is None:
             report.dropped[key] = "no such layer in the backbone"
@@ -192,8 +213,9 @@ def build_targets(backbone: Backbone, mapped: dict[str, Tensor]) -> tuple[
     decoder outputs (read off the stem's and the ``out`` layer's weights); the channels."""
     probe = backbone.build_encoder(1)
     stem = probe.stem_weight_key
-    prefix = _best_prefix([k for k in mapped if "/" not in k], probe.state_dict())
-    source_stem = mapped.get(f"encoder/{stem}", mapped.get(prefix + stem, mapped.get(stem)))
+    drop, add = _best_prefix([k for k in mapped if "/" not in k], probe.state_dict())
+    source_stem = mapped.get(f"encoder/{stem}", mapped.get(
+        drop + stem[len(add):] if stem.startswith(add) else stem, mapped.get(stem)))
     in_channels = int(source_stem.shape[1]) if source_stem is not None and \
         source_stem.dim() > 1 else 1
     encoder = backbone.build_encoder(in_channels)
@@ -202,7 +224,12 @@ def build_targets(backbone: Backbone, mapped: dict[str, Tensor]) -> tuple[
     outs = next((mapped[c] for k in out_keys for c in (f"decoder/{k}", k) if c in mapped), None)
     if outs is not None and outs.shape[0] != 1:
         decoder = backbone.build_decoder(encoder, int(outs.shape[0]))
-    return {"encoder": encoder.state_dict(), "decoder": decoder.state_dict()}, in_channels
+    encoder_state = encoder.state_dict()
+    own = {v.data_ptr() for v in encoder_state.values() if v.numel()}
+    # a decoder that holds the encoder (nnU-Net's UNetDecoder) lists its tensors again
+    decoder_state = {k: v for k, v in decoder.state_dict().items()
+                     if not (v.numel() and v.data_ptr() in own)}
+    return {"encoder": encoder_state, "decoder": decoder_state}, in_channels
 
 
 # --------------------------------------------------------------------------- the store
