@@ -402,6 +402,11 @@ def test_finetune_from_imported_genesis_weights_beside_scratch(workdir, capsys):
     assert _run_init("--init", "weights:genesis", "--set", "backbone.width=0.125") != 0
     err = capsys.readouterr().err
     assert "do not fit backbone 'genesis-unet3d'" in err and "backbone.width=0.25" in err
+    validate = ["validate", "--protocol", "data-efficiency", "--backbone", "genesis-unet3d",
+                "--init", "weights:genesis"]
+    assert cli.main(validate) == 0
+    assert cli.main([*validate, "--set", "backbone.width=0.125"]) != 0
+    assert "backbone.width=0.25" in capsys.readouterr().err
     assert cli.main(["run", "--protocol", "data-efficiency", "--device", "cpu",
                      "--init", "weights:genesis", "--set", *PHANTOM]) != 0
     assert "Add --backbone genesis-unet3d" in capsys.readouterr().err.replace("\n", " ")

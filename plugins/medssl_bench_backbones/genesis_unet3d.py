@@ -39,9 +39,11 @@ DOWN = ("down_tr64", "down_tr128", "down_tr256", "down_tr512")
 UP = ("up_tr64", "up_tr128", "up_tr256")
 
 
-class ContBatchNorm3d(nn.modules.batchnorm._BatchNorm):
+class ContBatchNorm3d(nn.BatchNorm3d):
     """Batch norm that always uses the batch's statistics (Models Genesis' ``ContBatchNorm3d``):
-    the same output in ``train()`` and ``eval()``; the state dict of ``nn.BatchNorm3d``."""
+    the same output in ``train()`` and ``eval()``; the state dict of ``nn.BatchNorm3d``, whose
+    subclass it is so that code handling batch norm (SparK's masked normalisation) handles it
+    (in training, where the two agree)."""
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 5:
