@@ -16,7 +16,7 @@ from typing import Any
 
 from rich.console import Console
 
-from medssl_bench import __version__, data_check, weights_cli
+from medssl_bench import __version__, data_check
 from medssl_bench.errors import BenchError, ConfigError
 
 #: Console width when the output is not a terminal (a pipe, a file, a scheduler's log):
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MLflow tracking URI (default sqlite:///mlflow.db; a plain .db path "
                         "works too).")
     data_check.add_parser(sub)
+    from medssl_bench import weights_cli
+
     weights_cli.add_parser(sub)
     return parser
 
@@ -211,7 +213,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     check_data_paths(run)
     plugins = instantiate(registry, run)
     check_source_paths(plugins)
-    _inits(args, plugins, weights_cli.cache_dir(None))
+    from medssl_bench.weights_cli import cache_dir
+
+    _inits(args, plugins, cache_dir(None))
     absolute_uri(_tracking_uri(args))  # refuses what bench run refuses, creates nothing
     console.print_json(json.dumps(run.as_dict()))
     _warn(run, device)
@@ -324,10 +328,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                                        highlight=False)))
         ctx = RunContext(
             registry=registry, run=run, plugins=plugins, device=device, store=store,
-            cache_dir=cache_dir, force=args.force, inits=inits,
+            cache_dir=cache_dir, force=args.force,
             progress=rich_progress,
             echo=console.print,
         )
+        ctx.inits = inits
         plan = plugins["protocol"].plan(ctx)
         _check_inits_planned(ctx, plan)
         preflight(ctx, plan)
@@ -509,8 +514,14 @@ COMMANDS = {
     "leaderboard": cmd_leaderboard,
     "report": cmd_report,
     "data": lambda args: data_check.run(args, console),
-    "weights": lambda args: weights_cli.run(args, console),
+    "weights": lambda args: _weights(args),
 }
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from medssl_bench import weights_cli
+
+    return weights_cli.run(args, console)
 
 
 def _terminate(signum, frame) -> None:

@@ -79,10 +79,10 @@ def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
     """Train the unit's task once (cached by its key), or reuse the cached encoder."""
     store = ctx.store
     parent = store.find(ctx.run.spec.name, unit.key)
-    if not unit.pretrains:
-        return Pretrained(None, parent or _record_only(ctx, unit, None))
     if unit.weights:
         return _load_imported(ctx, unit, parent)
+    if not unit.pretrains:
+        return Pretrained(None, parent or _record_only(ctx, unit, None))
     cache = cache_path(ctx, unit)
     if cache.exists() and not ctx.force:
         weights = load_weights(cache)
