@@ -32,3 +32,36 @@ def tiny_backbone(registry):
 @pytest.fixture
 def cpu_generator():
     return torch.Generator().manual_seed(0)
+
+
+# --------------------------------------------------------------------------- servers
+# A real PostgreSQL server and an MLflow tracking server on it (tests/servers.py), started
+# once per session for the tests of the shared tracking store and parallel sweeps. Skipped
+# where PostgreSQL is not installed, except under BENCH_REQUIRE_SERVERS=1 (.ci/run), where
+# that is a failure.
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    from servers import REQUIRE_ENV, PostgresServer, ServerUnavailable
+
+    try:
+        server = PostgresServer().start()
+    except ServerUnavailable as exc:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{REQUIRE_ENV}=1 but {exc}")
+        pytest.skip(str(exc))
+    yield server
+    server.remove()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres, tmp_path_factory):
+    """An MLflow tracking server backed by the session's PostgreSQL server (the setup MLflow
+    documents for concurrent clients); tests use ``mlflow_server.uri`` (http://127.0.0.1:P)."""
+    from servers import MlflowServer
+
+    server = MlflowServer(postgres.uri, tmp_path_factory.mktemp("mlflow-server") / "artifacts")
+    server.start()
+    yield server
+    server.stop()

@@ -269,3 +269,38 @@ def test_engine_runs_every_new_setting_and_reports_the_frozen_warm_up(registry):
     starts = [e for e in events if isinstance(e, EpochStarted)]
     assert [(e.epoch, e.frozen) for e in starts] == [(1, True), (2, False)]
     assert starts[0].description == "rotation3d 100% seed 0 epoch 1/2 (encoder frozen)"
+
+
+@pytest.mark.parametrize("mode", ["step", "epoch"])
+def test_a_non_finite_loss_stops_the_training_naming_its_step(mode):
+    """``step`` (the CPU's default) stops at the bad step; ``epoch`` (CUDA's: a flag on the
+    device, no synchronisation per step) finishes the epoch's steps, then stops before the
+    epoch's logs are used or a checkpoint is written, naming the first bad step."""
+    from dataclasses import replace
+
+    from medssl_bench.errors import TrainingError
+
+    cfg = PretrainConfig(epochs=3, batch_size=2)
+    calls, ends, checkpoints = [], [], []
+
+    class Diverging(_Regression):
+        def forward(self, batch):
+            loss, logs = super().forward(batch)
+            calls.append(len(calls))
+            if len(calls) in (7, 8):  # epoch 2, steps 3 and 4 (4 steps per epoch)
+                loss = loss * (float("inf") if len(calls) == 7 else float("nan"))
+            return loss, logs
+
+    runtime = replace(Runtime.local(CPU, cfg), nan_check=mode)
+    assert runtime.nan_check_every_step is (mode == "step")
+    loop = _loop(Diverging(), cfg, runtime, on_epoch_end=lambda e, logs: ends.append(e),
+                 on_checkpoint=checkpoints.append)
+    with pytest.raises(TrainingError, match=r"epoch 2, step 3\): the loss became inf"):
+        loop.run(cfg.epochs)
+    assert len(calls) == (7 if mode == "step" else 8)
+    assert ends == [0] and checkpoints == [0]  # the diverged epoch left nothing behind
+
+
+def test_the_nan_check_is_sync_free_on_cuda_by_default():
+    assert Runtime.local(torch.device("cuda")).nan_check_every_step is False
+    assert Runtime.local(CPU).nan_check_every_step is True

@@ -79,7 +79,7 @@ def test_mask_token_replaces_exactly_the_masked_voxels():
     batch = task.make_batch(images, _gen(4))
     task.compute_loss(spy, heads, batch)
     masked = expand_to(batch["mask"], (16, 16, 16)).expand_as(images)
-    token = heads["mask_token"].token.detach().view(1, 2, 1, 1, 1).expand_as(images)
+    token = heads["mask_token"].input.token.detach().view(1, 2, 1, 1, 1).expand_as(images)
     assert torch.equal(spy.seen[~masked], images[~masked])
     assert torch.equal(spy.seen[masked], token[masked])
     assert spy.seen.shape == images.shape  # the encoder sees the whole volume
@@ -123,25 +123,71 @@ def test_linear_head_is_one_conv_and_a_pixel_shuffle():
     assert decoder(encoder(torch.rand(1, 3, 16, 16, 16))).shape == (1, 3, 16, 16, 16)
 
 
-def test_patch_size_must_divide_the_volume_and_vits_are_refused():
+def test_patch_size_must_divide_the_volume():
     task = SimMIM3D(SimMIM3D.Config(mask_patch_size=12))
     with pytest.raises(ConfigError, match="task.mask_patch_size=12"):
         task.make_batch(torch.rand(1, 1, 16, 16, 16), _gen())
     with pytest.raises(ConfigError, match="task.mask_patch_size=12"):
         task.check_input((16, 16, 16), 1)  # before anything trains (bench run's preflight)
 
-    class ViTish(nn.Module):
-        in_channels = 1
-        patch_embed = nn.Conv3d(1, 8, 4, stride=4)
 
-    with pytest.raises(ConfigError, match="ViT"):
-        task.build_heads(_backbone(), ViTish())
+def _vit(patch=4):
+    cls = REGISTRY.get("backbone", "vit3d")
+    return cls(cls.Config(img_size=16, patch_size=patch, embed_dim=16, depth=2, heads=2,
+                          feature_size=4))
 
 
-def test_tiny_model_overfits_a_fixed_batch():
+def test_on_a_vit_the_token_replaces_exactly_the_masked_patch_embeddings():
+    """SimMIM's ViT path: masked patches' embeddings become the learned token before the
+    position embedding is added; visible ones are the patch embedding; every token (masked
+    or not) goes through the blocks; the head predicts the whole volume."""
+    torch.manual_seed(0)
+    backbone = _vit(patch=4)
+    encoder = backbone.build_encoder(1)
+    task = SimMIM3D(SimMIM3D.Config(mask_patch_size=8))  # 2 x 2 x 2 ViT patches per mask patch
+    heads = task.build_heads(backbone, encoder)
+    images = torch.rand(2, 1, 16, 16, 16, generator=_gen(1))
+    batch = task.make_batch(images, _gen(2))
+    seen = {}
+    original = encoder.encode_tokens
+
+    def spy(tokens, keep_index=None):
+        seen["tokens"] = tokens.detach().clone()
+        seen["keep"] = keep_index
+        return original(tokens, keep_index)
+
+    encoder.encode_tokens = spy
+    loss, _ = task.compute_loss(encoder, heads, batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    tokens = seen["tokens"]  # (B, 64, D): a 4^3 grid of ViT patches
+    assert tokens.shape == (2, 64, 16) and seen["keep"] is None  # nothing dropped
+    with torch.no_grad():
+        embedded = encoder.patch_embed(images)  # (B, D, 4, 4, 4)
+        pos = encoder.pos_embed((4, 4, 4))
+        plain = (embedded + pos).flatten(2).transpose(1, 2)
+        filled = (heads["mask_token"].token.view(1, -1, 1, 1, 1) + pos).flatten(2).transpose(1, 2)
+    masked = expand_to(batch["mask"], (4, 4, 4)).flatten(1)  # (B, 64), per ViT patch
+    assert masked.any() and (~masked).any()
+    torch.testing.assert_close(tokens[~masked], plain[~masked])
+    torch.testing.assert_close(tokens[masked], filled.expand_as(tokens)[masked])
+    assert heads["head"].stride == 4  # one ViT patch of voxels per token
+
+
+def test_a_vit_needs_whole_tokens_per_mask_patch_and_the_linear_head():
+    backbone = _vit(patch=4)
+    encoder = backbone.build_encoder(1)
+    with pytest.raises(ConfigError, match="multiple of the ViT patch"):
+        SimMIM3D(SimMIM3D.Config(mask_patch_size=6)).build_heads(backbone, encoder)
+    with pytest.raises(ConfigError, match="task.head=linear"):
+        SimMIM3D(SimMIM3D.Config(mask_patch_size=8, head="decoder")).build_heads(backbone,
+                                                                                 encoder)
+
+
+@pytest.mark.parametrize("backbone_kind", ["unet3d", "vit3d"])
+def test_tiny_model_overfits_a_fixed_batch(backbone_kind):
     torch.manual_seed(0)
     task = SimMIM3D(SimMIM3D.Config(mask_patch_size=4))
-    backbone = _backbone()
+    backbone = _backbone() if backbone_kind == "unet3d" else _vit(patch=4)
     encoder = backbone.build_encoder(1)
     heads = task.build_heads(backbone, encoder)
     batch = task.make_batch(smooth(2), _gen(8))

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,11 @@ from rich.console import Console
 
 from medssl_bench import __version__, data_check
 from medssl_bench.errors import BenchError, ConfigError
+
+# timm's model zoo (hrnet) uses torch.jit.interface, deprecated since torch 2.14: a warning
+# on every command that no user can act on
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.interface` is deprecated",
+                        category=FutureWarning)
 
 #: Console width when the output is not a terminal (a pipe, a file, a scheduler's log):
 #: wide enough that no table cell is cut to rich's 80-column default. Tables only take the

@@ -35,6 +35,14 @@ class TrainingError(BenchError):
     exit_code = 3
 
 
+class TrackingUnavailable(BenchError):
+    """The tracking server stayed unreachable through the retries: the unit in progress
+    failed, finished results are recorded, the run stops (every later unit would fail the
+    same way)."""
+
+    exit_code = 4
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A ``did you mean 'x'?`` hint for ``name`` among ``choices``, or ``""``."""
     matches = difflib.get_close_matches(name, sorted(choices), n=3, cutoff=0.5)

@@ -17,7 +17,7 @@ from typing import Any
 
 from medssl_bench.config import PluginConfig
 from medssl_bench.context import Outcome, RunContext
-from medssl_bench.errors import BenchError
+from medssl_bench.errors import BenchError, TrackingUnavailable
 from medssl_bench.hookspecs import hookimpl
 from medssl_bench.interfaces import Executor
 from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit, ProbeUnit, Unit
@@ -84,6 +84,9 @@ class InProcess(Executor):
                 continue
             try:
                 done[unit.key] = run_unit(ctx, unit, done)
+            except TrackingUnavailable as exc:  # the store is gone: so is the sweep
+                record_failure(ctx, unit, exc)
+                raise
             except Exception as exc:  # one unit's failure must not end the sweep
                 failed[unit.key] = unit.what
                 record_failure(ctx, unit, exc)

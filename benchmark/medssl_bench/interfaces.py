@@ -87,7 +87,9 @@ class Backbone(Plugin):
     spatial_dims: ClassVar[int]
     #: Capabilities its encoders offer beyond the :class:`Encoder` contract, matched against
     #: :attr:`ProxyTask.requires`. ``"tokens"``: a patch-token encoder with ``patch_size``,
-    #: ``tokens(x) -> (B, N, D)``, ``encode_tokens(tokens, keep_index) -> (B, K, D)`` and
+    #: ``tokens(x, masked=None, mask_token=None) -> (B, N, D)`` (masked patches' embeddings
+    #: replaced by ``mask_token`` before the position is added: SimMIM), ``on_grid(tokens,
+    #: spatial) -> (B, D, *grid)``, ``encode_tokens(tokens, keep_index) -> (B, K, D)`` and
     #: ``forward(x, keep_index=K)`` returning ``[encode_tokens(tokens(x), K)]`` (MAE).
     provides: ClassVar[tuple[str, ...]] = ()
 

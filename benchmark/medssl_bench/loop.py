@@ -5,7 +5,9 @@ Per epoch: the learning rate from the schedule, train mode, the caller's epoch-s
 autocast: device placement, batch construction in full precision), the model's forward
 under the runtime's autocast, the NaN check, backward, gradient clipping and the optimizer
 step (every ``grad_accumulation`` micro-batches), and the step's logs added up on the
-device. At the epoch's end the means are read once, then the epoch-end hook (fine-tuning:
+device. A non-finite loss stops the training: noticed at once on the CPU, on CUDA through a
+flag kept on the device and read at the epoch's end (no host synchronisation per step; see
+``Runtime.nan_check``). At the epoch's end the means are read once, then the epoch-end hook (fine-tuning:
 validation and best-epoch selection) and the checkpoint hook run. Progress goes to a sink
 as typed events (:mod:`medssl_bench.events`).
 
@@ -48,15 +50,42 @@ def _same(value: Any) -> Any:
     return value
 
 
+def diverged(where: str, value: float, lr: float) -> TrainingError:
+    """The message of a diverged training, naming the fix."""
+    return TrainingError(
+        f"{where}: the loss became {value}. Training diverged; lower the learning rate "
+        f"(now {lr:g}, e.g. --set pretrain.lr=... or finetune.lr=...), enable grad_clip, or "
+        "check the input images for NaN values."
+    )
+
+
 def check_finite(loss: Tensor, where: str, lr: float) -> None:
-    """Stop a diverged training with a message naming the fix. Reading the flag is the
-    loop's one host synchronisation per step."""
+    """Stop a diverged training now (reading the flag is a host synchronisation)."""
     if not torch.isfinite(loss):
-        raise TrainingError(
-            f"{where}: the loss became {loss.item()}. Training diverged; lower the learning rate "
-            f"(now {lr:g}, e.g. --set pretrain.lr=... or finetune.lr=...), enable grad_clip, or "
-            "check the input images for NaN values."
-        )
+        raise diverged(where, loss.item(), lr)
+
+
+class FiniteWatch:
+    """The first non-finite loss of an epoch, noted on the loss's device without a host
+    synchronisation; :meth:`check` reads it once, at the epoch's end, before its logs are
+    used or a checkpoint is written (so no diverged weights are saved)."""
+
+    def __init__(self) -> None:
+        self.step: Tensor | None = None  # the first bad step, -1 while none
+        self.value: Tensor | None = None
+
+    def note(self, loss: Tensor, step: int) -> None:
+        loss = loss.detach().float()
+        if self.step is None:
+            self.step = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self.value = torch.zeros((), device=loss.device)
+        first = (self.step < 0) & ~torch.isfinite(loss)
+        self.step = torch.where(first, step, self.step)
+        self.value = torch.where(first, loss, self.value)
+
+    def check(self, where: Callable[[int], str], lr: float) -> None:
+        if self.step is not None and int(self.step) >= 0:
+            raise diverged(where(int(self.step)), float(self.value), lr)
 
 
 class Meter:
@@ -147,11 +176,12 @@ class Loop:
             loader = self.batches.epoch(self.epoch_seed(epoch))
             steps = len(loader)
             emit(EpochStarted(self.what, self.stage, epoch + 1, epochs, steps, frozen))
-            meter = Meter()
+            meter, watch = Meter(), FiniteWatch()
             for step, batch in enumerate(loader):
-                self._step(net, params, self.prepare(batch), epoch, step, steps, meter)
+                self._step(net, params, self.prepare(batch), epoch, step, steps, meter, watch)
                 emit(StepEnded(self.what, self.stage, step + 1, steps,
                                time.perf_counter() - t0, meter.means))
+            watch.check(lambda step, epoch=epoch: self.where(epoch, step), self.schedule.lr)
             totals = runtime.reduce_sum([*meter.sums(), float(meter.steps)])
             logs = meter.means(totals[:-1], totals[-1])
             emit(EpochEnded(self.what, self.stage, epoch + 1, epochs, logs,
@@ -166,7 +196,7 @@ class Loop:
         return seconds
 
     def _step(self, net: nn.Module, params: list[nn.Parameter], inputs: Any, epoch: int,
-              step: int, steps: int, meter: Meter) -> None:
+              step: int, steps: int, meter: Meter, watch: FiniteWatch) -> None:
         """One micro-batch; the optimizer steps after every ``grad_accumulation`` of them
         (and after an epoch's last). Each micro-batch's loss is divided by the number of
         micro-batches of its optimizer step, so the gradient is their mean."""
@@ -177,7 +207,10 @@ class Loop:
         with contextlib.nullcontext() if last else runtime.no_sync(net):
             with runtime.autocast():
                 loss, logs = net(inputs)
-            check_finite(loss, self.where(epoch, step), self.schedule.lr)
+            if runtime.nan_check_every_step:
+                check_finite(loss, self.where(epoch, step), self.schedule.lr)
+            else:
+                watch.note(loss, step)
             if first:
                 self.optimizer.zero_grad(set_to_none=True)
             (loss / group if group > 1 else loss).backward()

@@ -70,6 +70,10 @@ class Runtime:
     compile: bool = False
     #: Micro-batches whose gradients add up to one optimizer step.
     grad_accumulation: int = 1
+    #: When a non-finite loss is noticed: ``step`` (read the flag every step: a host
+    #: synchronisation, free on the CPU), ``epoch`` (a flag kept on the device, read with the
+    #: epoch's logs: no synchronisation per step), ``auto`` (``epoch`` on CUDA, else ``step``).
+    nan_check: Literal["auto", "step", "epoch"] = "auto"
 
     @classmethod
     def local(cls, device: torch.device | str, cfg: Any = None) -> Runtime:
@@ -103,6 +107,13 @@ class Runtime:
                num_workers: int) -> EpochLoader:
         """The batches of a training (DDP: this process's shard of them)."""
         return EpochLoader(dataset, batch_size, iterations, num_workers, self.pin_memory)
+
+    @property
+    def nan_check_every_step(self) -> bool:
+        """Whether the loop reads the loss's finiteness every step (see ``nan_check``)."""
+        if self.nan_check == "auto":
+            return self.device.type != "cuda"
+        return self.nan_check == "step"
 
     # ------------------------------------------------------------------ precision, compile
     @property

@@ -35,6 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from medssl_bench.errors import TrackingUnavailable
 from medssl_bench.interfaces import FIGURE_CONVERGENCE, FIGURE_DATA_EFFICIENCY
 from medssl_bench.tracking import (
     TAG_KEY,
@@ -386,7 +387,10 @@ class ResultStore:
 
     def fail(self, run_id: str, exc: BaseException) -> None:
         """Close a run that raised: FAILED for an error, KILLED for an interrupt (Ctrl-C,
-        SIGTERM), with the error as a tag."""
+        SIGTERM), with the error as a tag. Not when the store itself is unreachable: the run
+        stays RUNNING until a later ``bench run`` reaps it (its owner is gone by then)."""
+        if isinstance(exc, TrackingUnavailable):
+            return
         self.tracker.set_tags(run_id, {TAG_ERROR: f"{type(exc).__name__}: {exc}"[:4000]})
         self.tracker.finish(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
 

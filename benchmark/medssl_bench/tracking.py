@@ -12,6 +12,13 @@ Several writers: SQLite allows one writer at a time, and MLflow surfaces content
 "database is locked". Every client call is retried with exponential backoff, so a few
 parallel sweeps on one ``sqlite:///`` store lose nothing. For many writers (a cluster of
 workers) run an MLflow server and pass ``--tracking-uri http://host:5000``.
+
+A server that goes away mid-run (restarted, network down): every call is retried with
+backoff for ``BENCH_TRACKING_SERVER_RETRY_SECONDS`` (default 300 s; a restart takes tens of
+seconds), then :class:`~medssl_bench.errors.TrackingUnavailable` ends the run with one
+message; what finished is recorded. MLflow's own HTTP retries are turned off for such
+stores (unless ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` is set), so the budget is ours. Opening a
+store does not wait: an unreachable server at start is one message at once.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from medssl_bench.config import flatten
-from medssl_bench.errors import BenchError
+from medssl_bench.errors import BenchError, TrackingUnavailable
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT_PREFIX = "medssl-bench/"
@@ -43,6 +50,11 @@ TAG_HOST = "medssl_bench.host"
 TAG_PID = "medssl_bench.pid"
 TAG_PROC_START = "medssl_bench.proc_start"
 RETRY_SECONDS = float(os.environ.get("BENCH_TRACKING_RETRY_SECONDS", "120"))
+SERVER_RETRY_ENV = "BENCH_TRACKING_SERVER_RETRY_SECONDS"
+
+
+def _server_retry_seconds() -> float:
+    return float(os.environ.get(SERVER_RETRY_ENV, "300") or 0)
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -50,15 +62,36 @@ def _is_locked(exc: BaseException) -> bool:
     return "database is locked" in text or "database table is locked" in text
 
 
-class RetryingClient:
-    """Wraps an ``MlflowClient``: every call is retried while SQLite says it is locked.
+#: What a server that is down, restarting or overloaded answers (connection refused or
+#: reset, a gateway error, the database behind it gone for a moment).
+_UNREACHABLE = re.compile(
+    r"connection refused|failed to establish a new connection|connection aborted|"
+    r"connection reset|remotedisconnected|max retries exceeded|name or service not known|"
+    r"temporary failure in name resolution|error code (502|503|504)\b|"
+    r"server closed the connection unexpectedly|could not connect to server|"
+    r"terminating connection due to administrator command|the database system is "
+    r"(starting up|shutting down)")
 
-    SQLite raises before committing, so a retried call never applies twice.
+
+def _is_unreachable(exc: BaseException) -> bool:
+    return bool(_UNREACHABLE.search(f"{type(exc).__name__}: {exc}".lower()))
+
+
+class RetryingClient:
+    """Wraps an ``MlflowClient``: every call is retried with exponential backoff while SQLite
+    says it is locked (``budget`` seconds) or the server cannot be reached
+    (``server_budget`` seconds; then :class:`TrackingUnavailable`).
+
+    SQLite raises before committing, so a retried call never applies twice; a refused
+    connection never reached the server either.
     """
 
-    def __init__(self, client: Any, budget: float = RETRY_SECONDS) -> None:
+    def __init__(self, client: Any, budget: float = RETRY_SECONDS,
+                 server_budget: float | None = None, uri: str = "") -> None:
         self._client = client
         self._budget = budget
+        self._server_budget = _server_retry_seconds() if server_budget is None else server_budget
+        self._uri = uri
         self.retries = 0
 
     def __getattr__(self, name: str) -> Any:
@@ -67,17 +100,32 @@ class RetryingClient:
             return attr
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            deadline = time.monotonic() + self._budget
+            start = time.monotonic()
             delay = 0.05
             while True:
                 try:
                     return attr(*args, **kwargs)
                 except Exception as exc:
-                    if not _is_locked(exc) or time.monotonic() > deadline:
+                    waited = time.monotonic() - start
+                    if _is_locked(exc):
+                        if waited > self._budget:
+                            raise
+                        cap = 2.0
+                    elif _is_unreachable(exc):
+                        if waited > self._server_budget:
+                            raise TrackingUnavailable(
+                                f"The tracking store {self._uri or '(server)'} stayed "
+                                f"unreachable for {waited:.0f} s ({short_error(exc)}). The "
+                                "unit in progress failed; finished results are recorded. Start "
+                                "the server again (or check the network), then rerun the same "
+                                f"command: it resumes. ({SERVER_RETRY_ENV} sets how long to "
+                                "retry.)") from None
+                        cap = 10.0
+                    else:
                         raise
                     self.retries += 1
                     time.sleep(delay * (0.5 + random.random()))
-                    delay = min(delay * 2, 2.0)
+                    delay = min(delay * 2, cap)
 
         return call
 
@@ -258,10 +306,15 @@ class Tracker:
         uri = absolute_uri(uri)
         self.uri = uri
         self.mlflow = mlflow
+        if uri.split("://", 1)[0].lower() in ("http", "https"):
+            # our retries (RetryingClient) take the place of MLflow's, whose backoff would
+            # multiply ours; a value the user set is kept
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         try:
-            self.client = RetryingClient(MlflowClient(tracking_uri=uri))
-            with _few_http_retries():
-                self.client.search_experiments(max_results=1)
+            raw = MlflowClient(tracking_uri=uri)
+            with _few_http_retries():  # at start an unreachable server is one message now
+                raw.search_experiments(max_results=1)
+            self.client = RetryingClient(raw, uri=uri)
         except Exception as exc:
             raise BenchError(
                 f"Cannot open the MLflow tracking store {uri!r}: {short_error(exc)}. "

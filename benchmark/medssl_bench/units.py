@@ -29,7 +29,7 @@ from medssl_bench.engine import (
     pretrain,
     subset,
 )
-from medssl_bench.errors import BenchError, ConfigError
+from medssl_bench.errors import BenchError, ConfigError, TrackingUnavailable
 from medssl_bench.identity import ids_hash, key_of, semantic
 from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit, ProbeUnit, task_version
 from medssl_bench.runtime import Runtime
@@ -262,6 +262,8 @@ def run_finetune(ctx: RunContext, unit: FinetuneUnit, start: Pretrained) -> Resu
             epoch_seconds=list(epoch_seconds), seconds=result.seconds,
         )
         store.finish_finetune(run_id, record, ctx.run.as_dict())
+    except TrackingUnavailable:
+        raise  # the store is gone: every later unit would fail the same way
     except Exception as exc:
         store.fail(run_id, exc)
         detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc(limit=3)
@@ -395,6 +397,8 @@ def run_probe(ctx: RunContext, unit: ProbeUnit, start: Pretrained) -> ResultReco
         record = ResultRecord(**who.model_dump(), value=value, test_metrics=test_metrics,
                               val_history=history, seconds=seconds)
         store.finish_finetune(run_id, record, ctx.run.as_dict())
+    except TrackingUnavailable:
+        raise  # the store is gone: every later unit would fail the same way
     except Exception as exc:
         store.fail(run_id, exc)
         detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc(limit=3)

@@ -160,11 +160,21 @@ class ViT3DEncoder(Encoder):
     def grid(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(s // self.patch_size for s in spatial)
 
-    def tokens(self, x: Tensor) -> Tensor:
-        """Patch embedding plus position: ``(B, N, D)``, N tokens in row-major grid order."""
+    def tokens(self, x: Tensor, masked: Tensor | None = None,
+               mask_token: Tensor | None = None) -> Tensor:
+        """Patch embedding plus position: ``(B, N, D)``, N tokens in row-major grid order.
+        ``masked`` (``(B, 1, *grid)`` bool) and ``mask_token`` (``(D,)``): the embeddings of
+        masked patches are replaced by the token before the position is added (SimMIM)."""
         t = self.patch_embed(x)
+        if masked is not None and mask_token is not None:
+            t = torch.where(masked, mask_token.to(t.dtype).view(1, -1, 1, 1, 1), t)
         t = t + self.pos_embed(tuple(t.shape[2:])).to(t.dtype)
         return t.flatten(2).transpose(1, 2)
+
+    def on_grid(self, tokens: Tensor, spatial: tuple[int, ...]) -> Tensor:
+        """``(B, N, D)`` tokens of an input of size ``spatial`` as a ``(B, D, *grid)`` map."""
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2],
+                                              *self.grid(spatial))
 
     def encode_tokens(self, tokens: Tensor, keep_index: Tensor | None = None) -> Tensor:
         """The tokens at ``keep_index`` (``(B, K)`` long; all when None) through every block

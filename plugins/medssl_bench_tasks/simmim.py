@@ -13,13 +13,15 @@ masked pixels only. The 3D variant in MIC-DKFZ/nnssl (``SimMIMEvaTrainer``, a Pr
 ViT on 160^3 crops) masks 8^3 blocks (its ViT patch) at 0.75 (``BaseMAETrainer``) and uses
 an MSE on the masked voxels (``MAEMSELoss``): those are the options below.
 
-CNN path (today): the mask token is a learned per-channel intensity written into the input
-volume at the masked patches; the encoder then sees the whole, token-filled volume. ViT path
-(not built yet; vit3d exists now): SimMIM puts the token on the patch embeddings instead. The
-seam is :meth:`SimMIM3D.build_mask_token`: it returns the module that puts the token in, and
-is the one place a token-level module (a forward hook on the ViT's patch embedding, as
-SparK's hooks do for convolutions) will go; until then an encoder with a ``patch_embed``
-module is refused with a ConfigError.
+Two paths, chosen by what the backbone provides (:meth:`SimMIM3D.build_mask_token`):
+
+- CNN (unet3d, ...): the mask token is a learned per-channel intensity written into the
+  input volume at the masked patches; the encoder then sees the whole, token-filled volume.
+- ViT (a backbone providing ``"tokens"``, vit3d): as SimMIM's ViT, the token replaces the
+  patch embeddings of masked patches before the position embedding is added, every token
+  goes through the blocks, and the linear head (a 1x1x1 convolution to ``patch^3 *
+  channels``, pixel-shuffled) predicts each patch's voxels from its token. The masked patch
+  must be a whole number of ViT patches (SimMIM: 32 over a ViT patch of 16; nnssl: 8 over 8).
 """
 
 from __future__ import annotations
@@ -122,11 +124,39 @@ def reconstruction_loss(prediction: Tensor, target: Tensor, masked: Tensor,
     return (err * weight).sum() / ((weight.sum() + 1e-5) * target.shape[1])
 
 
+class TokenMaskToken(nn.Module):
+    """SimMIM's ViT path: a learned token in place of masked patch embeddings; ``forward``
+    gives the encoder's deepest features (``(B, D, *grid)``) of the token-filled sequence."""
+
+    def __init__(self, dim: int, patch: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.token = nn.Parameter(torch.zeros(dim))
+        nn.init.trunc_normal_(self.token, std=0.02)  # SimMIM: trunc_normal_(std=.02)
+
+    def forward(self, encoder: Encoder, images: Tensor, mask: Tensor) -> list[Tensor]:
+        """``mask``: the patch-grid mask ``(B, *grid)`` of :func:`random_patch_mask`."""
+        spatial = tuple(images.shape[2:])
+        masked = expand_to(mask, tuple(s // self.patch for s in spatial))
+        tokens = encoder.tokens(images, masked=masked, mask_token=self.token)
+        return [encoder.on_grid(encoder.encode_tokens(tokens), spatial)]
+
+
+class InputMask(nn.Module):
+    """SimMIM's CNN path as :class:`TokenMaskToken`'s interface: the token in the input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.input = InputMaskToken(channels)
+
+    def forward(self, encoder: Encoder, images: Tensor, mask: Tensor) -> list[Tensor]:
+        return encoder(self.input(images, expand_to(mask, tuple(images.shape[2:]))))
+
+
 class SimMIM3D(PatchMaskingTask):
     """SimMIM: reconstruct masked 3D patches (learned mask token at the input), L1 on masked voxels."""
 
     name = "simmim3d"
-    refuses = ("tokens",)  # its ViT path (a token-level mask) is not built yet
     family = "masked-modelling"
     spatial_dims = 3
     transfers = ("encoder",)
@@ -140,18 +170,27 @@ class SimMIM3D(PatchMaskingTask):
         "paper": {"mask_ratio": 0.6, "mask_patch_size": 32, "loss": "l1"},
     }
 
-    def build_mask_token(self, encoder: Encoder) -> nn.Module:
-        """The module that puts the mask token in (the CNN/ViT seam, see the module doc)."""
-        if hasattr(encoder, "patch_embed"):
+    def build_mask_token(self, backbone: Backbone, encoder: Encoder) -> nn.Module:
+        """The module that puts the mask token in and encodes: on the patch embeddings when
+        the backbone provides tokens (a ViT), else in the input volume (see the module doc)."""
+        if "tokens" not in backbone.provides:
+            return InputMask(encoder.in_channels)
+        patch, size = encoder.patch_size, self.config.mask_patch_size
+        if size % patch:
             raise ConfigError(
-                f"Task {self.name!r}: the encoder has a patch embedding (a ViT such as vit3d); "
-                "SimMIM's token-level mask for ViTs is not built yet. Use a CNN backbone "
-                "(unet3d), or mae3d for masked modelling on vit3d.")
-        return InputMaskToken(encoder.in_channels)
+                f"Task {self.name!r}: task.mask_patch_size={size} is not a multiple of the ViT "
+                f"patch ({patch}, backbone.patch_size): a masked patch must be whole tokens. "
+                f"Set task.mask_patch_size to {patch} or a multiple of it.")
+        return TokenMaskToken(encoder.feature_channels[-1], patch)
 
     def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
-        token = self.build_mask_token(encoder)
+        token = self.build_mask_token(backbone, encoder)
         if self.config.head == "decoder":
+            if isinstance(token, TokenMaskToken):
+                raise ConfigError(
+                    f"Task {self.name!r}: head=decoder needs the encoder's feature pyramid, "
+                    "which a ViT's token-level mask does not give; use task.head=linear "
+                    "(SimMIM's head for ViTs).")
             head = backbone.build_decoder(encoder, encoder.in_channels, skip_connections=True)
         else:
             head = LinearHead(encoder.feature_channels[-1], encoder.in_channels,
@@ -161,5 +200,5 @@ class SimMIM3D(PatchMaskingTask):
     def compute_loss(self, encoder, heads, batch):
         images, mask = batch["images"], batch["mask"]
         masked = expand_to(mask, tuple(images.shape[2:]))
-        prediction = heads["head"](encoder(heads["mask_token"](images, masked)))
+        prediction = heads["head"](heads["mask_token"](encoder, images, mask))
         return reconstruction_loss(prediction, images, masked, self.config.loss), {}
