@@ -306,6 +306,17 @@ def test_nnunet_layouts_read_and_map_to_the_library_keys(workdir, fmt, compiled)
                        net.state_dict()["encoder.stem.convs.0.conv.weight"])
 
 
+def test_openmind_primus_is_refused_with_one_message(workdir, capsys):
+    from dynamic_network_architectures.architectures.primus import Primus
+
+    net = Primus(input_channels=1, embed_dim=48, patch_embed_size=(8, 8, 8), num_classes=2,
+                 eva_depth=1, eva_numheads=2, input_shape=(16, 16, 16))
+    file = nnunet_checkpoint(workdir / "primus.pth", net, compiled=True)
+    assert _import(str(file), "--format", "openmind") != 0
+    err = capsys.readouterr().err
+    assert "OpenMind Primus checkpoint" in err and err.count("error:") == 1
+
+
 def _swin_library_state(feature_size: int = 12) -> dict[str, torch.Tensor]:
     from monai.networks.nets import SwinUNETR
 

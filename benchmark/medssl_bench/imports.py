@@ -283,9 +283,6 @@ def import_weights(registry: Any, file: str | Path, format_name: str, cache_dir:
     if backbone and fmt.backbone and backbone != fmt.backbone:
         raise ConfigError(f"--format {format_name} holds {fmt.backbone!r} weights, not "
                           f"{backbone!r}: drop --backbone or choose another format.")
-    if target not in registry.names("backbone"):
-        raise ConfigError(f"--format {format_name} maps onto backbone {target!r}, which is not "
-                          f"installed (installed: {', '.join(registry.names('backbone'))}).")
     name = name or re.sub(r"[^A-Za-z0-9._-]", "-", path.name.split(".")[0]) or "weights"
     if not _NAME.match(name):
         raise ConfigError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only.")
@@ -299,6 +296,9 @@ def import_weights(registry: Any, file: str | Path, format_name: str, cache_dir:
         raise WeightsError(f"{path.name} holds no tensors where --format {format_name} keeps "
                            f"them (looked in {', '.join(fmt.nesting)}); check --format.")
     mapped, dropped = fmt.map_keys(state)
+    if target not in registry.names("backbone"):
+        raise ConfigError(f"--format {format_name} maps onto backbone {target!r}, which is not "
+                          f"installed (installed: {', '.join(registry.names('backbone'))}).")
     values = {**fmt.backbone_config(mapped), **(backbone_values or {})}
     net = _backbone_instance(registry, target, values)
     targets, in_channels = build_targets(net, mapped)

@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from medssl_bench.config import PluginConfig
+from medssl_bench.errors import ConfigError
 from medssl_bench.interfaces import WeightFormat
 
 
@@ -130,6 +131,15 @@ class OpenMindFormat(NNUNetFormat):
     """OpenMind (nnssl) ResEnc-L checkpoints (network_weights; Primus not mapped yet)."""
 
     name = "openmind"
+
+    def map_keys(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+        if any(k.startswith(("eva.", "down_projection.")) for k in state):
+            raise ConfigError(
+                "This is an OpenMind Primus checkpoint (eva.* blocks): not importable yet. "
+                "Primus' EVA blocks (rotary position embeddings) are not vit3d's timm blocks, "
+                "so its weights would not compute what they were trained to; import a ResEnc-L "
+                "checkpoint.")
+        return super().map_keys(state)
 
 
 class SafetensorsFormat(WeightFormat):
