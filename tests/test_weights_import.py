@@ -16,6 +16,7 @@ from torch import nn
 
 from medssl_bench import cli
 from medssl_bench.config import PluginConfig
+from medssl_bench.errors import ConfigError
 from medssl_bench.hookspecs import hookimpl
 from medssl_bench.imports import import_weights, read_checkpoint
 from medssl_bench.interfaces import Backbone, Encoder
@@ -473,6 +474,13 @@ class _TestSwinFormat(SwinUNETRFormat):
     backbone = "test-swin-inside"
 
 
+class _TestOrphanFormat(SwinUNETRFormat):
+    """Test format: for a backbone nobody installed."""
+
+    name = "test-orphan"
+    backbone = "no-such-backbone"
+
+
 class _TestPlugin:
     @hookimpl
     def bench_register_backbones(self, register):
@@ -481,6 +489,15 @@ class _TestPlugin:
     @hookimpl
     def bench_register_weight_formats(self, register):
         register(_TestSwinFormat)
+        register(_TestOrphanFormat)
+
+
+def test_a_format_whose_backbone_is_not_installed_says_so(workdir):
+    registry = build_registry([_TestPlugin()], autoload=False)
+    torch.save({"state_dict": _swin_library_state()}, workdir / "swin.pt")
+    with pytest.raises(ConfigError, match="maps onto backbone 'no-such-backbone', which is not "
+                       "installed"):
+        import_weights(registry, workdir / "swin.pt", "test-orphan", workdir / "cache")
 
 
 def test_library_keys_land_on_a_backbone_that_holds_the_library_modules_under_prefixes(workdir):
