@@ -86,10 +86,11 @@ def published_genesis_state() -> dict[str, torch.Tensor]:
     return state
 
 
-def genesis_file(path, state, extra: dict | None = None):
-    """Wrapped as the published file: ``{"state_dict": {"module." + key: ...}}``."""
+def genesis_file(path, state, extra: dict | None = None, legacy: bool = False):
+    """Wrapped as the published file: ``{"state_dict": {"module." + key: ...}}``; ``legacy``:
+    in the pre-1.6 (non-zip) serialization of a 2019 PyTorch."""
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, **(extra or {})},
-               path)
+               path, _use_new_zipfile_serialization=not legacy)
     return path
 
 
@@ -146,11 +147,12 @@ def test_published_genesis_checkpoint_loads_every_weight_into_genesis_unet3d(wor
     assert re.match(r"\d{4}-\d\d-\d\dT", listed["date"])
 
 
-def test_imported_genesis_network_computes_what_the_checkpoint_does(workdir):
+@pytest.mark.parametrize("legacy", [False, True])
+def test_imported_genesis_network_computes_what_the_checkpoint_does(workdir, legacy):
     """The imported encoder and decoder give the same outputs as the network the file was
-    saved from (names and layout match, not only counts)."""
+    saved from (names and layout match, not only counts), from either serialization."""
     state = genesis_state_from_our_model(0.25)
-    file = genesis_file(workdir / "g.pt", state)
+    file = genesis_file(workdir / "g.pt", state, legacy=legacy)
     prov, _ = import_weights(REGISTRY, file, "genesis", workdir / "cache", name="g")
     cls = REGISTRY.get("backbone", "genesis-unet3d")
     backbone = cls(cls.Config.model_validate(prov.backbone_config))
