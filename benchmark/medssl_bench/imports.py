@@ -23,6 +23,7 @@ import json
 import math
 import pickle
 import re
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,7 +123,9 @@ def read_checkpoint(path: Path, fmt: WeightFormat) -> Any:
             raise WeightsError(f"{path} is not a safetensors file ({exc}); check --format.") \
                 from None
     try:
-        with torch.serialization.safe_globals(_numpy_safe_globals()):
+        with torch.serialization.safe_globals(_numpy_safe_globals()), \
+                warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
