@@ -172,9 +172,12 @@ def _best_prefix(source: list[str], target: dict[str, Tensor]) -> tuple[str, str
 
 
 def place(mapped: dict[str, Tensor], targets: dict[str, dict[str, Tensor]],
-          dropped: dict[str, str]) -> tuple[StateDicts, ImportReport]:
+          dropped: dict[str, str], heads: frozenset[str] = frozenset()) -> tuple[
+              StateDicts, ImportReport]:
     """Put every mapped key onto the part whose state dict names it (``part/key`` keys go
-    straight there); check shapes; report what loaded, was dropped and stayed random."""
+    straight there); check shapes; report what loaded, was dropped and stayed random.
+    ``heads`` (``part.key``): the output layer, whose shape follows the class count; fine-tuning
+    builds its own, so it never counts as random and a class-count mismatch only drops it."""
     report = ImportReport(dropped=dict(dropped))
     parts: StateDicts = {}
     direct = {k for k in mapped if k.partition("/")[0] in targets and "/" in k}
@@ -198,16 +201,27 @@ def place(mapped: dict[str, Tensor], targets: dict[str, dict[str, Tensor]],
         part, name = spot
         want = targets[part][name]
         if tuple(value.shape) != tuple(want.shape):
-            report.dropped[key] = (f"shape {tuple(value.shape)}, the backbone's {part}.{name} "
-                                   f"is {tuple(want.shape)}")
+            report.dropped[key] = (
+                "the original task's output layer (fine-tuning builds its own)"
+                if f"{part}.{name}" in heads else
+                f"shape {tuple(value.shape)}, the backbone's {part}.{name} is {tuple(want.shape)}")
             continue
         parts.setdefault(part, {})[name] = value.to(want.dtype)
         report.loaded.append(f"{part}.{name}")
     for part, sd in targets.items():
         if part == "decoder" and "decoder" not in parts:
             continue  # encoder-only weights: the decoder is new, as after any pretraining
-        report.random += [f"{part}.{k}" for k in sd if k not in parts.get(part, {})]
+        report.random += [f"{part}.{k}" for k in sd
+                          if k not in parts.get(part, {}) and f"{part}.{k}" not in heads]
     return parts, report
+
+
+def head_keys(backbone: Backbone, encoder: Any) -> frozenset[str]:
+    """The decoder's keys whose shapes follow its output channels (``decoder.KEY``): the
+    output layer(s), found by building the decoder for two class counts."""
+    one = backbone.build_decoder(encoder, 1).state_dict()
+    two = backbone.build_decoder(encoder, 2).state_dict()
+    return frozenset(f"decoder.{k}" for k, v in one.items() if k in two and two[k].shape != v.shape)
 
 
 def build_targets(backbone: Backbone, mapped: dict[str, Tensor]) -> tuple[
@@ -305,7 +319,7 @@ def import_weights(registry: Any, file: str | Path, format_name: str, cache_dir:
     values = {**fmt.backbone_config(mapped), **(backbone_values or {})}
     net = _backbone_instance(registry, target, values)
     targets, in_channels = build_targets(net, mapped)
-    parts, report = place(mapped, targets, dropped)
+    parts, report = place(mapped, targets, dropped, head_keys(net, net.build_encoder(in_channels)))
     if not parts.get("encoder"):
         raise WeightsError(f"Nothing in {path.name} fits backbone {target!r}'s encoder "
                            f"({len(report.dropped)} keys dropped, e.g. "
@@ -404,8 +418,9 @@ def check_fits(value: str, prov: Provenance, path: Path, backbone: Backbone) -> 
     want = {"encoder": encoder.state_dict()}
     if "decoder" in stored:
         want["decoder"] = backbone.build_decoder(encoder, 1).state_dict()
+    heads = head_keys(backbone, encoder) if "decoder" in stored else frozenset()
     wrong = [f"{part}.{k}" for part, sd in stored.items() for k, v in sd.items()
-             if k not in want.get(part, {}) or (not k.startswith("out.")
+             if k not in want.get(part, {}) or (f"{part}.{k}" not in heads
                                                 and want[part][k].shape != v.shape)]
     if wrong:
         now = backbone.config.model_dump(mode="json")
