@@ -204,8 +204,8 @@ def test_weights_of_another_width_are_dropped_by_shape_never_placed_elsewhere(wo
                    "--allow-partial", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["dropped"] and all(why.startswith("shape ") for key, why in
-                                     report["dropped"].items() if not key.startswith("out_tr."))
-    assert report["dropped"]["out_tr.final_conv.weight"].startswith("the original task's output")
+                                     report["dropped"].items() if not key.startswith("out."))
+    assert report["dropped"]["out.weight"].startswith("the original task's output layer")
     assert not any(key.startswith("decoder.out.") for key in report["random"])
     assert report["loaded"]  # width-free shapes (counters, the 1-class out.bias) still fit
     for placed in report["loaded"]:  # each at its own name
