@@ -18,7 +18,7 @@ from medssl_bench import cli
 from medssl_bench.config import PluginConfig
 from medssl_bench.errors import ConfigError
 from medssl_bench.hookspecs import hookimpl
-from medssl_bench.imports import import_weights, read_checkpoint
+from medssl_bench.imports import WeightsError, import_weights, read_checkpoint
 from medssl_bench.interfaces import Backbone, Encoder
 from medssl_bench.plugins import build_registry
 from medssl_bench.weights import load_weights, save_weights
@@ -538,44 +538,63 @@ def test_library_keys_land_on_a_backbone_that_holds_the_library_modules_under_pr
 
 @pytest.mark.skipif("swinunetr" not in REGISTRY.names("backbone"),
                     reason="the swinunetr backbone (branch backbones) is not registered yet")
-def test_swin_release_imports_into_the_swinunetr_backbone(workdir):
-    """model_swinvit.pt built from the Swin transformer inside our swinunetr backbone (at its
-    quick preset), in the release's layout: every tensor of the file lands in the encoder."""
+@pytest.mark.parametrize("fmt", ["swinunetr", "voco"])
+def test_swin_releases_import_into_the_swinunetr_backbone(workdir, fmt):
+    """model_swinvit.pt (the transformer alone) and a VoCo checkpoint (the whole network,
+    swin_vit keys), built from the MONAI modules of our swinunetr backbone at its quick preset
+    in each release's layout: every tensor of the file lands; the transformer-only release
+    leaves the encoder's convolution blocks random, so it needs --allow-partial."""
     from monai.networks.nets.swin_unetr import SwinTransformer
 
     cls = REGISTRY.get("backbone", "swinunetr")
     values = dict(cls.presets.get("quick", {}))
-    encoder = cls(cls.Config.model_validate(values)).build_encoder(1)
-    swin = next(m for m in encoder.modules() if isinstance(m, SwinTransformer))
-    published = {f"module.{k}".replace(".mlp.linear1.", ".mlp.fc1.")
-                 .replace(".mlp.linear2.", ".mlp.fc2."): v for k, v in swin.state_dict().items()}
-    torch.save({"state_dict": published}, workdir / "model_swinvit.pt")
-    _, report = import_weights(REGISTRY, workdir / "model_swinvit.pt", "swinunetr",
-                               workdir / "cache", backbone_values=values, allow_partial=True)
+    backbone = cls(cls.Config.model_validate(values))
+    encoder = backbone.build_encoder(1)
+    if fmt == "swinunetr":
+        swin = next(m for m in encoder.modules() if isinstance(m, SwinTransformer))
+        published = {f"module.{k}".replace(".mlp.linear1.", ".mlp.fc1.")
+                     .replace(".mlp.linear2.", ".mlp.fc2."): v
+                     for k, v in swin.state_dict().items()}
+        torch.save({"state_dict": published}, workdir / "model_swinvit.pt")
+        file = workdir / "model_swinvit.pt"
+        with pytest.raises(WeightsError, match="Partial load refused"):
+            import_weights(REGISTRY, file, fmt, workdir / "cache", backbone_values=values)
+    else:
+        decoder = backbone.build_decoder(encoder, 2)
+        library = {**encoder.state_dict(), **decoder.state_dict()}  # MONAI's own keys
+        published = {f"module.{k.replace('swinViT.', 'swin_vit.')}": v
+                     for k, v in library.items()}
+        torch.save({"state_dict": published}, workdir / "VoCo_10k.pt")
+        file = workdir / "VoCo_10k.pt"
+    _, report = import_weights(REGISTRY, file, fmt, workdir / "cache", name=fmt,
+                               backbone_values=values, allow_partial=fmt == "swinunetr")
     assert report.dropped == {} and len(report.loaded) == len(published)
+    if fmt == "swinunetr":
+        assert report.random and all(k.startswith(("encoder.encoder1.", "encoder.encoder2.",
+                                                   "encoder.encoder3.", "encoder.encoder4."))
+                                     for k in report.random)
+    else:
+        assert report.random == []
 
 
 @pytest.mark.skipif("resenc3d" not in REGISTRY.names("backbone"),
                     reason="the resenc3d backbone (branch backbones) is not registered yet")
 @pytest.mark.parametrize("fmt", ["nnunet", "openmind"])
 def test_nnunet_checkpoint_imports_into_the_resenc3d_backbone(workdir, fmt):
-    """checkpoint_final.pth built from the dynamic-network-architectures modules inside our
-    resenc3d backbone (quick preset), in nnU-Net's layout: encoder and decoder load whole,
-    only decoder.encoder.* (the copy) is dropped."""
-    from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
-    from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+    """checkpoint_final.pth of the library's ResidualEncoderUNet with our resenc3d's quick
+    architecture, in nnU-Net's layout: nothing stays random; only the library's duplicates
+    (decoder.encoder.*, all_modules) and deep-supervision heads are dropped."""
+    from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
 
     cls = REGISTRY.get("backbone", "resenc3d")
     values = dict(cls.presets.get("quick", {}))
     backbone = cls(cls.Config.model_validate(values))
-    encoder = backbone.build_encoder(1)
-    decoder = backbone.build_decoder(encoder, 2)
-    net = nn.Module()
-    net.encoder = next(m for m in encoder.modules() if isinstance(m, ResidualEncoder))
-    net.decoder = next(m for m in decoder.modules() if isinstance(m, UNetDecoder))
+    net = ResidualEncoderUNet(input_channels=1, num_classes=3, conv_op=nn.Conv3d,
+                              nonlin=nn.LeakyReLU, deep_supervision=False,
+                              **backbone.config.library_kwargs())
     file = nnunet_checkpoint(workdir / "checkpoint_final.pth", net, fmt == "openmind")
-    _, report = import_weights(REGISTRY, file, fmt, workdir / "cache",
-                               backbone_values=values)
+    _, report = import_weights(REGISTRY, file, fmt, workdir / "cache", backbone_values=values)
     assert report.random == []
-    assert set(report.dropped) == {k for k in net.state_dict()
-                                   if k.startswith("decoder.encoder.")}
+    assert report.dropped and all(k.startswith(("decoder.encoder.", "decoder.seg_layers."))
+                                  or "all_modules." in k for k in report.dropped)
+    assert any(k.startswith("decoder.out.") for k in report.loaded)

@@ -224,6 +224,22 @@ def head_keys(backbone: Backbone, encoder: Any) -> frozenset[str]:
     return frozenset(f"decoder.{k}" for k, v in one.items() if k in two and two[k].shape != v.shape)
 
 
+def own_split(backbone: Backbone, mapped: dict[str, Tensor],
+              dropped: dict[str, str]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A backbone built from another library's modules may say itself how that library's
+    state dict maps onto its encoder and decoder: ``split_library_state(state)`` returning
+    ``.parts`` (part -> our keys), ``.dropped`` (key -> why) and ``.unmatched`` (keys no rule
+    of its maps). Its answer is taken as it is (keys become ``part/key``); a backbone without
+    one is matched by names (:func:`place`)."""
+    split = getattr(backbone, "split_library_state", None)
+    if not callable(split):
+        return mapped, dropped
+    result = split(mapped)
+    placed = {f"{part}/{k}": v for part, sd in result.parts.items() for k, v in sd.items()}
+    why = f"no key rule of backbone {backbone.name!r} places it"
+    return placed, {**dropped, **result.dropped, **dict.fromkeys(result.unmatched, why)}
+
+
 def build_targets(backbone: Backbone, mapped: dict[str, Tensor]) -> tuple[
         dict[str, dict[str, Tensor]], int]:
     """The backbone's encoder and decoder state dicts at the checkpoint's input channels and
@@ -318,6 +334,7 @@ def import_weights(registry: Any, file: str | Path, format_name: str, cache_dir:
                           f"installed (installed: {', '.join(registry.names('backbone'))}).")
     values = {**fmt.backbone_config(mapped), **(backbone_values or {})}
     net = _backbone_instance(registry, target, values)
+    mapped, dropped = own_split(net, mapped, dropped)
     targets, in_channels = build_targets(net, mapped)
     parts, report = place(mapped, targets, dropped, head_keys(net, net.build_encoder(in_channels)))
     if not parts.get("encoder"):
