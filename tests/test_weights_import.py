@@ -558,7 +558,7 @@ def test_swin_releases_import_into_the_swinunetr_backbone(workdir, fmt):
         torch.save({"state_dict": published}, workdir / "model_swinvit.pt")
         file = workdir / "model_swinvit.pt"
         with pytest.raises(WeightsError, match="Partial load refused"):
-            import_weights(REGISTRY, file, fmt, workdir / "cache", backbone_values=values)
+            import_weights(REGISTRY, file, fmt, workdir / "cache")
     else:
         decoder = backbone.build_decoder(encoder, 2)
         library = {**encoder.state_dict(), **decoder.state_dict()}  # MONAI's own keys
@@ -566,9 +566,10 @@ def test_swin_releases_import_into_the_swinunetr_backbone(workdir, fmt):
                      for k, v in library.items()}
         torch.save({"state_dict": published}, workdir / "VoCo_10k.pt")
         file = workdir / "VoCo_10k.pt"
-    _, report = import_weights(REGISTRY, file, fmt, workdir / "cache", name=fmt,
-                               backbone_values=values, allow_partial=fmt == "swinunetr")
+    prov, report = import_weights(REGISTRY, file, fmt, workdir / "cache", name=fmt,
+                                  allow_partial=fmt == "swinunetr")  # settings read off it
     assert report.dropped == {} and len(report.loaded) == len(published)
+    assert {k: prov.backbone_config[k] for k in values} == values
     if fmt == "swinunetr":
         assert report.random and all(k.startswith(("encoder.encoder1.", "encoder.encoder2.",
                                                    "encoder.encoder3.", "encoder.encoder4."))
@@ -593,7 +594,8 @@ def test_nnunet_checkpoint_imports_into_the_resenc3d_backbone(workdir, fmt):
                               nonlin=nn.LeakyReLU, deep_supervision=False,
                               **backbone.config.library_kwargs())
     file = nnunet_checkpoint(workdir / "checkpoint_final.pth", net, fmt == "openmind")
-    _, report = import_weights(REGISTRY, file, fmt, workdir / "cache", backbone_values=values)
+    prov, report = import_weights(REGISTRY, file, fmt, workdir / "cache")  # settings read off it
+    assert prov.backbone_config == backbone.config.model_dump(mode="json")
     assert report.random == []
     assert report.dropped and all(k.startswith(("decoder.encoder.", "decoder.seg_layers."))
                                   or "all_modules." in k for k in report.dropped)

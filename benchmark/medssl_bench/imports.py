@@ -332,7 +332,10 @@ def import_weights(registry: Any, file: str | Path, format_name: str, cache_dir:
     if target not in registry.names("backbone"):
         raise ConfigError(f"--format {format_name} maps onto backbone {target!r}, which is not "
                           f"installed (installed: {', '.join(registry.names('backbone'))}).")
-    values = {**fmt.backbone_config(mapped), **(backbone_values or {})}
+    fields = registry.get("backbone", target).Config.model_fields if \
+        target in registry.names("backbone") else {}
+    seen = {k: v for k, v in fmt.backbone_config(mapped).items() if k in fields}
+    values = {**seen, **(backbone_values or {})}
     net = _backbone_instance(registry, target, values)
     mapped, dropped = own_split(net, mapped, dropped)
     targets, in_channels = build_targets(net, mapped)

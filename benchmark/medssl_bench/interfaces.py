@@ -364,5 +364,6 @@ class WeightFormat(Plugin):
 
     def backbone_config(self, state: dict[str, Tensor]) -> dict[str, Any]:
         """Backbone settings the checkpoint itself shows (a width read off a weight's shape);
-        the user's ``--set backbone.KEY=VALUE`` wins."""
+        the user's ``--set backbone.KEY=VALUE`` wins, and names the backbone's Config lacks are
+        left out (an inference, not an order)."""
         return {}

@@ -25,6 +25,7 @@ code; nothing here is copied from it):
 
 from __future__ import annotations
 
+import re
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -97,6 +98,32 @@ class SwinUNETRFormat(WeightFormat):
             out[key] = value
         return out, {}
 
+    def backbone_config(self, state: dict[str, Tensor]) -> dict[str, Any]:
+        return swin_config(state)
+
+
+def swin_config(state: dict[str, Tensor]) -> dict[str, Any]:
+    """Swin UNETR settings read off MONAI-named weights: feature size (patch embedding),
+    blocks and heads per stage, window side ((2w-1)^3 relative positions), v2 (layersNc)."""
+    config: dict[str, Any] = {}
+    embed = state.get("swinViT.patch_embed.proj.weight")
+    if embed is not None:
+        config["feature_size"] = int(embed.shape[0])
+    depths, heads = [], []
+    for stage in range(1, 5):
+        blocks = {int(m.group(1)) for k in state
+                  if (m := re.match(rf"swinViT\.layers{stage}\.0\.blocks\.(\d+)\.", k))}
+        table = state.get(f"swinViT.layers{stage}.0.blocks.0.attn.relative_position_bias_table")
+        if not blocks or table is None:
+            return config
+        depths.append(max(blocks) + 1)
+        heads.append(int(table.shape[1]))
+        side = round(table.shape[0] ** (1 / 3))
+        config["window_size"] = (side + 1) // 2
+    config.update(depths=depths, num_heads=heads,
+                  use_v2=any(k.startswith("swinViT.layers1c.") for k in state))
+    return config
+
 
 class VoCoFormat(SwinUNETRFormat):
     """VoCo's Swin UNETR weights (swin_vit keys renamed to MONAI's swinViT)."""
@@ -125,6 +152,32 @@ class NNUNetFormat(WeightFormat):
             else:
                 out[key] = value
         return out, dropped
+
+
+    def backbone_config(self, state: dict[str, Tensor]) -> dict[str, Any]:
+        """ResEnc settings read off the weights: stages and blocks per stage (the encoder's
+        keys), first and largest feature counts, kernel side, decoder convs per stage."""
+        blocks: dict[int, int] = {}
+        for key in state:
+            if m := re.match(r"encoder\.stages\.(\d+)\.blocks\.(\d+)\.", key):
+                stage, block = int(m.group(1)), int(m.group(2))
+                blocks[stage] = max(blocks.get(stage, 0), block + 1)
+        stem = state.get("encoder.stem.convs.0.conv.weight")
+        if not blocks or stem is None:
+            return {}
+        widths = [state[f"encoder.stages.{s}.blocks.0.conv1.conv.weight"].shape[0]
+                  for s in sorted(blocks) if f"encoder.stages.{s}.blocks.0.conv1.conv.weight"
+                  in state]
+        convs = {int(m.group(1)) for k in state
+                 if (m := re.match(r"decoder\.stages\.0\.convs\.(\d+)\.", k))}
+        config: dict[str, Any] = {
+            "n_stages": len(blocks), "blocks_per_stage": [blocks[s] for s in sorted(blocks)],
+            "base_features": int(stem.shape[0]), "kernel_size": int(stem.shape[-1])}
+        if widths:
+            config["max_features"] = int(max(widths))
+        if convs:
+            config["decoder_convs"] = max(convs) + 1
+        return config
 
 
 class OpenMindFormat(NNUNetFormat):
