@@ -444,8 +444,8 @@ def check_fits(value: str, prov: Provenance, path: Path, backbone: Backbone) -> 
                                                 and want[part][k].shape != v.shape)]
     if wrong:
         now = backbone.config.model_dump(mode="json")
-        fix = " ".join(f"backbone.{k}={json.dumps(v)}" for k, v in prov.backbone_config.items()
-                       if now.get(k) != v)
+        fix = " ".join(f"backbone.{k}={json.dumps(v, separators=(',', ':'))}"
+                       for k, v in prov.backbone_config.items() if now.get(k) != v)
         raise ConfigError(f"--init {value}: the weights do not fit backbone {backbone.name!r} "
                           f"as configured (e.g. {wrong[0]}); they were imported with "
                           f"{prov.backbone_config}. Add --set {fix or '(the settings above)'}.")
