@@ -389,6 +389,7 @@ class ResultStore:
         """Close a run that raised: FAILED for an error, KILLED for an interrupt (Ctrl-C,
         SIGTERM), with the error as a tag. Not when the store itself is unreachable: the run
         stays RUNNING until a later ``bench run`` reaps it (its owner is gone by then)."""
+        self.tracker.heartbeat.release(run_id)
         if isinstance(exc, TrackingUnavailable):
             return
         self.tracker.set_tags(run_id, {TAG_ERROR: f"{type(exc).__name__}: {exc}"[:4000]})
