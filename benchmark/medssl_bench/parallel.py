@@ -30,7 +30,7 @@ from pydantic import Field
 from medssl_bench.config import PluginConfig
 from medssl_bench.context import Outcome, RunContext
 from medssl_bench.errors import BenchError, ConfigError
-from medssl_bench.executor import record_failure, reap, run_unit, wait_released
+from medssl_bench.executor import reap, record_failure, run_unit
 from medssl_bench.hookspecs import hookimpl
 from medssl_bench.interfaces import Executor
 from medssl_bench.leases import JOB_ENV, RunningElsewhere
@@ -218,6 +218,15 @@ class SubmititExecutor(Executor):
                     if not all(k in done for k in unit.depends_on):
                         continue
                     pending.remove(unit)
+                    holder = ctx.store.holder_elsewhere(ctx.run.spec.name, unit.key)
+                    if holder is not None:  # another live process runs it: no job for it
+                        self._held(ctx, unit, f"running elsewhere: {holder.where()}",
+                                   elsewhere, waiting)
+                        if not ctx.wait:
+                            ctx.outcomes.append(Outcome(unit.what, "skipped",
+                                                        f"running elsewhere: {holder.where()}",
+                                                        unit.task, unit.stage))
+                        continue
                     if _is_light(ctx, unit):
                         self._inline(ctx, unit, done, failed, elsewhere, waiting, records)
                     else:
@@ -259,8 +268,6 @@ class SubmititExecutor(Executor):
 
     def _inline(self, ctx, unit, done, failed, elsewhere, waiting, records) -> None:
         try:
-            if ctx.wait:
-                wait_released(ctx, unit)
             done[unit.key] = run_unit(ctx, unit, done)
         except RunningElsewhere as exc:
             self._held(ctx, unit, str(exc), elsewhere, waiting)
