@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,29 +76,24 @@ def _values(runs: list) -> dict[str, float]:
     return {k: float(v[0].data.tags["value"]) for k, v in finished.items()}
 
 
-def test_local_workers_record_each_unit_once_with_the_inprocess_results(
-        tmp_path, monkeypatch, capsys, mlflow_server):
-    tiny = [*TINY, "dataset.seed=11"]
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    alone = f"sqlite:///{tmp_path / 'alone.db'}"
-    assert cli.main([*SWEEP, "--tracking-uri", alone, "--cache-dir", "alone-cache",
-                     "--set", *tiny]) == 0
-    capsys.readouterr()
-    done = _bench(tmp_path, [*SWEEP, "--workers", "2", "--tracking-uri", mlflow_server.uri,
-                             "--set", *tiny, "executor.poll_seconds=0.3"])
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "submitted pretrain rotation3d" in done.stdout  # ran as jobs, not in process
-    assert "3 ran" in done.stdout
-    parallel = _sweep_runs(mlflow_server.uri, 11)
-    serial = _sweep_runs(alone, 11)
-    assert not [r for r in parallel if r.info.status != "FINISHED"]
-    values = _values(parallel)
-    assert len(values) == 2 and values == pytest.approx(_values(serial), abs=1e-6)
-    assert all(len(v) == 1 for v in _finished(parallel, "pretrain").values())
-    assert len(_finished(parallel, "pretrain")) == 2  # rotation3d and scratch's parent
+KILLED_SWEEP = [*TINY, "dataset.seed=13", "pretrain.epochs=3"]
 
 
+@pytest.fixture(scope="module")
+def serial_values(tmp_path_factory):
+    """The fine-tunes' results of the killed sweep run undisturbed by the in-process
+    executor (its own SQLite store): what the parallel sweep must reproduce."""
+    folder = tmp_path_factory.mktemp("serial")
+    uri = f"sqlite:///{folder / 'alone.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("MEDSSL_BENCH_TEST_EPOCH_DELAY", raising=False)
+        assert cli.main([*SWEEP, "--tracking-uri", uri, "--set", *KILLED_SWEEP]) == 0
+    return _values(_sweep_runs(uri, 13))
+
+
+@pytest.mark.slow
 def test_the_slurm_executor_runs_a_sweep_through_submitits_local_cluster(tmp_path,
                                                                          mlflow_server):
     tiny = [*TINY, "dataset.seed=12", "protocol.seeds=[0,1]"]
@@ -161,24 +157,28 @@ def _poll(check, what: str, timeout: float = 240):
     raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
-def test_a_killed_worker_is_rerun_once_and_a_rerun_while_alive_waits_or_says_where(
-        tmp_path, mlflow_server):
-    """A sweep with two local workers; once the pretraining has checkpointed an epoch: a
-    second `bench run` exits 5 naming the worker; a third with --wait follows; the worker
-    is killed with SIGKILL; the first run reaps its run and reruns the pretraining (resumed
-    from its checkpoint); both runs end 0 with every unit recorded exactly once."""
-    tiny = [*TINY, "dataset.seed=13", "pretrain.epochs=3"]
-    argv = [*SWEEP, "--workers", "2", "--tracking-uri", mlflow_server.uri, "--set", *tiny,
+@pytest.mark.slow
+def test_local_workers_survive_a_killed_worker_and_a_rerun_while_alive(
+        tmp_path, mlflow_server, serial_values):
+    """`--executor local --workers 2` (implied by --workers); once the pretraining has
+    checkpointed an epoch: a second `bench run` exits 5 naming the worker; a third with
+    --wait follows; the worker is killed with SIGKILL; the first run reaps its run and
+    reruns the pretraining (resumed from its checkpoint); both runs end 0 with every unit
+    recorded exactly once and the results of the in-process executor."""
+    argv = [*SWEEP, "--workers", "2", "--tracking-uri", mlflow_server.uri, "--set",
+            *KILLED_SWEEP,
             "executor.poll_seconds=0.3"]
-    slow = {"MEDSSL_BENCH_TEST_EPOCH_DELAY": "1.5"}
+    gate = tmp_path / "hold-epochs"
+    gate.touch()  # units stop at the end of each epoch (checkpoint written) while it exists
+    held = {"MEDSSL_BENCH_TEST_EPOCH_GATE": str(gate)}
     first = subprocess.Popen([sys.executable, "-m", "medssl_bench.cli", *argv], cwd=tmp_path,
-                             env=_env(**slow), stdout=subprocess.PIPE,
+                             env=_env(**held), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     follower = None
     try:
         def pretraining_with_an_epoch():
             for r in _sweep_runs(mlflow_server.uri, 13):
-                if (r.info.status == "RUNNING" and "loss" in r.data.metrics
+                if (r.info.status == "RUNNING" and "pretrain_loss" in r.data.metrics
                         and r.data.tags.get("task") == "rotation3d"
                         and r.data.tags.get(TAG_KIND) == "pretrain"):
                     return r
@@ -186,24 +186,32 @@ def test_a_killed_worker_is_rerun_once_and_a_rerun_while_alive_waits_or_says_whe
 
         run = _poll(pretraining_with_an_epoch, "a checkpointed pretraining epoch")
         worker = int(run.data.tags["medssl_bench.pid"])
-        again = _bench(tmp_path, argv, **slow)
+        again = _bench(tmp_path, argv, **held)
         assert again.returncode == 5, again.stdout + again.stderr
         assert "still running" in again.stderr and f"pid {worker}" in again.stderr
         assert "pretrain rotation3d" in again.stderr and "--wait" in again.stderr
         follower = subprocess.Popen([sys.executable, "-m", "medssl_bench.cli", *argv, "--wait"],
-                                    cwd=tmp_path, env=_env(**slow), stdout=subprocess.PIPE,
+                                    cwd=tmp_path, env=_env(**held), stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(follower.stdout), daemon=True)
+        reader.start()
+        _poll(lambda: any("following them (--wait)" in line for line in lines),
+              "the --wait run following the live units")
         os.kill(worker, signal.SIGKILL)
+        gate.unlink()
         out, _ = first.communicate(timeout=400)
         assert first.returncode == 0, out
-        followed, _ = follower.communicate(timeout=400)
+        follower.wait(timeout=400)
+        reader.join(timeout=30)
+        followed = "".join(lines)
         assert follower.returncode == 0, followed
     finally:
         for proc in (first, follower):
             if proc is not None and proc.poll() is None:
                 proc.kill()
-    assert "running it again" in out or "running elsewhere" in followed, out + followed
-    assert "following them (--wait)" in followed
+    assert "running it again" in out, out
+    assert "pretrain rotation3d" in followed.split("following them (--wait)")[1]
     runs = _sweep_runs(mlflow_server.uri, 13)
     assert not [r for r in runs if r.info.status == "RUNNING"]
     pretrains = _finished(runs, "pretrain")
@@ -213,7 +221,8 @@ def test_a_killed_worker_is_rerun_once_and_a_rerun_while_alive_waits_or_says_whe
     rotation = next(v[0] for v in pretrains.values() if v[0].data.tags.get("task") ==
                     "rotation3d")
     assert rotation.data.tags.get("resumed_from_epoch")  # resumed from its checkpoint
-    assert len(_values(runs)) == 2
+    assert _values(runs) == pytest.approx(serial_values, abs=1e-6)
+    assert len(serial_values) == 2  # scratch and rotation3d
 
 
 # --------------------------------------------------------------------------- status, SQLite

@@ -151,8 +151,9 @@ def _is_light(ctx: RunContext, unit: Unit) -> bool:
 
 class SubmititExecutor(Executor):
     """What the submitit executors share: the loop over ready units, the worker's spec,
-    retries of dead workers, units held elsewhere. Subclasses make the submitit executor
-    and its per-job parameters."""
+    retries of dead workers, following units another live process holds (they run there;
+    their dependants run here once they finished, or here after all if its lease dies).
+    Subclasses make the submitit executor and its per-job parameters."""
 
     class Config(PluginConfig):
         workers: int = Field(default=2, ge=1, description="How many units run at once "
@@ -182,161 +183,154 @@ class SubmititExecutor(Executor):
 
     # -- the loop
     def execute(self, plan: Plan, ctx: RunContext) -> list[Any]:
-        from medssl_bench.store import ResultRecord
-
         check_shared_store(ctx.store.uri, self.writers(), self.name)
         reap(ctx)
+        sweep = _Sweep(plan)
         executor = self.make_executor(ctx)
-        by_key = {u.key: u for u in plan}
-        pending: list[Unit] = list(plan)
-        done: dict[str, Any] = {}  # finished units (their result when run here, else None)
-        failed: dict[str, str] = {}  # key -> what failed (itself or a dependency)
-        elsewhere: dict[str, str] = {}  # key -> who holds it (not waited for)
-        waiting: dict[str, Unit] = {}  # held elsewhere, followed (--wait)
-        attempts: dict[str, int] = {}
-        running: dict[str, tuple[Any, Unit, float]] = {}
-        records: list[Any] = []
         try:
-            while pending or running or waiting:
-                for key, unit in list(waiting.items()):  # released: back into the queue
-                    if ctx.store.holder_elsewhere(ctx.run.spec.name, key) is None:
-                        del waiting[key]
-                        pending.insert(0, unit)
-                ready = []
-                for unit in list(pending):
-                    blocked = next((failed[k] for k in unit.depends_on if k in failed), None)
-                    held = next((k for k in unit.depends_on if k in elsewhere), None)
-                    if blocked is not None or held is not None:
-                        pending.remove(unit)
-                        reason = (f"{blocked} failed" if blocked is not None
-                                  else f"{by_key[held].what} is {elsewhere[held]}")
-                        (failed if blocked is not None else elsewhere)[unit.key] = (
-                            blocked if blocked is not None else elsewhere[held])
-                        ctx.outcomes.append(Outcome(unit.what, "skipped", reason, unit.task,
-                                                    unit.stage))
-                        continue
-                    if not all(k in done for k in unit.depends_on):
-                        continue
-                    pending.remove(unit)
-                    holder = ctx.store.holder_elsewhere(ctx.run.spec.name, unit.key)
-                    if holder is not None:  # another live process runs it: no job for it
-                        self._held(ctx, unit, f"running elsewhere: {holder.where()}",
-                                   elsewhere, waiting)
-                        if not ctx.wait:
-                            ctx.outcomes.append(Outcome(unit.what, "skipped",
-                                                        f"running elsewhere: {holder.where()}",
-                                                        unit.task, unit.stage))
-                        continue
-                    if _is_light(ctx, unit):
-                        self._inline(ctx, unit, done, failed, elsewhere, waiting, records)
-                    else:
-                        ready.append(unit)
-                free = self.config.workers - len(running)
-                if ready and free <= 0:
-                    pending[:0] = ready
-                elif ready:
-                    now, later = ready[:free], ready[free:]
-                    pending[:0] = later
-                    specs = [self._spec(ctx, u, by_key) for u in now]
-                    for unit, job in zip(now, self.submit(executor, ctx, specs), strict=True):
-                        running[unit.key] = (job, unit, time.time())
+            while sweep.pending or sweep.running or sweep.waiting:
+                self._release_waiting(ctx, sweep)
+                ready = self._ready(ctx, sweep)
+                free = self.config.workers - len(sweep.running)
+                if ready and free > 0:
+                    now = ready[:free]
+                    sweep.pending[:0] = ready[free:]
+                    specs = [self._spec(ctx, u, sweep.by_key) for u in now]
+                    jobs = self.submit(executor, ctx, specs)
+                    for unit, job in zip(now, jobs, strict=True):
+                        sweep.running[unit.key] = (job, unit)
                         ctx.echo(f"submitted {unit.what} (job {job.job_id})")
                     continue  # look for more ready units before waiting
-                finished = [k for k, (job, _, _) in running.items() if job.done()]
+                sweep.pending[:0] = ready
+                finished = [k for k, (job, _) in sweep.running.items() if job.done()]
                 for key in finished:
-                    job, unit, _ = running.pop(key)
-                    self._collect(ctx, job, unit, done, failed, elsewhere, waiting, attempts,
-                                  pending, records, ResultRecord)
+                    job, unit = sweep.running.pop(key)
+                    self._collect(ctx, sweep, job, unit)
                 if not finished:
                     time.sleep(self.config.poll_seconds)
         except BaseException:
-            for job, unit, _ in running.values():  # no orphans: each closes its run KILLED
+            for job, unit in sweep.running.values():  # no orphans: each closes its run KILLED
                 ctx.echo(f"cancelling {unit.what} (job {job.job_id})")
                 try:
                     job.cancel(check=False)
                 except Exception:  # best effort on the way out
                     pass
             raise
-        if elsewhere:
-            _report_elsewhere(ctx, by_key, elsewhere)
-        return records
+        return sweep.records
+
+    def _release_waiting(self, ctx: RunContext, sweep: _Sweep) -> None:
+        """Units another process held go back into the queue once it let go: finished (the
+        job finds the result), or its lease died (the job reaps and reruns it)."""
+        for key, unit in list(sweep.waiting.items()):
+            if ctx.store.holder_elsewhere(ctx.run.spec.name, key) is None:
+                del sweep.waiting[key]
+                sweep.pending.insert(0, unit)
+
+    def _ready(self, ctx: RunContext, sweep: _Sweep) -> list[Unit]:
+        """Take the pending units whose dependencies are done out of the queue: those held by
+        another live process wait for it, light ones run here; the rest, to submit."""
+        ready = []
+        for unit in list(sweep.pending):
+            blocked = next((sweep.failed[k] for k in unit.depends_on if k in sweep.failed),
+                           None)
+            if blocked is not None:
+                sweep.pending.remove(unit)
+                sweep.failed[unit.key] = blocked
+                ctx.outcomes.append(Outcome(unit.what, "skipped", f"{blocked} failed",
+                                            unit.task, unit.stage))
+                continue
+            if not all(k in sweep.done for k in unit.depends_on):
+                continue
+            sweep.pending.remove(unit)
+            holder = ctx.store.holder_elsewhere(ctx.run.spec.name, unit.key)
+            if holder is not None:  # another live process runs it: follow, submit nothing
+                self._wait_for(ctx, sweep, unit, f"running elsewhere: {holder.where()}")
+            elif _is_light(ctx, unit):
+                self._inline(ctx, sweep, unit)
+            else:
+                ready.append(unit)
+        return ready
+
+    def _wait_for(self, ctx: RunContext, sweep: _Sweep, unit: Unit, detail: str) -> None:
+        ctx.echo(f"{unit.what} is {detail}: following it")
+        sweep.waiting[unit.key] = unit
 
     def _spec(self, ctx: RunContext, unit: Unit, by_key: dict[str, Unit]) -> JobSpec:
         return JobSpec(run=ctx.run, uri=ctx.store.uri, cache_dir=str(ctx.cache_dir.resolve()),
                        force=ctx.force, device=self.worker_device(ctx), unit=unit,
                        deps=tuple(by_key[k] for k in unit.depends_on))
 
-    def _inline(self, ctx, unit, done, failed, elsewhere, waiting, records) -> None:
+    def _inline(self, ctx: RunContext, sweep: _Sweep, unit: Unit) -> None:
         try:
-            done[unit.key] = run_unit(ctx, unit, done)
+            sweep.done[unit.key] = run_unit(ctx, unit, sweep.done)
         except RunningElsewhere as exc:
-            self._held(ctx, unit, str(exc), elsewhere, waiting)
+            self._wait_for(ctx, sweep, unit, str(exc))
         except Exception as exc:  # recorded, the sweep goes on
-            failed[unit.key] = unit.what
+            sweep.failed[unit.key] = unit.what
             record_failure(ctx, unit, exc)
         else:
-            if isinstance(unit, FinetuneUnit) and done[unit.key] is not None:
-                records.append(done[unit.key])
+            if isinstance(unit, FinetuneUnit) and sweep.done[unit.key] is not None:
+                sweep.records.append(sweep.done[unit.key])
 
-    def _held(self, ctx, unit, detail, elsewhere, waiting) -> None:
-        if ctx.wait:
-            ctx.echo(f"{unit.what} is {detail}: waiting for it (--wait)")
-            waiting[unit.key] = unit
-        else:
-            elsewhere[unit.key] = detail
+    def _collect(self, ctx: RunContext, sweep: _Sweep, job: Any, unit: Unit) -> None:
+        """A job has ended: take its outcomes and record, or (no result: the worker died)
+        reap its run and submit the unit again, up to ``max_retries`` times."""
+        from medssl_bench.store import ResultRecord
 
-    def _collect(self, ctx, job, unit, done, failed, elsewhere, waiting, attempts, pending,
-                 records, record_cls) -> None:
         try:
             out = job.result()
         except Exception as exc:  # the worker died: reap, then retry
-            attempts[unit.key] = attempts.get(unit.key, 0) + 1
+            n = sweep.attempts[unit.key] = sweep.attempts.get(unit.key, 0) + 1
             why = f"worker job {job.job_id} ended without a result ({_first_line(exc)})"
             reaped = ctx.store.reap_key(ctx.run.spec.name, unit.key, why, job=str(job.job_id))
-            if attempts[unit.key] <= self.config.max_retries:
+            if n <= self.config.max_retries:
                 ctx.echo(f"[yellow]{unit.what}[/yellow]: {why}; "
                          f"{'its run marked KILLED, ' if reaped else ''}running it again "
-                         f"(retry {attempts[unit.key]} of {self.config.max_retries})")
-                pending.insert(0, unit)
+                         f"(retry {n} of {self.config.max_retries})")
+                sweep.pending.insert(0, unit)
             else:
-                failed[unit.key] = unit.what
+                sweep.failed[unit.key] = unit.what
                 record_failure(ctx, unit, BenchError(
                     f"{why}; gave up after {self.config.max_retries} retries. Its log: "
-                    f"{Path(self.config.folder) / 'logs'} (job {job.job_id})."))
+                    f"{Path(self.config.folder)} (job {job.job_id})."))
+            return
+        if out["status"] == "elsewhere":  # lost the claim to another live process: follow
+            self._wait_for(ctx, sweep, unit, out["detail"])
             return
         ctx.outcomes.extend(Outcome(**o) for o in out["outcomes"])
-        status = out["status"]
-        if status == "ok":
-            done[unit.key] = None
+        if out["status"] == "ok":
+            sweep.done[unit.key] = None
             if out["record"] is not None:
-                records.append(record_cls.model_validate(out["record"]))
+                sweep.records.append(ResultRecord.model_validate(out["record"]))
             shown = out["outcomes"][-1] if out["outcomes"] else {}
             ctx.echo(f"{unit.what}: {shown.get('status', 'done')} "
                      f"{shown.get('detail', '')} (job {job.job_id})")
-        elif status == "elsewhere":
-            ctx.outcomes.pop()  # the unit is not skipped when followed, nor counted twice
-            if not ctx.wait:
-                ctx.outcomes.append(Outcome(unit.what, "skipped", out["detail"], unit.task,
-                                            unit.stage))
-            self._held(ctx, unit, out["detail"], elsewhere, waiting)
         else:
-            failed[unit.key] = unit.what
+            sweep.failed[unit.key] = unit.what
             ctx.echo(f"[red]FAILED[/red] {unit.what} (job {job.job_id}): {out['detail']}")
+
+
+@dataclass
+class _Sweep:
+    """The parent's view of a sweep in progress."""
+
+    plan: Plan
+    pending: list[Unit] = field(default_factory=list)
+    done: dict[str, Any] = field(default_factory=dict)  # key -> result (None: ran in a job)
+    failed: dict[str, str] = field(default_factory=dict)  # key -> what failed (or its dep)
+    waiting: dict[str, Unit] = field(default_factory=dict)  # held by another live process
+    attempts: dict[str, int] = field(default_factory=dict)
+    running: dict[str, tuple[Any, Unit]] = field(default_factory=dict)
+    records: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.pending = list(self.plan)
+        self.by_key = {u.key: u for u in self.plan}
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
-def _report_elsewhere(ctx: RunContext, by_key: dict[str, Unit], elsewhere: dict[str, str]):
-    from medssl_bench.errors import StillRunning
-
-    lines = [f"  {by_key[k].what}: {v}" for k, v in elsewhere.items()]
-    raise StillRunning(
-        f"{len(elsewhere)} unit(s) of this sweep are held by other live processes, so this "
-        "run did not start them:\n" + "\n".join(lines) + "\nFollow them with `bench run ... "
-        "--wait` (the same command), or see `bench status`.")
 
 
 class LocalWorkers(SubmititExecutor):
@@ -390,11 +384,11 @@ class LocalWorkers(SubmititExecutor):
             jobs.append(job)
         return jobs
 
-    def _collect(self, ctx, job, unit, *args, **kwargs) -> None:
+    def _collect(self, ctx: RunContext, sweep: _Sweep, job: Any, unit: Unit) -> None:
         device = self._job_gpu.pop(str(job.job_id), None)
         if device is not None:  # the job's GPU is free again
             self._in_use[device] -= 1
-        super()._collect(ctx, job, unit, *args, **kwargs)
+        super()._collect(ctx, sweep, job, unit)
 
 
 class SlurmJobs(SubmititExecutor):

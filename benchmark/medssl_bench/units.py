@@ -42,10 +42,18 @@ from medssl_bench.weights import StateDicts, load_weights, save_weights
 EPOCH_DELAY_ENV = "MEDSSL_BENCH_TEST_EPOCH_DELAY"
 
 
+#: A file whose existence holds every epoch's end (after its checkpoint) until it is
+#: removed: a test hook that stops a sweep's units mid-way for as long as a test needs.
+EPOCH_GATE_ENV = "MEDSSL_BENCH_TEST_EPOCH_GATE"
+
+
 def _test_delay() -> None:
     delay = float(os.environ.get(EPOCH_DELAY_ENV, "0") or 0)
     if delay > 0:
         time.sleep(delay)
+    gate = os.environ.get(EPOCH_GATE_ENV)
+    while gate and os.path.exists(gate):
+        time.sleep(0.1)
 
 
 @dataclass
