@@ -107,6 +107,7 @@ def test_the_slurm_executor_runs_a_sweep_through_submitits_local_cluster(tmp_pat
     assert len(_values(runs)) == 4  # scratch and rotation3d, seeds 0 and 1, once each
     assert not [r for r in runs if r.info.status != "FINISHED"]
     # every unit that trained ran as a submitit job: its pickled call, result and log
+    assert "2 finetune units as one job array" in done.stdout  # scratch, seeds 0 and 1
     logs = sorted(p.name for p in jobs.rglob("*_log.out"))
     assert len(logs) == 5, logs  # the pretraining and four fine-tunes
     assert any("rotation3d 100% seed 1" in p.read_text() for p in jobs.rglob("*_log.out"))

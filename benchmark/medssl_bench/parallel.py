@@ -464,9 +464,10 @@ class SlurmJobs(SubmititExecutor):
         for members in groups.values():
             executor.update_parameters(**self.job_parameters(specs[members[0]].unit))
             if len(members) > 1:  # one array job (map_array) for alike units
-                for i, job in zip(members, executor.map_array(run_job, [specs[i] for i in
-                                                                          members]),
-                                  strict=True):
+                array = executor.map_array(run_job, [specs[i] for i in members])
+                ctx.echo(f"{len(members)} {specs[members[0]].unit.stage} units as one job "
+                         "array")
+                for i, job in zip(members, array, strict=True):
                     jobs[i] = job
             else:
                 jobs[members[0]] = executor.submit(run_job, specs[members[0]])
