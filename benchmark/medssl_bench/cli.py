@@ -103,6 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
                      "whether it would run, resume or be reused) and stop; nothing trains.")
     run.add_argument("--cache-dir", default=None,
                      help="Where pretrained encoders are cached (default .medssl_bench/cache).")
+    run.add_argument("--workers", type=int, default=None, metavar="K",
+                     help="Run up to K units at once (--executor local unless another is named; "
+                     "the same as --set executor.workers=K). More than one needs a tracking "
+                     "server (--tracking-uri http://host:port), not SQLite.")
+    run.add_argument("--wait", action="store_true",
+                     help="When units of this sweep are still running in other live processes "
+                     "(an earlier bench run, Slurm jobs): follow them until they end, then "
+                     "finish the sweep. Without it bench run says where they run and exits 5.")
+
+    status = sub.add_parser("status", help="Where a sweep stands: each unit done, running "
+                            "(where, since when), failed (why) or pending. Takes bench run's "
+                            "arguments; creates nothing.")
+    _add_run_arguments(status)
+    status.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
 
     val = sub.add_parser("validate", help="Check a run's plugins and configs without running it.")
     _add_run_arguments(val)
@@ -305,10 +319,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from medssl_bench.tracking import Tracker, absolute_uri
     from medssl_bench.units import preflight
 
+    _workers_flag(args)
     registry, run, device = _resolve(args)
     plugins = instantiate(registry, run)
     configure_backend(device)
     uri = _tracking_uri(args)
+    if not args.dry_run:  # parallel workers on SQLite: refused before a file is created
+        from medssl_bench.parallel import check_shared_store
+
+        check_shared_store(absolute_uri(uri), plugins["executor"].writers(),
+                           run.names["executor"])
     # a dry run reads the store (what is finished) but never creates one
     store = ResultStore.existing(uri) if args.dry_run else ResultStore(Tracker(uri), str(device))
     cache_dir = Path(args.cache_dir or os.environ.get("BENCH_CACHE_DIR") or ".medssl_bench/cache")
@@ -334,7 +354,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                                                                        highlight=False)))
         ctx = RunContext(
             registry=registry, run=run, plugins=plugins, device=device, store=store,
-            cache_dir=cache_dir, force=args.force,
+            cache_dir=cache_dir, force=args.force, wait=args.wait,
             progress=rich_progress,
             echo=console.print,
         )
@@ -345,6 +365,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.dry_run:
             console.print(_plan_table(ctx, plan))
             return 0
+        _check_not_running(ctx, plan, args.wait)
         records = plugins["executor"].execute(plan, ctx)
         plugins["protocol"].summarize(ctx, records)
     counts: dict[str, int] = {}
@@ -361,6 +382,76 @@ def cmd_run(args: argparse.Namespace) -> int:
     for o in failed:
         err_console.print(f"[red]failed[/red] {o.what}: {o.detail}")
     return 1 if failed else 0
+
+
+def _workers_flag(args: argparse.Namespace) -> None:
+    """``--workers K``: ``executor.workers=K``, with the local executor unless one is named."""
+    if args.workers is None:
+        return
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: give 1 or more.")
+    args.executor = args.executor or "local"
+    args.overrides = [*args.overrides, f"executor.workers={args.workers}"]
+
+
+def _check_not_running(ctx: Any, plan: Any, wait: bool) -> None:
+    """A rerun while units of the same sweep are held by live processes (an earlier run
+    still going, Slurm jobs): say where, and stop (exit 5) rather than duplicate or wait
+    forever; with ``--wait`` the executor follows them."""
+    from medssl_bench.errors import StillRunning
+    from medssl_bench.status import unit_states
+
+    held = [s for s in unit_states(ctx.store, plan, ctx.run.spec.name) if s.state == "running"]
+    if not held:
+        return
+    lines = "\n".join(f"  {s.unit.what}: {s.holder.where()}" for s in held)
+    if wait:
+        console.print(f"{len(held)} unit(s) still running elsewhere; following them (--wait):\n"
+                      + lines, markup=False, highlight=False)
+        return
+    raise StillRunning(
+        f"{len(held)} unit(s) of this sweep are still running in other live processes:\n{lines}"
+        "\nNothing was started (that would duplicate them). Rerun with --wait to follow them "
+        "and finish the sweep, or watch with `bench status` (same arguments).")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``bench status``: plan the sweep and show each unit's state from the store."""
+    from rich.table import Table
+
+    from medssl_bench.context import RunContext
+    from medssl_bench.spec import instantiate
+    from medssl_bench.status import counts, unit_states
+    from medssl_bench.store import ResultStore
+
+    registry, run, device = _resolve(args)
+    plugins = instantiate(registry, run)
+    store = ResultStore.existing(_tracking_uri(args))  # None: nothing run there yet
+    quiet = (lambda *a, **k: None) if args.json else (
+        lambda text: err_console.print(text, highlight=False))
+    ctx = RunContext(registry=registry, run=run, plugins=plugins, device=device, store=store,
+                     cache_dir=Path(os.environ.get("BENCH_CACHE_DIR") or ".medssl_bench/cache"),
+                     echo=quiet)
+    plan = plugins["protocol"].plan(ctx)
+    states = unit_states(store, plan, run.spec.name)
+    totals = counts(states)
+    if args.json:
+        print(json.dumps({"protocol": run.spec.name, "counts": totals,
+                          "units": [s.as_dict() for s in states]}, indent=2))
+        return 0
+    colour = {"done": "green", "running": "cyan", "failed": "red", "pending": "yellow"}
+    table = Table(title=f"Sweep status: {len(states)} units ({run.spec.name})")
+    for column in ("#", "stage", "unit", "state", "where / why", "run key"):
+        table.add_column(column, justify="right" if column == "#" else "left")
+    for i, s in enumerate(states, 1):
+        where = s.detail
+        if s.state == "running" and s.holder is not None:
+            where = s.holder.where()
+        table.add_row(str(i), s.unit.stage, s.unit.what,
+                      f"[{colour[s.state]}]{s.state}[/{colour[s.state]}]", where, s.unit.key)
+    table.caption = ", ".join(f"{n} {state}" for state, n in totals.items())
+    console.print(table)
+    return 0
 
 
 def _plan_table(ctx: Any, plan: Any):
@@ -515,6 +606,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": cmd_run,
     "validate": cmd_validate,
+    "status": cmd_status,
     "plugins": cmd_plugins,
     "schema": cmd_schema,
     "leaderboard": cmd_leaderboard,

@@ -45,6 +45,9 @@ class RunContext:
     store: ResultStore | None
     cache_dir: Path
     force: bool = False
+    #: Follow units held by other live processes until they are released (``--wait``)
+    #: instead of leaving them to those processes.
+    wait: bool = False
     progress: Progress = field(default_factory=Progress)
     echo: Any = print
     outcomes: list[Outcome] = field(default_factory=list)

@@ -43,6 +43,13 @@ class TrackingUnavailable(BenchError):
     exit_code = 4
 
 
+class StillRunning(BenchError):
+    """Units of this sweep are held by other live processes (a sweep still running): this
+    run did not start them, nor wait for them (``--wait`` follows them)."""
+
+    exit_code = 5
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """A ``did you mean 'x'?`` hint for ``name`` among ``choices``, or ``""``."""
     matches = difflib.get_close_matches(name, sorted(choices), n=3, cutoff=0.5)

@@ -5,6 +5,8 @@ resuming interrupted pretraining and recording failures behave the same everywhe
 
 Every executor:
 - marks runs left RUNNING by dead processes as KILLED before it starts;
+- leaves a unit that another live process holds (its lease, :mod:`medssl_bench.leases`) to
+  that process, or with ``ctx.wait`` waits until it is released (:func:`wait_released`);
 - runs a unit only after the units it depends on; when one of those failed, records the unit
   as skipped, naming the failed dependency, and goes on with the rest;
 - returns the result records of the fine-tunes it ran.
@@ -20,6 +22,7 @@ from medssl_bench.context import Outcome, RunContext
 from medssl_bench.errors import BenchError, TrackingUnavailable
 from medssl_bench.hookspecs import hookimpl
 from medssl_bench.interfaces import Executor
+from medssl_bench.leases import RunningElsewhere
 from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit, ProbeUnit, Unit
 from medssl_bench.units import run_finetune, run_pretrain, run_probe
 
@@ -46,6 +49,26 @@ def run_unit(ctx: RunContext, unit: Unit, done: dict[str, Any]) -> Any:
         if isinstance(unit, kind):
             return runner(ctx, unit, done)
     raise TypeError(f"no runner for unit {unit!r}")
+
+
+def wait_released(ctx: RunContext, unit: Unit, poll: float | None = None) -> None:
+    """Wait while another live process holds ``unit`` (``--wait``): until its run ends, or
+    its lease dies (then it is reaped here and the unit runs in this process)."""
+    import time
+
+    from medssl_bench.leases import heartbeat_seconds
+
+    poll = poll if poll is not None else min(10.0, heartbeat_seconds())
+    shown = False
+    while True:
+        holder = ctx.store.holder_elsewhere(ctx.run.spec.name, unit.key)
+        if holder is None:
+            ctx.store.reap_key(ctx.run.spec.name, unit.key, "its lease died")
+            return
+        if not shown:
+            ctx.echo(f"waiting for {unit.what}: running on {holder.where()}")
+            shown = True
+        time.sleep(poll)
 
 
 def record_failure(ctx: RunContext, unit: Unit, exc: Exception) -> None:
@@ -83,7 +106,14 @@ class InProcess(Executor):
                                             unit.task, unit.stage))
                 continue
             try:
+                if ctx.wait:
+                    wait_released(ctx, unit)
                 done[unit.key] = run_unit(ctx, unit, done)
+            except RunningElsewhere as exc:  # another live process runs it: not ours
+                failed[unit.key] = f"{unit.what} ({exc})"
+                ctx.outcomes.append(Outcome(unit.what, "skipped", str(exc), unit.task,
+                                            unit.stage))
+                continue
             except TrackingUnavailable as exc:  # the store is gone: so is the sweep
                 record_failure(ctx, unit, exc)
                 raise

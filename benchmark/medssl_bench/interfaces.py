@@ -307,6 +307,11 @@ class Executor(Plugin):
         """Run ``plan``'s units; the result records of the fine-tunes that ran."""
         raise NotImplementedError
 
+    def writers(self) -> int:
+        """How many processes write to the tracking store at once (more than one needs a
+        tracking server: SQLite is refused before anything starts)."""
+        return 1
+
 
 # --------------------------------------------------------------------------- weight formats
 

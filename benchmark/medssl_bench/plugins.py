@@ -38,6 +38,7 @@ BUILTIN_MODULES = (
     "medssl_bench_datasets",
     "medssl_bench_protocols",
     "medssl_bench.executor",
+    "medssl_bench.parallel",
 )
 KIND_BASES: dict[str, type[Plugin]] = {
     "task": ProxyTask,

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medssl_bench.errors import TrackingUnavailable
 from medssl_bench.interfaces import FIGURE_CONVERGENCE, FIGURE_DATA_EFFICIENCY
+from medssl_bench.leases import Holder
 from medssl_bench.tracking import (
     TAG_KEY,
     Tracker,
@@ -333,6 +334,35 @@ class ResultStore:
         exp = self._existing_experiment(protocol)
         return exp is not None and self.tracker.running_elsewhere(exp, key) is not None
 
+    def holder_elsewhere(self, protocol: str, key: str) -> Holder | None:
+        """Who else holds ``key``'s lease right now (host, pid, since, heartbeat), or None."""
+        exp = self._existing_experiment(protocol)
+        run = None if exp is None else self.tracker.running_elsewhere(exp, key)
+        return None if run is None else Holder.of(run)
+
+    def unit_runs(self, protocol: str, key: str) -> list[Any]:
+        """Every run with run key ``key`` (any status), newest first; creates nothing."""
+        exp = self._existing_experiment(protocol)
+        if exp is None:
+            return []
+        runs = self.tracker.client.search_runs(
+            [exp], filter_string=f"tags.`{TAG_KEY}` = '{key}'", max_results=100)
+        return sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True)
+
+    def reap_key(self, protocol: str, key: str, why: str, job: str | None = None) -> list[str]:
+        """Mark RUNNING runs of ``key`` KILLED whose lease is dead, or (``job``) that belong
+        to that job, which the scheduler says has ended: the unit runs again; their ids."""
+        from medssl_bench.leases import TAG_JOB, lease_state
+
+        exp = self._existing_experiment(protocol)
+        reaped = []
+        for run in [] if exp is None else self.tracker.running_with(exp, key):
+            dead = lease_state(run)
+            if dead or (job and run.data.tags.get(TAG_JOB) == job):
+                self.tracker.reap(run, dead or why)
+                reaped.append(run.info.run_id)
+        return reaped
+
     def reap_dead(self) -> list[str]:
         """Mark runs left RUNNING by dead processes of this host KILLED; their ids."""
         return self.tracker.reap_dead()
@@ -389,6 +419,7 @@ class ResultStore:
         """Close a run that raised: FAILED for an error, KILLED for an interrupt (Ctrl-C,
         SIGTERM), with the error as a tag. Not when the store itself is unreachable: the run
         stays RUNNING until a later ``bench run`` reaps it (its owner is gone by then)."""
+        self.tracker.heartbeat.release(run_id)
         if isinstance(exc, TrackingUnavailable):
             return
         self.tracker.set_tags(run_id, {TAG_ERROR: f"{type(exc).__name__}: {exc}"[:4000]})

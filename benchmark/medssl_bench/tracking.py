@@ -5,8 +5,10 @@ We use ``MlflowClient`` directly (no global active run) so a failed fine-tune ca
 as FAILED while the sweep goes on.
 
 Interrupted sweeps: every run records the host and pid (and the process start time) of the
-process that created it; :meth:`Tracker.reap_dead` marks runs of dead processes KILLED, so a
-rerun after SIGKILL leaves nothing RUNNING and redoes exactly the unfinished work.
+process that created it and holds a lease with a heartbeat (:mod:`medssl_bench.leases`);
+:meth:`Tracker.reap_dead` marks runs of dead processes and expired leases KILLED, so a
+rerun after SIGKILL leaves nothing RUNNING and redoes exactly the unfinished work. Starting a
+run claims its key: two processes never both run one unit (:func:`leases.claim`).
 
 Several writers: SQLite allows one writer at a time, and MLflow surfaces contention as
 "database is locked". Every client call is retried with exponential backoff, so a few
@@ -302,6 +304,8 @@ class Tracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        from medssl_bench.leases import Heartbeat
+
         _quiet_mlflow()
         uri = absolute_uri(uri)
         self.uri = uri
@@ -320,6 +324,7 @@ class Tracker:
                 f"Cannot open the MLflow tracking store {uri!r}: {short_error(exc)}. "
                 "Check --tracking-uri (default sqlite:///mlflow.db in the working directory)."
             ) from None
+        self.heartbeat = Heartbeat(self.client)
 
     @classmethod
     def existing(cls, uri: str = DEFAULT_TRACKING_URI) -> Tracker | None:
@@ -380,7 +385,9 @@ class Tracker:
     ) -> str:
         from mlflow.entities import Param
 
-        all_tags = {TAG_KEY: key, TAG_KIND: kind, **owner_tags(),
+        from medssl_bench.leases import RunningElsewhere, claim, lease_tags
+
+        all_tags = {TAG_KEY: key, TAG_KIND: kind, **owner_tags(), **lease_tags(),
                     **{k: str(v) for k, v in tags.items()}}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
@@ -390,10 +397,18 @@ class Tracker:
             with _interrupts_deferred():  # a run is created whole, or closed as KILLED
                 run_id = self.client.create_run(experiment_id, run_name=name,
                                                 tags=all_tags).info.run_id
+                try:
+                    claim(self.client, experiment_id, key, run_id)
+                except RunningElsewhere:  # another live process holds the unit: not ours
+                    self.client.delete_run(run_id)
+                    run_id = None
+                    raise
+                self.heartbeat.hold(run_id)
                 for i in range(0, len(flat), 100):
                     self.client.log_batch(run_id, params=flat[i : i + 100], synchronous=True)
         except BaseException:
             if run_id is not None:
+                self.heartbeat.release(run_id)
                 self.client.set_terminated(run_id, "KILLED")
             raise
         return run_id
@@ -437,41 +452,67 @@ class Tracker:
             ids, filter_string="attributes.status = 'RUNNING'", max_results=5000))
 
     def owner_alive(self, run: Any) -> bool:
-        """False when ``run`` was started on this host by a process that is gone.
+        """Whether ``run``'s lease is alive (:func:`leases.lease_state`): False when it was
+        started on this host by a process that is gone, or its heartbeat is older than its
+        TTL. Runs of other hosts without a heartbeat (before leases) count as alive."""
+        from medssl_bench.leases import lease_state
 
-        Runs of other hosts (or without owner tags) count as alive: we cannot tell.
-        """
-        tags = run.data.tags
-        if tags.get(TAG_HOST) != socket.gethostname() or not tags.get(TAG_PID, "").isdigit():
-            return True
-        return process_alive(int(tags[TAG_PID]), tags.get(TAG_PROC_START, ""))
+        return not lease_state(run)
+
+    def reap(self, run: Any, why: str) -> None:
+        """Mark one RUNNING run KILLED, saying why (its unit will run again)."""
+        self.client.set_tag(run.info.run_id, "medssl_bench.reaped", why[:4000])
+        self.client.set_terminated(run.info.run_id, "KILLED")
 
     def reap_dead(self, experiment_ids: list[str] | None = None) -> list[str]:
-        """Mark runs left RUNNING by dead processes of this host as KILLED; their ids."""
+        """Mark runs whose lease is dead (their process is gone, or their heartbeat stopped
+        for longer than their TTL) KILLED; their ids."""
+        from medssl_bench.leases import lease_state
+
         reaped = []
         for run in self.running(experiment_ids):
-            if not self.owner_alive(run):
-                self.client.set_tag(run.info.run_id, "medssl_bench.reaped",
-                                    f"owner pid {run.data.tags.get(TAG_PID)} is gone")
-                self.client.set_terminated(run.info.run_id, "KILLED")
+            why = lease_state(run)
+            if why:
+                self.reap(run, why)
                 reaped.append(run.info.run_id)
         return reaped
 
-    def running_elsewhere(self, experiment_id: str, key: str) -> Any | None:
-        """A RUNNING run with ``key`` owned by another live process (a parallel sweep)."""
-        for run in self.client.search_runs(
+    def running_with(self, experiment_id: str, key: str) -> list[Any]:
+        """Every RUNNING run with ``key`` (live or not)."""
+        return list(self.client.search_runs(
             [experiment_id],
             filter_string=f"tags.`{TAG_KEY}` = '{key}' and attributes.status = 'RUNNING'",
-            max_results=10,
-        ):
-            if run.data.tags.get(TAG_PID) != str(os.getpid()) and self.owner_alive(run):
+            max_results=100))
+
+    def running_elsewhere(self, experiment_id: str, key: str) -> Any | None:
+        """A RUNNING run with ``key`` held by another process with a live lease (a parallel
+        sweep, another worker)."""
+        mine = (socket.gethostname(), str(os.getpid()))
+        for run in self.running_with(experiment_id, key):
+            tags = run.data.tags
+            if run.info.run_id in self.heartbeat.held() or (
+                    tags.get(TAG_HOST), tags.get(TAG_PID)) == mine:
+                continue
+            if self.owner_alive(run):
                 return run
         return None
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         """Close a run; Ctrl-C/SIGTERM wait until its status is written (an interrupt in the
-        middle of the write would leave it RUNNING)."""
+        middle of the write would leave it RUNNING). A run whose lease was reaped meanwhile
+        (this process stopped heartbeating for longer than the TTL, and another process
+        marked it KILLED) is not turned FINISHED: :class:`leases.LeaseLost`."""
+        from medssl_bench.leases import LeaseLost
+
+        self.heartbeat.release(run_id)
         with _interrupts_deferred():
+            if status == "FINISHED":
+                now = self.client.get_run(run_id).info.status
+                if now != "RUNNING":
+                    raise LeaseLost(
+                        f"The lease of run {run_id} expired and it was marked {now} by another "
+                        "process (this one stopped heartbeating for longer than the lease TTL, "
+                        "BENCH_LEASE_TTL_SECONDS); its result is not recorded as finished.")
             self.client.set_terminated(run_id, status)
 
     def finetune_runs(self, experiment_ids: list[str] | None = None) -> list[Any]:

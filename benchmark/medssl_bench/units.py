@@ -31,6 +31,7 @@ from medssl_bench.engine import (
 )
 from medssl_bench.errors import BenchError, ConfigError, TrackingUnavailable
 from medssl_bench.identity import ids_hash, key_of, semantic
+from medssl_bench.leases import Holder, RunningElsewhere
 from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit, ProbeUnit, task_version
 from medssl_bench.runtime import Runtime
 from medssl_bench.store import ResultIdentity, ResultRecord
@@ -41,10 +42,18 @@ from medssl_bench.weights import StateDicts, load_weights, save_weights
 EPOCH_DELAY_ENV = "MEDSSL_BENCH_TEST_EPOCH_DELAY"
 
 
+#: A file whose existence holds every epoch's end (after its checkpoint) until it is
+#: removed: a test hook that stops a sweep's units mid-way for as long as a test needs.
+EPOCH_GATE_ENV = "MEDSSL_BENCH_TEST_EPOCH_GATE"
+
+
 def _test_delay() -> None:
     delay = float(os.environ.get(EPOCH_DELAY_ENV, "0") or 0)
     if delay > 0:
         time.sleep(delay)
+    gate = os.environ.get(EPOCH_GATE_ENV)
+    while gate and os.path.exists(gate):
+        time.sleep(0.1)
 
 
 @dataclass
@@ -91,10 +100,13 @@ def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
                                     "reused", str(cache), unit.task, "pretrain"))
         ctx.echo(f"Reusing pretrained {unit.task} encoder from {cache}")
         return Pretrained(weights, run_id)
+    holder = store.holder_elsewhere(ctx.run.spec.name, unit.key)
+    if holder is not None:  # another worker trains it now: its fine-tunes wait for that one
+        raise RunningElsewhere(holder)
     checkpoint = cache.with_name(f"{unit.key}.ckpt.safetensors")
-    resume = _resume_state(ctx, checkpoint)
     task, data = ctx.task(unit.task), ctx.data(unit.corpus)
-    run_id = _start_pretrain(ctx, unit)
+    run_id = _start_pretrain(ctx, unit)  # claims the unit (RunningElsewhere when lost)
+    resume = _resume_state(ctx, checkpoint)  # read once the unit is ours
     try:
         if resume is not None:
             store.mark_resumed(run_id, resume["epoch"])
@@ -223,6 +235,17 @@ def identity(ctx: RunContext, unit: FinetuneUnit) -> ResultIdentity:
     )
 
 
+#: The outcome detail of a unit another live process holds (executors look for it).
+ELSEWHERE = "running elsewhere"
+
+
+def _elsewhere(ctx: RunContext, unit: FinetuneUnit, holder: Holder) -> None:
+    """A fine-tune or probe held by another live process: skipped here, saying where."""
+    ctx.outcomes.append(Outcome(unit.what, "skipped", f"{ELSEWHERE}: {holder.where()}",
+                                unit.task, unit.stage))
+    return None
+
+
 def run_finetune(ctx: RunContext, unit: FinetuneUnit, start: Pretrained) -> ResultRecord | None:
     """Fine-tune, test and record one unit; None when it was reused, skipped or failed (its
     outcome says which). A failure is recorded as FAILED and does not raise."""
@@ -230,16 +253,18 @@ def run_finetune(ctx: RunContext, unit: FinetuneUnit, start: Pretrained) -> Resu
     if not ctx.force and store.find(protocol, unit.key) is not None:
         ctx.outcomes.append(Outcome(unit.what, "reused", task=unit.task))
         return None
-    if store.running_elsewhere(protocol, unit.key):
-        ctx.outcomes.append(Outcome(unit.what, "skipped", "running in another live process",
-                                    unit.task))
-        return None
+    holder = store.holder_elsewhere(protocol, unit.key)
+    if holder is not None:
+        return _elsewhere(ctx, unit, holder)
     data, cfg = ctx.data("dataset"), ctx.run.configs["finetune"]
     who = identity(ctx, unit)
     params = {"fraction": unit.fraction, "seed": unit.seed, "n_labeled": len(unit.indices),
               "finetune": cfg.model_dump(mode="json"),
               "protocol": ctx.run.configs["protocol"].model_dump(mode="json")}
-    run_id = store.start_finetune(who, unit.what, params, start.run_id)
+    try:
+        run_id = store.start_finetune(who, unit.what, params, start.run_id)
+    except RunningElsewhere as exc:  # lost the claim to a process that started it meanwhile
+        return _elsewhere(ctx, unit, exc.holder)
     t0 = time.perf_counter()
     epoch_seconds: list[float] = []
 
@@ -373,17 +398,19 @@ def run_probe(ctx: RunContext, unit: ProbeUnit, start: Pretrained) -> ResultReco
     if not ctx.force and store.find(protocol, unit.key) is not None:
         ctx.outcomes.append(Outcome(unit.what, "reused", task=unit.task, stage=unit.stage))
         return None
-    if store.running_elsewhere(protocol, unit.key):
-        ctx.outcomes.append(Outcome(unit.what, "skipped", "running in another live process",
-                                    unit.task, unit.stage))
-        return None
+    holder = store.holder_elsewhere(protocol, unit.key)
+    if holder is not None:
+        return _elsewhere(ctx, unit, holder)
     data = ctx.data("dataset")
     who = identity(ctx, unit)
     params = {"fraction": unit.fraction, "seed": unit.seed, "n_labeled": len(unit.indices),
               "probe": {"kind": unit.probe, "pooling": unit.pooling, "k": unit.k,
                         "temperature": unit.temperature, "c_grid": list(unit.c_grid)},
               "protocol": ctx.run.configs["protocol"].model_dump(mode="json")}
-    run_id = store.start_finetune(who, unit.what, params, start.run_id)
+    try:
+        run_id = store.start_finetune(who, unit.what, params, start.run_id)
+    except RunningElsewhere as exc:
+        return _elsewhere(ctx, unit, exc.holder)
     t0 = time.perf_counter()
     try:
         if data.info.kind != "classification":
