@@ -131,6 +131,8 @@ class SwinUNETR(Backbone):
 
     name = "swinunetr"
     spatial_dims = 3
+    #: shifted-window attention: no patch-token API (``tokens``), but not a plain CNN either
+    provides = ("attention",)
 
     class Config(PluginConfig):
         feature_size: int = Field(
