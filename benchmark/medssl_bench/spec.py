@@ -244,6 +244,8 @@ def check_backbone_dims(registry: Registry, backbone: str, dataset: str) -> None
     if bb_dims == ds_dims:
         return
     fits = backbones_of_dims(registry, ds_dims)
+    default = default_backbone(registry, ds_dims)
+    fits = sorted(fits, key=lambda name: name != default)  # the default first
     if fits:
         fix = (f"Use a {ds_dims}D backbone: --backbone {fits[0]}"
                + (f" (or {', '.join(fits[1:])})" if fits[1:] else "")
