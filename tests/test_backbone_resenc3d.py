@@ -130,3 +130,14 @@ def test_m_and_xl_presets_and_overrides():
     assert seven["features_per_stage"][-1] == 320 and seven["n_blocks_per_stage"][-1] == 6
     with pytest.raises(ValidationError, match="blocks_per_stage has 2 entries for 6 stages"):
         ResEnc3D.Config(n_stages=6, blocks_per_stage=[1, 1])
+
+
+def test_keys_no_rule_matches_are_listed_never_guessed():
+    backbone = ResEnc3D(ResEnc3D.Config(**TINY))
+    lib = _library(backbone.config, 1, 2).state_dict()
+    split = backbone.split_library_state({"module.encoder.stem.convs.0.conv.weight":
+                                          lib["encoder.stem.convs.0.conv.weight"],
+                                          "network_weights.extra": lib["decoder.seg_layers.2.bias"],
+                                          **{k: v for k, v in lib.items() if k.startswith("decoder.")}})
+    assert split.unmatched == ["module.encoder.stem.convs.0.conv.weight", "network_weights.extra"]
+    assert "encoder" not in split.parts and "out.bias" in split.parts["decoder"]

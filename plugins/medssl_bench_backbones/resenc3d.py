@@ -154,8 +154,10 @@ def _initialize(module: nn.Module, negative_slope: float) -> None:
 
 
 class ResEnc3D(Backbone):
-    """nnU-Net's residual-encoder U-Net (ResEnc M/L/XL, dynamic-network-architectures), L by
-    default; nnU-Net/OpenMind checkpoints load by key prefix."""
+    """nnU-Net's residual-encoder U-Net (ResEnc-L by default; M, XL), from nnU-Net's own code.
+
+    Built from dynamic-network-architectures' modules, so nnU-Net and OpenMind ResEnc
+    checkpoints load by key prefix (module docstring: KEY LAYOUT)."""
 
     name = "resenc3d"
     spatial_dims = 3
