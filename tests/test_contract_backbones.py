@@ -27,6 +27,10 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
         "batch-norm": {"filters": [8, 16, 32], "norm": "batch"},  # min_input_size is smaller
         "group-norm": {"filters": [4, 8, 16], "norm": "group"},
     },
+    "genesis-unet3d": {
+        "tiny": {"width": 0.125},
+        "batch-norm-prelu": {"width": 0.125, "norm": "batch", "act": "prelu"},
+    },
     "timm2d": {
         # a pyramid that starts at stride 4: the decoder's last upsampling is x4
         "partial-pyramid": {"model_kwargs": {"growth_rate": 8, "block_config": [2, 2, 2, 2]},

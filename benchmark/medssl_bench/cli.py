@@ -69,6 +69,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="quick: a whole protocol in minutes on a CPU (the default, unless the "
                    "--config file sets run.preset); paper: the papers' settings, for a GPU.")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda.")
+    p.add_argument("--init", action="append", default=[], metavar="weights:NAME",
+                   help="Also fine-tune from weights imported with `bench weights import`, as "
+                   "the leaderboard entry weights:NAME beside the tasks and scratch (without "
+                   "--task: beside scratch only).")
     p.add_argument("--executor", default=None,
                    help="How the plan's units run: inprocess (default: one after another in this "
                    "process); `bench plugins` lists the installed executors, `--set executor.KEY="
@@ -140,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MLflow tracking URI (default sqlite:///mlflow.db; a plain .db path "
                         "works too).")
     data_check.add_parser(sub)
+    from medssl_bench import weights_cli
+
+    weights_cli.add_parser(sub)
     return parser
 
 
@@ -158,12 +165,39 @@ def _resolve(args: argparse.Namespace):
     from medssl_bench.spec import resolve_run
 
     registry = get_registry()
+    task = args.task
+    if not task and args.init and not _config_names_task(args.config):
+        task = registry.baseline_task().name  # --init alone: the imports beside the baseline
     run = resolve_run(
-        registry, args.protocol, args.task, args.backbone, args.dataset, args.preset or "auto",
+        registry, args.protocol, task, args.backbone, args.dataset, args.preset or "auto",
         args.config, parse_overrides(args.overrides), args.pretrain_dataset, args.executor,
     )
     device = resolve_device(args.device)
     return registry, run, device
+
+
+def _config_names_task(path: str | None) -> bool:
+    from medssl_bench.config import load_yaml
+
+    return bool(path and ((load_yaml(path) or {}).get("run") or {}).get("task"))
+
+
+def _inits(args: argparse.Namespace, plugins: dict[str, Any], cache_dir: Path) -> list[Any]:
+    """``--init weights:NAME``: the imported weights, checked against the run's backbone."""
+    from medssl_bench.imports import resolve_inits
+
+    return resolve_inits(args.init, cache_dir, plugins["backbone"]) if args.init else []
+
+
+def _check_inits_planned(ctx: Any, plan: Any) -> None:
+    """A protocol that plans its own units (not through SweepPlanner.sweep) may not know
+    imported weights: refuse rather than run without the entry the user asked for."""
+    planned = {getattr(u, "weights", "") for u in plan}
+    lost = [i.name for i in ctx.inits if i.provenance.name not in planned]
+    if lost:
+        raise ConfigError(f"Protocol {ctx.run.spec.name!r} does not plan imported weights "
+                          f"({', '.join(lost)}); drop --init or use a sweep protocol such as "
+                          "data-efficiency.")
 
 
 def _warn(run: Any, device: Any) -> None:
@@ -183,7 +217,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     registry, run, device = _resolve(args)
     check_data_paths(run)
-    check_source_paths(instantiate(registry, run))
+    plugins = instantiate(registry, run)
+    check_source_paths(plugins)
+    from medssl_bench.weights_cli import cache_dir
+
+    _inits(args, plugins, cache_dir(None))
     absolute_uri(_tracking_uri(args))  # refuses what bench run refuses, creates nothing
     console.print_json(json.dumps(run.as_dict()))
     _warn(run, device)
@@ -274,9 +312,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # a dry run reads the store (what is finished) but never creates one
     store = ResultStore.existing(uri) if args.dry_run else ResultStore(Tracker(uri), str(device))
     cache_dir = Path(args.cache_dir or os.environ.get("BENCH_CACHE_DIR") or ".medssl_bench/cache")
+    inits = _inits(args, plugins, cache_dir)
     console.print(
         f"[bold]bench run[/bold] protocol={run.names['protocol']} (v{run.spec.version}) "
-        f"task={','.join(run.task_names)} backbone={run.names['backbone']} "
+        f"task={','.join([*run.task_names, *(i.name for i in inits)])} backbone={run.names['backbone']} "
         f"dataset={run.names['dataset']} "
         + (f"pretrain_dataset={run.names['pretrain_dataset']} " if "pretrain_dataset" in run.names
            else "") +
@@ -299,7 +338,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             progress=rich_progress,
             echo=console.print,
         )
+        ctx.inits = inits
         plan = plugins["protocol"].plan(ctx)
+        _check_inits_planned(ctx, plan)
         preflight(ctx, plan)
         if args.dry_run:
             console.print(_plan_table(ctx, plan))
@@ -479,7 +520,14 @@ COMMANDS = {
     "leaderboard": cmd_leaderboard,
     "report": cmd_report,
     "data": lambda args: data_check.run(args, console),
+    "weights": lambda args: _weights(args),
 }
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from medssl_bench import weights_cli
+
+    return weights_cli.run(args, console)
 
 
 def _terminate(signum, frame) -> None:

@@ -51,6 +51,9 @@ class RunContext:
     #: What units of this run share in memory (the probes' features by cache file), so a
     #: --force run recomputes a shared thing once, not once per unit.
     memo: dict[str, Any] = field(default_factory=dict)
+    #: Imported weights to fine-tune from beside the tasks (``--init weights:NAME``):
+    #: :class:`medssl_bench.imports.ImportedWeights`, planned as their own entries.
+    inits: list[ProxyTask] = field(default_factory=list)
     _data: dict[str, DataSplits] = field(default_factory=dict, repr=False)
     _baseline: ProxyTask | None = field(default=None, repr=False)
 
@@ -68,7 +71,7 @@ class RunContext:
         return self._baseline
 
     def task(self, name: str) -> ProxyTask:
-        for task in [*self.tasks(), self.baseline_task()]:
+        for task in [*self.tasks(), self.baseline_task(), *self.inits]:
             if task.name == name:
                 return task
         raise KeyError(name)

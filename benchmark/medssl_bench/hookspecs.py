@@ -71,3 +71,12 @@ def bench_register_executors(register: Register) -> None:
     :param register: call ``register(ExecutorClass)`` for each subclass of
         :class:`medssl_bench.interfaces.Executor`.
     """
+
+
+@hookspec
+def bench_register_weight_formats(register: Register) -> None:
+    """Register published checkpoint layouts ``bench weights import --format NAME`` reads.
+
+    :param register: call ``register(FormatClass)`` for each subclass of
+        :class:`medssl_bench.interfaces.WeightFormat`.
+    """

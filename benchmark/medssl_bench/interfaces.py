@@ -21,7 +21,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from medssl_bench.config import PluginConfig
 
-PluginKind = Literal["task", "backbone", "dataset", "protocol", "executor"]
+PluginKind = Literal["task", "backbone", "dataset", "protocol", "executor", "weight_format"]
 DownstreamKind = Literal["segmentation", "classification"]
 
 
@@ -313,3 +313,64 @@ class Executor(Plugin):
     def execute(self, plan: Any, ctx: Any) -> list[Any]:
         """Run ``plan``'s units; the result records of the fine-tunes that ran."""
         raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- weight formats
+
+
+class WeightFormat(Plugin):
+    """A published checkpoint layout that ``bench weights import --format NAME`` reads.
+
+    The format knows its file (how it nests the weights, which prefixes and renamed keys its
+    authors used) and the backbone whose network it holds (:attr:`backbone`); the core reads
+    the file without running code, asks :meth:`map_keys` for the weights in that network's
+    own key space, places them onto the backbone's encoder and decoder by their keys, checks
+    every shape against the built backbone and reports what loaded, what was dropped and what
+    stayed random (:mod:`medssl_bench.imports`).
+    """
+
+    kind: ClassVar[PluginKind] = "weight_format"
+    #: The backbone the format's network is (a registered backbone's name); "" when the user
+    #: names it (``--backbone``), as for our own safetensors files.
+    backbone: ClassVar[str] = ""
+    #: How the file is read: ``pickle`` (``torch.load(weights_only=True)``: tensors and plain
+    #: containers only) or ``safetensors``.
+    reads: ClassVar[Literal["pickle", "safetensors"]] = "pickle"
+    #: The containers the weights may sit in, tried in order (``{"state_dict": {...}}``).
+    nesting: ClassVar[tuple[str, ...]] = ("state_dict", "model", "network_weights", "net")
+    #: Key prefixes stripped wherever they start a key (DataParallel's ``module.``,
+    #: ``torch.compile``'s ``_orig_mod.``).
+    strip_prefixes: ClassVar[tuple[str, ...]] = ("module.", "_orig_mod.")
+
+    def unwrap(self, obj: Any) -> dict[str, Tensor]:
+        """The flat state dict inside what the file holds (first of :attr:`nesting` found)."""
+        while isinstance(obj, Mapping) and not any(isinstance(v, Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in self.nesting if isinstance(obj.get(k), Mapping)), None)
+            if inner is None:
+                break
+            obj = inner
+        if not isinstance(obj, Mapping):
+            return {}
+        out = {}
+        for key, value in obj.items():
+            if isinstance(value, Tensor):
+                changed = True
+                while changed:
+                    changed = False
+                    for prefix in self.strip_prefixes:
+                        if key.startswith(prefix):
+                            key, changed = key[len(prefix):], True
+                out[key] = value
+        return out
+
+    def map_keys(self, state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+        """The weights renamed to the network's own state-dict keys, and the keys dropped on
+        purpose with the reason (a pretraining head, a duplicate). The core places every
+        returned key onto the backbone's encoder or decoder."""
+        return dict(state), {}
+
+    def backbone_config(self, state: dict[str, Tensor]) -> dict[str, Any]:
+        """Backbone settings the checkpoint itself shows (a width read off a weight's shape);
+        the user's ``--set backbone.KEY=VALUE`` wins, and names the backbone's Config lacks are
+        left out (an inference, not an order)."""
+        return {}

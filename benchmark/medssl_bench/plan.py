@@ -30,6 +30,7 @@ from medssl_bench.config import NEUTRAL, PluginConfig
 from medssl_bench.engine import label_subset
 from medssl_bench.errors import BenchError
 from medssl_bench.identity import ids_hash, key_of, semantic
+from medssl_bench.imports import ImportedWeights
 from medssl_bench.probe import PROBE_KNN
 from medssl_bench.store import entry_label
 
@@ -65,6 +66,9 @@ class PretrainUnit(Unit):
     corpus_label: str = ""
     pretrains: bool = True
     run_name: str = ""
+    #: Imported weights (``--init weights:NAME``): the unit loads them from the weights
+    #: store instead of pretraining.
+    weights: str = ""
 
     @property
     def stage(self) -> str:
@@ -238,7 +242,7 @@ class SweepPlanner:
     # ------------------------------------------------------------------ identity
     def versions(self, task: ProxyTask, dataset: Dataset) -> dict[str, str]:
         reg = self.ctx.registry
-        return {"task": reg.distribution_version("task", task.name),
+        return {"task": task_version(reg, task),
                 "backbone": reg.distribution_version("backbone", self.backbone.name),
                 "dataset": reg.distribution_version("dataset", dataset.name)}
 
@@ -250,6 +254,10 @@ class SweepPlanner:
         return [dataset.name, semantic(dataset.config), data.split_hash]
 
     def pretrain_key(self, task: ProxyTask, dataset: Dataset, data: DataSplits) -> str:
+        if isinstance(task, ImportedWeights):  # the same file gives the same key, any dataset
+            return key_of({"imported_weights": [task.config.weights, task.config.sha256],
+                           "backbone": self._backbone(),
+                           "versions": {"backbone": self.versions(task, dataset)["backbone"]}})
         if not task.pretrains:
             return key_of({_NO_PRETRAINING_FIELD: True, "backbone": self._backbone(),
                            "dataset": self._dataset(dataset, data),
@@ -292,6 +300,8 @@ class SweepPlanner:
         """What differs between two runs of one task that share a setup."""
         if not task.pretrains:
             return "-"
+        if isinstance(task, ImportedWeights):
+            return key_of({"imported_weights": task.config.sha256}, 10)
         return key_of({"task": semantic(task.config), "pretrain": semantic(self.pretrain_cfg),
                        "seed": self.config.pretrain_seed}, 10)
 
@@ -338,6 +348,10 @@ class SweepPlanner:
         does not pretrain, the parent run of its fine-tunes)."""
         ctx = self.ctx
         dataset, data = ctx.plugins[corpus], ctx.data(corpus)
+        if isinstance(task, ImportedWeights):
+            return PretrainUnit(key=self.pretrain_key(task, dataset, data), task=task.name,
+                                what=f"load {task.name}", corpus=corpus, corpus_label="",
+                                run_name=f"{task.name} (imported)", weights=task.config.weights)
         label = corpus_label(dataset, ctx.plugins["dataset"])
         what = f"pretrain {task.name}" + (f" on {label}" if corpus != "dataset" else "")
         return PretrainUnit(key=self.pretrain_key(task, dataset, data), task=task.name,
@@ -358,7 +372,7 @@ class SweepPlanner:
             indices = label_subset(len(data.train), fraction / 100, seed, data.train_groups)
         indices = sorted(indices)
         ids = [data.train_ids[i] if data.train_ids else str(i) for i in indices]
-        pre = pretraining.corpus_label if task.pretrains else None
+        pre = (pretraining.corpus_label or None) if task.pretrains else None
         what = f"{task.name} {fraction:g}% seed {seed}"
         if pre and pre != dataset.name:
             what = f"{task.name} (pretrained on {pre}) {fraction:g}% seed {seed}"
@@ -408,6 +422,7 @@ class SweepPlanner:
             baseline = ctx.baseline_task()
             entries.append((baseline, self.pretraining(baseline, "dataset")))
         entries += [(task, self.pretraining(task, corpus)) for task in methods for corpus in corpora]
+        entries += [(init, self.pretraining(init, "dataset")) for init in ctx.inits]
         for _, unit in entries:
             plan.add(unit)
         for seed in self.config.seeds:
@@ -419,3 +434,10 @@ class SweepPlanner:
                              self.probe(task, unit, fraction, seed, probe, always_name_corpus,
                                         indices))
         return plan
+
+
+def task_version(registry: Any, task: ProxyTask) -> str:
+    """What versions a task's results: its distribution, or imported weights' sha256."""
+    if isinstance(task, ImportedWeights):
+        return f"imported:{task.config.sha256}"
+    return registry.distribution_version("task", task.name)

@@ -22,7 +22,15 @@ import pluggy
 from medssl_bench import __version__, hookspecs
 from medssl_bench.config import PluginConfig
 from medssl_bench.errors import BenchError, PluginNotFoundError, did_you_mean
-from medssl_bench.interfaces import Backbone, Dataset, Executor, Plugin, Protocol, ProxyTask
+from medssl_bench.interfaces import (
+    Backbone,
+    Dataset,
+    Executor,
+    Plugin,
+    Protocol,
+    ProxyTask,
+    WeightFormat,
+)
 
 BUILTIN_MODULES = (
     "medssl_bench_tasks",
@@ -37,6 +45,7 @@ KIND_BASES: dict[str, type[Plugin]] = {
     "dataset": Dataset,
     "protocol": Protocol,
     "executor": Executor,
+    "weight_format": WeightFormat,
 }
 HOOK_FOR_KIND = {
     "task": "bench_register_tasks",
@@ -44,6 +53,7 @@ HOOK_FOR_KIND = {
     "dataset": "bench_register_datasets",
     "protocol": "bench_register_protocols",
     "executor": "bench_register_executors",
+    "weight_format": "bench_register_weight_formats",
 }
 OWN_DISTRIBUTION = "medssl-bench"
 

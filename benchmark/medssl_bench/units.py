@@ -31,7 +31,7 @@ from medssl_bench.engine import (
 )
 from medssl_bench.errors import BenchError, ConfigError, TrackingUnavailable
 from medssl_bench.identity import ids_hash, key_of, semantic
-from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit, ProbeUnit
+from medssl_bench.plan import FinetuneUnit, Plan, PretrainUnit, ProbeUnit, task_version
 from medssl_bench.runtime import Runtime
 from medssl_bench.store import ResultIdentity, ResultRecord
 from medssl_bench.weights import StateDicts, load_weights, save_weights
@@ -64,7 +64,10 @@ def _start_pretrain(ctx: RunContext, unit: PretrainUnit) -> str:
     params = {"task": task.config.model_dump(mode="json"),
               "backbone": ctx.plugins["backbone"].config.model_dump(mode="json"),
               "dataset": dataset.config.model_dump(mode="json")}
-    if unit.pretrains:
+    if unit.weights:  # imported: where they came from, not how they were pretrained
+        params["imported_weights"] = vars(task.provenance) | {"random": len(
+            task.provenance.random), "dropped": len(task.provenance.dropped)}
+    elif unit.pretrains:
         params["pretrain"] = ctx.run.configs["pretrain"].model_dump(mode="json")
     return ctx.store.start_pretrain(ctx.run.spec.name, ctx.run.spec.version, unit.run_name,
                                     unit.key, task=unit.task,
@@ -76,6 +79,8 @@ def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
     """Train the unit's task once (cached by its key), or reuse the cached encoder."""
     store = ctx.store
     parent = store.find(ctx.run.spec.name, unit.key)
+    if unit.weights:
+        return _load_imported(ctx, unit, parent)
     if not unit.pretrains:
         return Pretrained(None, parent or _record_only(ctx, unit, None))
     cache = cache_path(ctx, unit)
@@ -127,6 +132,18 @@ def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
     detail = f"{result.seconds:.0f}s" + (f", resumed at epoch {resume['epoch']}" if resume else "")
     ctx.outcomes.append(Outcome(unit.what, "ran", detail, unit.task, "pretrain"))
     return Pretrained(result.weights, run_id)
+
+
+def _load_imported(ctx: RunContext, unit: PretrainUnit, parent: str | None) -> Pretrained:
+    """Imported weights (``--init weights:NAME``) stand where a pretraining's would: loaded
+    from the weights store, their parent run recording where they came from."""
+    task = ctx.task(unit.task)
+    weights = task.load()
+    run_id = parent or _record_only(ctx, unit, task.path)
+    ctx.outcomes.append(Outcome(unit.what, "reused", str(task.path), unit.task, "pretrain"))
+    ctx.echo(f"Fine-tuning from imported weights {unit.weights} ({task.provenance.format}, "
+             f"{task.provenance.source_file}, sha256 {task.provenance.sha256[:12]})")
+    return Pretrained(weights, run_id)
 
 
 def pretraining_probe(ctx: RunContext) -> Any:
@@ -186,7 +203,7 @@ def identity(ctx: RunContext, unit: FinetuneUnit) -> ResultIdentity:
     """What the result of ``unit`` is, before it runs (the store tags the run with it)."""
     reg, backbone = ctx.registry, ctx.plugins["backbone"]
     dataset, data = ctx.plugins["dataset"], ctx.data("dataset")
-    versions = {"task": reg.distribution_version("task", unit.task),
+    versions = {"task": task_version(reg, ctx.task(unit.task)),
                 "backbone": reg.distribution_version("backbone", backbone.name),
                 "dataset": reg.distribution_version("dataset", dataset.name)}
     return ResultIdentity(
@@ -409,7 +426,7 @@ def preflight(ctx: RunContext, plan: Plan) -> None:
     check_input_size(backbone, tuple(ctx.data("dataset").info.image_size))
     for unit in plan.of_stage("pretrain"):
         assert isinstance(unit, PretrainUnit)
-        if not unit.pretrains:
+        if not unit.pretrains or unit.weights:
             continue
         task, source, info = ctx.task(unit.task), ctx.plugins[unit.corpus], ctx.data(unit.corpus).info
         try:
@@ -439,6 +456,8 @@ def unit_status(ctx: RunContext, unit: PretrainUnit | FinetuneUnit) -> str:
     if isinstance(unit, PretrainUnit):
         if not unit.pretrains:
             return "none (no pretraining)"
+        if unit.weights:
+            return f"load imported weights {ctx.task(unit.task).path}"
         cache = cache_path(ctx, unit)
         if cache.exists() and not ctx.force:
             return f"reuse cached encoder {cache}"

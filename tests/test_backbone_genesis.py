@@ -1,0 +1,35 @@
+"""genesis-unet3d beyond the contract tests: Models Genesis' ContBatchNorm3d normalises with
+the batch's statistics in evaluation too (the published code's behaviour), ``norm: batch``
+with the running statistics; the encoder's features are the levels before pooling."""
+
+from __future__ import annotations
+
+import torch
+
+from medssl_bench.plugins import build_registry
+
+REGISTRY = build_registry(autoload=False)
+
+
+def _encoder(**values):
+    cls = REGISTRY.get("backbone", "genesis-unet3d")
+    torch.manual_seed(0)
+    return cls(cls.Config(width=0.125, **values)).build_encoder(1)
+
+
+def test_contbatch_uses_batch_statistics_in_evaluation_too():
+    x = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0)) * 5 + 3
+    encoder = _encoder()
+    train = encoder.train()(x)[-1]
+    evaluated = encoder.eval()(x)[-1]
+    torch.testing.assert_close(evaluated, train)
+    batch = _encoder(norm="batch")
+    batch.load_state_dict(encoder.state_dict())  # the same weights fit either norm
+    assert not torch.allclose(batch.eval()(x)[-1], train, atol=1e-3)
+
+
+def test_features_are_each_level_before_pooling():
+    encoder = _encoder()
+    features = encoder(torch.rand(1, 1, 16, 16, 16))
+    assert [tuple(f.shape[1:]) for f in features] == [
+        (8, 16, 16, 16), (16, 8, 8, 8), (32, 4, 4, 4), (64, 2, 2, 2)]
