@@ -483,9 +483,13 @@ class Settings:
         return cls(self.plugin_config("backbone", cls))
 
 
-def _shape_for(settings: Settings, wanted: tuple[int, ...], minimum: tuple[int, ...]) -> tuple:
+def _shape_for(settings: Settings, wanted: tuple[int, ...], minimum: tuple[int, ...],
+               backbone: Any) -> tuple:
+    """The papers' size, or ``--size`` raised to the task's and the backbone's smallest input
+    (Swin UNETR and ResEnc-L need 64 per axis)."""
     if settings.args.size:
-        return tuple(max(settings.args.size, m) for m in minimum)
+        low = backbone.min_input_size()
+        return tuple(max(settings.args.size, m, low) for m in minimum)
     return tuple(wanted)
 
 
@@ -505,7 +509,8 @@ def pretrain_workload(settings: Settings, name: str) -> Workload:
         info = settings.data.info
         size, channels = tuple(info.image_size), info.channels
     else:
-        size = _shape_for(settings, task_cls.paper_input_size, task_cls.min_input_size)
+        size = _shape_for(settings, task_cls.paper_input_size, task_cls.min_input_size,
+                          backbone)
         channels = args.channels
     task.check_input(size, channels)
     from medssl_bench.engine import check_input_size
@@ -579,7 +584,9 @@ def finetune_workload(settings: Settings, name: str) -> Workload:
                             cfg.num_workers, device, args.seed, transform)
         fetch = source.next
     else:
-        side = args.size or FINETUNE_SIZE[settings.dims]
+        # --size is raised to the backbone's smallest input (Swin UNETR, ResEnc-L: 64)
+        side = max(args.size, backbone.min_input_size()) if args.size else \
+            FINETUNE_SIZE[settings.dims]
         size = (side,) * settings.dims
         kind = FINETUNE_KIND[settings.dims]
         info = DatasetInfo(kind=kind, num_classes=args.num_classes, channels=args.channels,
@@ -810,7 +817,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "pretraining, 2 for fine-tuning)")
     p.add_argument("--size", type=int, default=None,
                    help="cubic input side for every row instead of the papers' sizes (raised "
-                        "to a task's min_input_size where smaller); for tiny CPU runs")
+                        "to a task's or backbone's min_input_size where smaller); for tiny CPU "
+                        "runs")
     p.add_argument("--channels", type=int, default=1, help="image channels (without --data)")
     p.add_argument("--num-classes", type=int, default=3,
                    help="fine-tuning classes (without --data; default 3)")

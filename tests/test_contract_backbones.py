@@ -37,6 +37,17 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
                             "out_indices": [1, 2, 3], "decoder_channels": [16, 8]},
         "resnet18": {"model": "resnet18", "decoder_channels": [16, 8]},
     },
+    "resenc3d": {
+        "tiny": {"n_stages": 3, "base_features": 4, "max_features": 8,
+                 "blocks_per_stage": [1, 2, 1]},
+        "batch-norm-two-convs": {"n_stages": 3, "base_features": 4, "max_features": 8,
+                                 "blocks_per_stage": [1, 1, 1], "norm": "batch",
+                                 "decoder_convs": 2},
+    },
+    "swinunetr": {
+        "v2": {"feature_size": 12, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1],
+               "window_size": 2, "use_v2": True},
+    },
     "vit3d": {
         # 16^3 patches: the pyramid's finest level is at stride 2, the decoder ends with a x2
         "patch16-sincos": {"embed_dim": 24, "depth": 2, "heads": 2, "patch_size": 16,
@@ -133,7 +144,9 @@ def test_decoder_and_classifier_shapes(name, values):
             decoder = backbone.build_decoder(encoder, 3, skip_connections=skips)
             out = getattr(decoder, "out", None)
             assert isinstance(out, nn.Module), f"{name}: the decoder has no `out` layer"
-            assert out.weight.shape[0] == 3
+            # a conv, or a library's wrapper of one (MONAI's UnetOutBlock: out.conv.conv)
+            weights = [p for key, p in out.named_parameters() if key.endswith("weight")]
+            assert weights and weights[-1].shape[0] == 3
             seen = []
             handle = out.register_forward_hook(lambda m, a, result, seen=seen: seen.append(result))
             y = decoder(features)

@@ -91,6 +91,9 @@ class Backbone(Plugin):
     #: replaced by ``mask_token`` before the position is added: SimMIM), ``on_grid(tokens,
     #: spatial) -> (B, D, *grid)``, ``encode_tokens(tokens, keep_index) -> (B, K, D)`` and
     #: ``forward(x, keep_index=K)`` returning ``[encode_tokens(tokens(x), K)]`` (MAE).
+    #: ``"attention"``: layers that mix positions or act per token beyond convolution and
+    #: normalisation (a transformer: vit3d, swinunetr), which SparK's hook-emulated sparse
+    #: convolution cannot keep sparse.
     provides: ClassVar[tuple[str, ...]] = ()
 
     def build_encoder(self, in_channels: int) -> Encoder:
@@ -165,6 +168,10 @@ class ProxyTask(Plugin):
     #: patch-token encoder: ``("tokens",)``); ``--task all`` leaves the task out for such a
     #: backbone, naming it explicitly is refused before anything loads.
     refuses: ClassVar[tuple[str, ...]] = ()
+    #: The backbone the task's paper defines it on (swinssl3d and voco3d: ``swinunetr``). A
+    #: run without ``--backbone`` uses it when every task named prefers the same registered
+    #: backbone of the dataset's dims; otherwise the dims' default, with a note.
+    preferred_backbone: ClassVar[str | None] = None
 
     def build_heads(self, backbone: Backbone, encoder: Encoder) -> nn.ModuleDict:
         """The task-specific modules trained beside the encoder (dropped after pretraining,

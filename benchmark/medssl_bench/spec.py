@@ -205,6 +205,37 @@ def default_backbone(registry: Registry, dims: int) -> str:
     return names[0] if names else (registry.default("backbone") or registry.names("backbone")[0])
 
 
+def preferred_backbone(registry: Registry, task: str, dims: int) -> tuple[str | None, str]:
+    """The backbone the named tasks prefer (``ProxyTask.preferred_backbone``) and a note for
+    the user: the preference when every named pretraining task declares the same registered
+    backbone of ``dims`` dims, else None (the dims' default), with a note when some task's
+    preference could not be honoured. ``all`` uses the default."""
+    if task.strip() == "all":
+        return None, ""
+    wanted: dict[str, str | None] = {}
+    for name in (t.strip() for t in task.split(",") if t.strip()):
+        cls = registry.get("task", name)
+        if getattr(cls, "pretrains", True):
+            wanted[name] = getattr(cls, "preferred_backbone", None)
+    choices = set(wanted.values())
+    if not choices or choices == {None}:
+        return None, ""
+    prefers = ", ".join(f"{t} prefers {b}" for t, b in wanted.items() if b)
+    if len(choices) == 1:
+        (choice,) = choices
+        fits = backbones_of_dims(registry, dims)
+        if choice in fits:
+            return choice, ""
+        return None, (f"{prefers} (the network of its paper), which is not a registered "
+                      f"{dims}D backbone, so the default backbone is used; give --backbone "
+                      f"to choose.")
+    others = [t for t, b in wanted.items() if not b]
+    rest = f"; {', '.join(others)} none" if others else ""
+    return None, (f"the tasks prefer different backbones ({prefers}{rest}), so the default "
+                  f"backbone is used for all; give --backbone to choose, or run them "
+                  f"separately.")
+
+
 def check_backbone_dims(registry: Registry, backbone: str, dataset: str) -> None:
     """Refuse a backbone whose spatial dims differ from the dataset's before anything
     trains, naming the backbones that fit."""
@@ -213,6 +244,8 @@ def check_backbone_dims(registry: Registry, backbone: str, dataset: str) -> None
     if bb_dims == ds_dims:
         return
     fits = backbones_of_dims(registry, ds_dims)
+    default = default_backbone(registry, ds_dims)
+    fits = sorted(fits, key=lambda name: name != default)  # the default first
     if fits:
         fix = (f"Use a {ds_dims}D backbone: --backbone {fits[0]}"
                + (f" (or {', '.join(fits[1:])})" if fits[1:] else "")
@@ -339,7 +372,9 @@ def resolve_run(
     }
     dataset_cls = registry.get("dataset", names["dataset"])
     dims = getattr(dataset_cls, "spatial_dims", 3)
-    names["backbone"] = backbone or default_backbone(registry, dims)
+    preferred, backbone_note = (None, "") if backbone else preferred_backbone(
+        registry, names["task"], dims)
+    names["backbone"] = backbone or preferred or default_backbone(registry, dims)
     many = expand_tasks(registry, names["task"], dims, names["backbone"])
     names["task"] = many[0]
     check_backbone_dims(registry, names["backbone"], names["dataset"])
@@ -397,6 +432,8 @@ def resolve_run(
     task_configs = task_configs or {many[0]: configs["task"]}
     user_finetune = deep_merge(file_data.get("finetune") or {}, overrides.get("finetune") or {})
     warnings = _check_warmup(configs["finetune"], user_finetune, preset)
+    if backbone_note:
+        warnings.append(backbone_note)
     if pre_name:
         pre_cls = registry.get("dataset", pre_name)
         values = pre_cls.presets.get(preset, {}) if preset else {}

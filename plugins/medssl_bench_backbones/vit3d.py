@@ -239,7 +239,8 @@ class ViT3D(Backbone):
 
     name = "vit3d"
     spatial_dims = 3
-    provides = ("tokens",)  # tokens / encode_tokens / forward(x, keep_index=...): MAE
+    # tokens / encode_tokens / forward(x, keep_index=...): MAE; attention blocks
+    provides = ("tokens", "attention")
 
     class Config(PluginConfig):
         size: Literal["S", "B", "L"] = Field(

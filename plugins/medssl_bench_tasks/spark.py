@@ -227,7 +227,7 @@ class SparK3D(PatchMaskingTask):
     """SparK: masked modelling for CNNs, masked regions kept empty through the encoder (sparse conv)."""
 
     name = "spark3d"
-    refuses = ("tokens",)  # sparse convolution emulated on a CNN's layers
+    refuses = ("tokens", "attention")  # sparse convolution emulated on a CNN's layers
     mask_rounding = "keep_round"  # SparK keeps round(L * (1 - ratio)) patches
     family = "masked-modelling"
     spatial_dims = 3

@@ -12,11 +12,12 @@ losses are summed with weights 1, 1, 1:
   where each view's positive is the other view of its volume and its negatives are the other
   ``2B - 2`` views of the batch.
 
-Backbone: the paper pretrains a Swin UNETR (Swin transformer encoder); this repository has no
-Swin UNETR yet (a later issue adds MONAI's), so this task runs on **any 3D backbone**, the
-default ``unet3d`` included. Where the authors' head reads one token of the deepest Swin
-features for the rotation head (token 0) and another for the contrastive head (token 1), a CNN
-has no tokens: both heads read the globally pooled deepest features
+Backbone: the paper pretrains a Swin UNETR (Swin transformer encoder): MONAI's
+(``swinunetr``) is the default when no ``--backbone`` is given (``preferred_backbone``), and
+the task runs on **any 3D backbone** (the contract tests run it on each). On ``swinunetr`` the
+pooled deepest features are the Swin transformer's last output. Where the authors' head
+reads one token of the deepest Swin features for the rotation head (token 0) and another for
+the contrastive head (token 1), both heads here read the globally pooled deepest features
 (``global_pool(encoder(x))``). The reconstruction head is the backbone's own decoder without
 skip connections (``backbone.build_decoder(encoder, C, skip_connections=False)``), the analogue
 of the authors' upsampling head that sees only the deepest features; ``reconstruction_skips``
@@ -213,6 +214,7 @@ class SwinSSL3D(ProxyTask):
 
     name = "swinssl3d"
     family = "restoration"
+    preferred_backbone = "swinunetr"  # the paper's network (Tang et al. 2022)
     spatial_dims = 3
     paper_input_size = (96, 96, 96)
     min_input_size = (16, 16, 16)

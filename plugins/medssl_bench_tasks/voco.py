@@ -17,6 +17,10 @@ intersections, the crop augmentations (the code's flips, quarter turns in the fi
 intensity shifts) ``torch.where`` selections. Crops whose size is not a multiple of the
 backbone's ``size_multiple`` are zero-padded symmetrically before the encoder.
 
+Backbone: the paper's, MONAI's Swin UNETR (``swinunetr``), is the default when no
+``--backbone`` is given (``preferred_backbone``); any 3D backbone works (the contract tests
+run it on each).
+
 Where paper and code differ, the config names each source (see its fields). The released
 code's teacher-student variant (from the journal extension; ``teacher_momentum``) keeps an
 EMA copy of the encoder and projector in the heads, updated from the student at every step
@@ -116,6 +120,7 @@ class VoCo3D(ProxyTask):
 
     name = "voco3d"
     family = "contrastive"
+    preferred_backbone = "swinunetr"  # the paper's network (VoCo-B: Swin UNETR, feature 48)
     spatial_dims = 3
     paper_input_size = (384, 384, 96)
     min_input_size = (16, 16, 16)
