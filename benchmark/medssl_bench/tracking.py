@@ -264,22 +264,6 @@ def short_error(exc: BaseException) -> str:
 
 
 @contextmanager
-def _few_http_retries(retries: int = 2) -> Iterator[None]:
-    """Opening a store: give up on an unreachable server after a few seconds, not after
-    MLflow's default retries (minutes); later calls keep the defaults. A value the user set
-    in MLFLOW_HTTP_REQUEST_MAX_RETRIES is respected."""
-    name = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
-    if name in os.environ:
-        yield
-        return
-    os.environ[name] = str(retries)
-    try:
-        yield
-    finally:
-        os.environ.pop(name, None)
-
-
-@contextmanager
 def _interrupts_deferred() -> Iterator[None]:
     """Hold SIGINT/SIGTERM until the block is done (they are delivered right after it), so
     Ctrl-C or `kill` cannot land between creating a run and knowing its id."""
@@ -316,8 +300,7 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         try:
             raw = MlflowClient(tracking_uri=uri)
-            with _few_http_retries():  # at start an unreachable server is one message now
-                raw.search_experiments(max_results=1)
+            raw.search_experiments(max_results=1)  # unreachable at start: one message now
             self.client = RetryingClient(raw, uri=uri)
         except Exception as exc:
             raise BenchError(
