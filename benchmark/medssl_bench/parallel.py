@@ -74,6 +74,10 @@ class JobSpec:
     env: dict[str, str] = field(default_factory=dict)
     #: The run's ``--init weights:NAME`` values (imported weights, read from ``cache_dir``).
     inits: tuple[str, ...] = ()
+    #: CPU threads of the worker's torch (None: torch's default, every core). K workers on
+    #: a CPU each take their share: torch's OpenMP threads spin while waiting, so K workers
+    #: with every core each run many times slower than with their share.
+    threads: int | None = None
 
 
 def _job_id() -> str:
@@ -105,6 +109,10 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
     plugins = instantiate(registry, spec.run)
     device = resolve_device(spec.device)
     configure_backend(device)
+    import torch
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     store = ResultStore(Tracker(spec.uri), str(device))
     ctx = RunContext(registry=registry, run=spec.run, plugins=plugins, device=device,
                      store=store, cache_dir=Path(spec.cache_dir), force=False,
@@ -115,7 +123,8 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
 
         ctx.inits = list(resolve_inits(list(spec.inits), ctx.cache_dir, plugins["backbone"]))
     unit = spec.unit
-    echo(f"job {job or '-'}: {unit.what} ({unit.key}) on {device}")
+    threads = f", {torch.get_num_threads()} CPU threads" if device.type == "cpu" else ""
+    echo(f"job {job or '-'}: {unit.what} ({unit.key}) on {device}{threads}")
     done: dict[str, Any] = {}
     try:
         for dep in spec.deps:  # finished before this job was submitted: found, not rerun
@@ -186,6 +195,10 @@ class SubmititExecutor(Executor):
 
     def worker_device(self, ctx: RunContext) -> str:
         return "cuda" if ctx.device.type == "cuda" else "cpu"
+
+    def worker_threads(self, ctx: RunContext) -> int | None:
+        """CPU threads of each worker's torch (None: torch's default)."""
+        return None
 
     # -- the loop
     def execute(self, plan: Plan, ctx: RunContext) -> list[Any]:
@@ -265,7 +278,8 @@ class SubmititExecutor(Executor):
         return JobSpec(run=ctx.run, uri=ctx.store.uri, cache_dir=str(ctx.cache_dir.resolve()),
                        force=ctx.force, device=self.worker_device(ctx), unit=unit,
                        deps=tuple(by_key[k] for k in unit.depends_on),
-                       inits=tuple(init.name for init in ctx.inits))
+                       inits=tuple(init.name for init in ctx.inits),
+                       threads=self.worker_threads(ctx))
 
     def _inline(self, ctx: RunContext, sweep: _Sweep, unit: Unit) -> None:
         try:
@@ -378,6 +392,12 @@ class LocalWorkers(SubmititExecutor):
 
         return list(range(torch.cuda.device_count()))
 
+    def worker_threads(self, ctx: RunContext) -> int | None:
+        """On a CPU run, this machine's cores shared out between the workers."""
+        if ctx.device.type == "cuda":
+            return None
+        return max(1, len(os.sched_getaffinity(0)) // self.config.workers)
+
     def submit(self, executor: Any, ctx: RunContext, specs: list[JobSpec]) -> list[Any]:
         jobs = []
         for spec in specs:
@@ -456,6 +476,10 @@ class SlurmJobs(SubmititExecutor):
                        "slurm_additional_parameters": dict(c.sbatch)}
             params = {k: v for k, v in params.items() if v is not None}
         return params
+
+    def worker_threads(self, ctx: RunContext) -> int | None:
+        """The job's CPUs (torch would otherwise count the node's cores)."""
+        return self.config.cpus_per_job
 
     def worker_device(self, ctx: RunContext) -> str:
         # on a cluster the parent (a login node) may have no GPU; the jobs ask for theirs
