@@ -130,3 +130,18 @@ def test_flop_counter_matches_torch_and_the_issues_unet_figure():
     assert counter.total == reference.get_total_flops()
     assert 3 * counter.total / 1e12 == pytest.approx(2.91, abs=0.005)
     assert 3 * counter.by_scope["encoder"] / 1e12 == pytest.approx(0.854, abs=0.005)
+
+
+def test_quickstart_cost_reports_time_memory_host_and_load(capsys):
+    bench = _load("quickstart_cost")
+    bench.main(["--json", "--set", "dataset.size=16", "dataset.n_unlabeled=4",
+                "dataset.n_train=2", "dataset.n_val=2", "dataset.n_test=2",
+                "backbone.filters=[4,8]", "task.hidden=8", "pretrain.epochs=1",
+                "pretrain.iterations_per_epoch=1", "pretrain.batch_size=2", "finetune.epochs=1",
+                "finetune.warmup_epochs=0", "finetune.iterations_per_epoch=1",
+                "protocol.fractions=[100]", "protocol.seeds=[0]"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["wall_seconds"] > 0 and out["peak_rss_mb"] > 0
+    assert {r[0] for r in out["rows"]} == {"rotation3d", "scratch"}  # the run's leaderboard
+    assert out["host"]["cpu"] and out["host"]["cpu_count"] >= 1
+    assert len(out["load_average_before"]) == len(out["load_average_after"]) == 3
