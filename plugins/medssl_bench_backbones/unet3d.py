@@ -67,10 +67,13 @@ class UNet3DEncoder(Encoder):
 
 
 class UNet3DDecoder(nn.Module):
-    """Upsampling path: transposed conv x2, concatenation with the skip (optional), block."""
+    """Upsampling path: transposed conv x2, concatenation with the skip (optional), block;
+    then, where the finest features are coarser than the input (a ViT's patch grid), one
+    transposed conv by ``final_stride`` before the output layer ``out``."""
 
     def __init__(
-        self, filters: list[int], out_channels: int, norm: str, skip_connections: bool
+        self, filters: list[int], out_channels: int, norm: str, skip_connections: bool,
+        final_stride: int = 1,
     ) -> None:
         super().__init__()
         self.skip_connections = skip_connections
@@ -80,7 +83,10 @@ class UNet3DDecoder(nn.Module):
             self.ups.append(nn.ConvTranspose3d(deep, shallow, 2, stride=2))
             cin = 2 * shallow if skip_connections else shallow
             self.blocks.append(ResidualBlock(cin, shallow, norm, 0.0))
-        self.out = nn.Conv3d(filters[0], out_channels, 1)
+        finest = filters[0]
+        self.final_up = (nn.ConvTranspose3d(finest, finest, final_stride, stride=final_stride)
+                         if final_stride > 1 else nn.Identity())
+        self.out = nn.Conv3d(finest, out_channels, 1)
 
     def forward(self, features: list[Tensor]) -> Tensor:
         x = features[-1]
@@ -89,7 +95,7 @@ class UNet3DDecoder(nn.Module):
             if self.skip_connections:
                 x = torch.cat([x, skip], dim=1)
             x = block(x)
-        return self.out(x)
+        return self.out(self.final_up(x))
 
 
 class PooledClassifier(nn.Module):

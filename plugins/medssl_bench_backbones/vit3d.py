@@ -51,7 +51,7 @@ from torch.nn import functional as F
 
 from medssl_bench.config import PluginConfig
 from medssl_bench.interfaces import Backbone, Encoder
-from medssl_bench_backbones.unet3d import PooledClassifier, ResidualBlock
+from medssl_bench_backbones.unet3d import PooledClassifier, UNet3DDecoder
 
 #: ViT sizes (Dosovitskiy et al. 2021, Table 1): embed dim, depth, heads.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -206,34 +206,6 @@ class ViT3DEncoder(Encoder):
         return [*features, on_grid(self.norm(t))]
 
 
-class ViT3DDecoder(nn.Module):
-    """U-Net path over the encoder's pyramid, then up to the input's size and ``out``."""
-
-    def __init__(self, channels: list[int], strides: list[int], out_channels: int,
-                 skip_connections: bool) -> None:
-        super().__init__()
-        self.skip_connections = skip_connections
-        self.ups = nn.ModuleList()
-        self.blocks = nn.ModuleList()
-        for deep, shallow in zip(channels[:0:-1], channels[-2::-1], strict=True):
-            self.ups.append(nn.ConvTranspose3d(deep, shallow, 2, stride=2))
-            cin = 2 * shallow if skip_connections else shallow
-            self.blocks.append(ResidualBlock(cin, shallow, "instance", 0.0))
-        finest, stride = channels[0], strides[0]
-        self.final_up = (nn.ConvTranspose3d(finest, finest, stride, stride=stride)
-                         if stride > 1 else nn.Identity())
-        self.out = nn.Conv3d(finest, out_channels, 1)
-
-    def forward(self, features: list[Tensor]) -> Tensor:
-        x = features[-1]
-        for up, block, skip in zip(self.ups, self.blocks, features[-2::-1], strict=True):
-            x = up(x)
-            if self.skip_connections:
-                x = torch.cat([x, skip], dim=1)
-            x = block(x)
-        return self.out(self.final_up(x))
-
-
 class ViT3D(Backbone):
     """3D ViT (Primus-style patch embedding, ViT S/B/L) with a UNETR-style pyramid decoder."""
 
@@ -307,9 +279,10 @@ class ViT3D(Backbone):
         return ViT3DEncoder(in_channels, self.config)
 
     def build_decoder(self, encoder: Encoder, out_channels: int,
-                      skip_connections: bool = True) -> ViT3DDecoder:
-        return ViT3DDecoder(list(encoder.feature_channels), list(encoder.feature_strides),
-                            out_channels, skip_connections)
+                      skip_connections: bool = True) -> UNet3DDecoder:
+        # the U-Net path over the pyramid, then up from the patch grid to the input's size
+        return UNet3DDecoder(list(encoder.feature_channels), out_channels, "instance",
+                             skip_connections, final_stride=encoder.feature_strides[0])
 
     def build_classifier(self, encoder: Encoder, num_classes: int) -> PooledClassifier:
         return PooledClassifier(encoder.feature_channels[-1], num_classes, self.config.head_dropout)
