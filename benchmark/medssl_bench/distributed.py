@@ -224,6 +224,8 @@ def fail_process(exc: BaseException) -> str:
         for store in ACTIVE_STORE:
             store.close_open(message)
         record_error_file(message)
+        # this process ends now: a SIGTERM from torchrun meanwhile need not interrupt it
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
     finally:
         if blocked:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
