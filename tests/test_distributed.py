@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import RandomSampler
 
-from medssl_bench.engine import FinetuneConfig, PretrainConfig, evaluate, finetune, pretrain
+from medssl_bench.engine import FinetuneConfig, PretrainConfig, finetune, pretrain
 from medssl_bench.interfaces import ProxyTask
 from medssl_bench.runtime import Runtime, ShardedBatches
 

@@ -336,6 +336,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if distributed.launched():
         _check_distributed_executor(registry, run, plugins)
         runtime = distributed.DistributedRuntime.from_env(device)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, distributed.on_sigterm)
         device = runtime.device
         console.quiet = not runtime.is_main  # one process speaks; errors from any
     configure_backend(device)
@@ -435,6 +437,8 @@ def _check_not_running(ctx: Any, plan: Any, wait: bool) -> None:
     from medssl_bench.status import unit_states
 
     held = [s for s in unit_states(ctx.store, plan, ctx.run.spec.name) if s.state == "running"]
+    # lease liveness is judged on each host: under DDP every process takes rank 0's view
+    held = ctx.runtime.from_main(lambda: held)
     if not held:
         return
     lines = "\n".join(f"  {s.unit.what}: {s.holder.where()}" for s in held)

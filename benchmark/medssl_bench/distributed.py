@@ -200,6 +200,16 @@ def peer_failure() -> str | None:
     return None
 
 
+def on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM in a process of a distributed run. After another rank failed (torchrun then
+    stops the rest) it is ignored: this process fails at its next collective, at once, and
+    closes its open run as FAILED, which an interrupt landing in the middle of closing it
+    could prevent (torchrun kills it 30 s later if it hangs). Otherwise (a user's Ctrl-C or a
+    scheduler's cancel, forwarded by torchrun) it interrupts, as in one process."""
+    if peer_failure() is None:
+        raise KeyboardInterrupt
+
+
 def is_own(message: str) -> bool:
     """Whether a failure message is this rank's own."""
     return message.startswith(f"rank {dist.get_rank()} ")
