@@ -106,6 +106,23 @@ def _train(runtime: Runtime, batch: int) -> dict:
             "test": tuned.test_metrics, "weights": tuned.weights, "test_read": test.read}
 
 
+def _negatives(rank: int) -> dict:
+    """What the contrastive tasks draw and compute under 2 ranks (see the test)."""
+    from medssl_bench_tasks.cpc import CPC3D
+    from medssl_bench_tasks.exemplar import Exemplar3D
+    from medssl_bench_tasks.swinssl import nt_xent
+
+    views = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))  # a0..a3, p0..p3
+    mine = torch.cat([views[2 * rank:2 * rank + 2], views[4 + 2 * rank:4 + 2 * rank + 2]])
+    images = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(rank))
+    gen = torch.Generator().manual_seed(rank)
+    exemplar = torch.cat([Exemplar3D().make_batch(images, gen)["negative_index"]
+                          for _ in range(20)])
+    cpc = CPC3D()  # 7 patches per side: 343 per volume
+    return {"swinssl": nt_xent(mine, 0.5, gather=True).item(), "exemplar": exemplar,
+            "cpc": cpc.make_batch(images, gen)["negative_index"], "cpc_per_rank": 2 * 7**3}
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -115,12 +132,23 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         result = _train(DistributedRuntime.in_group(torch.device("cpu")), BATCH)
+        result["negatives"] = _negatives(rank)
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_two_processes_train_as_one_at_the_same_global_batch(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """What 2 gloo processes computed (:func:`_worker`), one dict per rank."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_two_processes_train_as_one_at_the_same_global_batch(two_ranks):
     """Losses of every epoch, pretrained encoder, validation history, test metrics and
     fine-tuned weights of 2 gloo processes at batch 2 equal 1 process's at batch 4.
 
@@ -129,10 +157,7 @@ def test_two_processes_train_as_one_at_the_same_global_batch(tmp_path):
     gradients instead of one sum inside the kernels), float32 rounding of ~1e-7 per sum that
     4 Adam steps of lr 1e-3 cannot grow past it. Any difference in the data a rank reads
     or in how gradients combine moves the losses at the first decimals."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    ranks = two_ranks
     torch.set_num_threads(1)
     one = _train(Runtime.local("cpu"), 2 * BATCH)
     close = {"rtol": 1e-4, "atol": 1e-5}
@@ -145,6 +170,25 @@ def test_two_processes_train_as_one_at_the_same_global_batch(tmp_path):
     # the test split: every case scored by exactly one process
     assert sorted(ranks[0]["test_read"] + ranks[1]["test_read"]) == [0, 1, 2]
     assert one["test_read"] == [0, 1, 2]
+
+
+def test_contrastive_tasks_take_negatives_from_every_rank(two_ranks):
+    """With gather_negatives (the default) under 2 ranks: swinssl3d's NT-Xent averaged over
+    the ranks equals one process's over the global batch; exemplar3d and cpc3d draw
+    negatives from the other rank's rows too, never an anchor itself."""
+    from medssl_bench_tasks.swinssl import nt_xent
+
+    ranks = [result["negatives"] for result in two_ranks]
+    views = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    one = nt_xent(torch.cat([views[:4], views[4:]]), 0.5).item()
+    assert (ranks[0]["swinssl"] + ranks[1]["swinssl"]) / 2 == pytest.approx(one, rel=1e-6)
+    for rank, drawn in enumerate(ranks):
+        own = torch.arange(2) + 2 * rank
+        index = drawn["exemplar"].view(-1, 2)
+        assert index.min() >= 0 and index.max() < 4 and not (index == own).any()
+        assert {*index.flatten().tolist()} - {*own.tolist()} == {*range(4)} - {*own.tolist()}
+        cpc, per_rank = drawn["cpc"], drawn["cpc_per_rank"]
+        assert cpc.max() < 2 * per_rank and (cpc >= per_rank).any() and (cpc < per_rank).any()
 
 
 # --------------------------------------------------------------------------- bench run
