@@ -50,6 +50,8 @@ class ShardedBatches(Sampler[list[int]]):
 
     def __init__(self, sampler: Sampler[int], batch_size: int, rank: int = 0,
                  world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of {world} processes")
         self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
 
     def __len__(self) -> int:
