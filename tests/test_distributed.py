@@ -247,3 +247,41 @@ def test_bench_run_nproc_per_node_reports_a_crashed_rank_then_records_each_unit_
     assert all(r.data.params["finetune.world_size"] == "2" for r in finetunes)
     assert len(list((tmp_path / "cache" / "pretrain").glob("*.safetensors"))) == 1
     assert done.stdout.count("bench run protocol=") == 1
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def test_launch_options_become_torchrun_options_and_leave_the_worker_command():
+    from medssl_bench import cli, launch
+
+    argv = ["run", "--task", "rotation3d", "--nproc-per-node", "4", "--nnodes=2",
+            "--rdzv-endpoint", "head:29500", "--rdzv-id", "7", "--rdzv-backend", "c10d",
+            "--node-rank", "1", "--set", "pretrain.epochs=1"]
+    args = cli.build_parser().parse_args(argv)
+    assert launch.wanted(args)
+    assert launch.torchrun_argv(args, argv) == [
+        "--nproc-per-node", "4", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint",
+        "head:29500", "--rdzv-backend", "c10d", "--rdzv-id", "7", "-m", "medssl_bench",
+        "run", "--task", "rotation3d", "--set", "pretrain.epochs=1"]
+    one_node = ["run", "--nproc-per-node=2"]
+    args = cli.build_parser().parse_args(one_node)
+    assert launch.torchrun_argv(args, one_node) == [
+        "--nproc-per-node", "2", "--standalone", "-m", "medssl_bench", "run"]
+    assert not launch.wanted(cli.build_parser().parse_args(["run", "--nproc-per-node", "1"]))
+
+
+def test_a_process_of_a_ddp_run_refuses_parallel_executors(tmp_path, monkeypatch, capsys):
+    """Units handed to worker processes would leave the process group: refused, naming the
+    fix, before the process group or the store is touched."""
+    from medssl_bench import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = cli.main(["run", "--protocol", "data-efficiency", "--task", "rotation3d", "--device",
+                     "cpu", "--workers", "2",
+                     "--tracking-uri", "http://127.0.0.1:9"])
+    assert code == 2
+    assert "drop --executor local and --workers" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
