@@ -169,6 +169,7 @@ class Exemplar3D(ProxyTask):
 
     def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         n = images.shape[0]
+        positives = self.augment(images, generator)  # drawn first, as in one process before
         rank, world = self._pool()
         if world == 1:
             negatives = derangement(n, generator, images.device)
@@ -177,7 +178,7 @@ class Exemplar3D(ProxyTask):
             negatives = draw.add_(draw >= torch.arange(n, device=images.device) + rank * n)
         batch = {
             "anchors": images,
-            "positives": self.augment(images, generator),
+            "positives": positives,
             "negative_index": negatives,
             "fingerprints": fingerprint(images),
         }
