@@ -11,12 +11,15 @@ combine values across processes. Today's runtime is one process on one device:
   (off by default);
 - ``grad_accumulation``: micro-batches per optimizer step (default 1).
 
-Distributed data parallelism (torchrun) plugs in as a subclass that overrides the
-documented seams: :meth:`wrap` (``DistributedDataParallel`` around the module that owns
-every trained parameter), :meth:`no_sync` (skip the gradient all-reduce on accumulation
-micro-batches), :meth:`loader` (each process reads its shard), :meth:`reduce_sum` (epoch means
-across processes), :attr:`is_main` (only rank 0 reports progress and writes checkpoints),
-:attr:`rank` and :attr:`world_size`.
+Distributed data parallelism (torchrun) is the subclass
+:class:`medssl_bench.distributed.DistributedRuntime`, which overrides the documented seams:
+:meth:`wrap` (``DistributedDataParallel`` around the module that owns every trained
+parameter), :meth:`no_sync` (skip the gradient all-reduce on accumulation micro-batches),
+:meth:`loader` (each process reads its share of every global batch), :meth:`rank_seed`
+(per-rank batch construction), :meth:`reduce_sum` (epoch means across processes),
+:meth:`shard`/:meth:`gather`/:meth:`sync_buffers` (evaluation split between processes),
+:meth:`from_main` (rank 0 decides, every process follows), :attr:`is_main` (only rank 0
+reports progress and writes checkpoints), :attr:`rank` and :attr:`world_size`.
 """
 
 from __future__ import annotations
