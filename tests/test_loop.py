@@ -110,10 +110,14 @@ def test_events_in_order_and_only_from_the_main_process():
     assert EpochStarted("x 10% seed 0", "finetune", 1, 5, 3, True).description == (
         "x 10% seed 0 epoch 1/5 (encoder frozen)")
 
-    class Worker(Runtime):
+    class Worker(Runtime):  # rank 1 of 2 (its loader reads its half of every batch)
         @property
         def rank(self) -> int:
             return 1
+
+        @property
+        def world_size(self) -> int:
+            return 2
 
     events.clear()
     _loop(_Regression(), cfg, runtime=Worker(CPU), progress=events.append).run(cfg.epochs)

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="When units of this sweep are still running in other live processes "
                      "(an earlier bench run, Slurm jobs): follow them until they end, then "
                      "finish the sweep. Without it bench run says where they run and exits 5.")
+    from medssl_bench import launch
+
+    launch.add_arguments(run)
 
     status = sub.add_parser("status", help="Where a sweep stands: each unit done, running "
                             "(where, since when), failed (why) or pending. Takes bench run's "
@@ -312,6 +315,7 @@ class PlainProgress:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from medssl_bench import distributed, launch
     from medssl_bench.context import RunContext
     from medssl_bench.device import configure_backend
     from medssl_bench.spec import instantiate
@@ -319,9 +323,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from medssl_bench.tracking import Tracker, absolute_uri
     from medssl_bench.units import preflight
 
+    if launch.wanted(args):
+        return launch.launch(args, args.argv)
     _workers_flag(args)
+    runtime = None
+    if distributed.launched():  # one process of several (torchrun)
+        world = os.environ["WORLD_SIZE"]
+        args.overrides = [*args.overrides, f"pretrain.world_size={world}",
+                          f"finetune.world_size={world}"]
     registry, run, device = _resolve(args)
     plugins = instantiate(registry, run)
+    if distributed.launched():
+        _check_distributed_executor(registry, run, plugins)
+        runtime = distributed.DistributedRuntime.from_env(device)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, distributed.on_sigterm)
+        device = runtime.device
+        console.quiet = not runtime.is_main  # one process speaks; errors from any
     configure_backend(device)
     uri = _tracking_uri(args)
     if not args.dry_run:  # parallel workers on SQLite: refused before a file is created
@@ -330,7 +348,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_shared_store(absolute_uri(uri), plugins["executor"].writers(),
                            run.names["executor"])
     # a dry run reads the store (what is finished) but never creates one
-    store = ResultStore.existing(uri) if args.dry_run else ResultStore(Tracker(uri), str(device))
+    if runtime is not None:  # rank 0 alone opens the store; the others ask it
+        store: Any = distributed.MainStore(runtime, ResultStore(Tracker(uri), str(device))
+                                           if runtime.is_main else None)
+        distributed.ACTIVE_STORE.append(store)
+    else:
+        store = ResultStore.existing(uri) if args.dry_run else ResultStore(Tracker(uri),
+                                                                          str(device))
     cache_dir = Path(args.cache_dir or os.environ.get("BENCH_CACHE_DIR") or ".medssl_bench/cache")
     inits = _inits(args, plugins, cache_dir)
     console.print(
@@ -356,7 +380,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             registry=registry, run=run, plugins=plugins, device=device, store=store,
             cache_dir=cache_dir, force=args.force, wait=args.wait,
             progress=rich_progress,
-            echo=console.print,
+            echo=console.print, runtime=runtime,
         )
         ctx.inits = inits
         plan = plugins["protocol"].plan(ctx)
@@ -384,6 +408,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _check_distributed_executor(registry: Any, run: Any, plugins: dict[str, Any]) -> None:
+    """Under DDP every process runs the plan's units itself, together: only the default
+    executor does that (the others hand units to worker processes outside the group)."""
+    default = registry.default("executor")
+    if run.names["executor"] != default or plugins["executor"].writers() > 1:
+        raise ConfigError(f"--nproc-per-node/torchrun runs every unit across the processes "
+                          f"with the {default!r} executor; drop --executor "
+                          f"{run.names['executor']} and --workers (a sweep of DDP units "
+                          "in parallel is not supported).")
+
+
 def _workers_flag(args: argparse.Namespace) -> None:
     """``--workers K``: ``executor.workers=K``, with the local executor unless one is named."""
     if args.workers is None:
@@ -402,6 +437,8 @@ def _check_not_running(ctx: Any, plan: Any, wait: bool) -> None:
     from medssl_bench.status import unit_states
 
     held = [s for s in unit_states(ctx.store, plan, ctx.run.spec.name) if s.state == "running"]
+    # lease liveness is judged on each host: under DDP every process takes rank 0's view
+    held = ctx.runtime.from_main(lambda: held)
     if not held:
         return
     lines = "\n".join(f"  {s.unit.what}: {s.holder.where()}" for s in held)
@@ -622,6 +659,19 @@ def _weights(args: argparse.Namespace) -> int:
     return weights_cli.run(args, console)
 
 
+def _rank_failed(exc: BaseException, debug: bool) -> int:
+    """One process of a distributed run failed (or was stopped because another did): the
+    rank that failed first says so, naming itself; the others stay quiet."""
+    from medssl_bench import distributed
+
+    message = distributed.fail_process(exc)
+    if distributed.is_own(message):
+        if debug:
+            err_console.print_exception()
+        err_console.print(f"[bold red]error:[/bold red] {message}", highlight=False)
+    return exc.exit_code if isinstance(exc, BenchError) and distributed.is_own(message) else 1
+
+
 def _terminate(signum, frame) -> None:
     """SIGTERM (a scheduler's cancel, `kill`) unwinds like Ctrl-C, so the run in progress is
     closed as KILLED in MLflow instead of left RUNNING."""
@@ -634,9 +684,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted before or after the subcommand
     args = build_parser().parse_args([a for a in argv if a != "--debug"])
-    args.debug = debug
+    args.debug, args.argv = debug, argv
     try:
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        except BaseException as exc:
+            import torch.distributed as dist
+
+            if isinstance(exc, SystemExit) or not (dist.is_available() and dist.is_initialized()):
+                raise
+            return _rank_failed(exc, args.debug)
     except BenchError as exc:
         if args.debug:
             raise

@@ -15,6 +15,7 @@ from medssl_bench.engine import Progress
 from medssl_bench.errors import BenchError
 from medssl_bench.interfaces import DataSplits, ProxyTask
 from medssl_bench.plugins import Registry
+from medssl_bench.runtime import Runtime
 from medssl_bench.spec import ResolvedRun
 from medssl_bench.store import ResultStore
 
@@ -57,8 +58,21 @@ class RunContext:
     #: Imported weights to fine-tune from beside the tasks (``--init weights:NAME``):
     #: :class:`medssl_bench.imports.ImportedWeights`, planned as their own entries.
     inits: list[ProxyTask] = field(default_factory=list)
+    #: How trainings run: one process on ``device`` unless given (DDP: a
+    #: :class:`medssl_bench.distributed.DistributedRuntime`, with a store every rank shares).
+    runtime: Runtime | None = None
     _data: dict[str, DataSplits] = field(default_factory=dict, repr=False)
     _baseline: ProxyTask | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.runtime is None:
+            self.runtime = Runtime.local(self.device)
+
+    @property
+    def distributed(self) -> bool:
+        """Whether several processes run this plan together (DDP): a unit that fails on
+        any of them ends the run, since the others cannot go on without it."""
+        return self.runtime is not None and self.runtime.world_size > 1
 
     # ------------------------------------------------------------------ plugins
     def tasks(self) -> list[ProxyTask]:

@@ -63,6 +63,12 @@ class TrainingConfig(PluginConfig):
                                    description="Micro-batches of batch_size whose gradients "
                                    "make one optimizer step (an effective batch this many "
                                    "times larger in the same memory).")
+    world_size: int = Field(default=1, ge=1, json_schema_extra=since("0.2"),
+                            description="Processes training together (DDP), set by `bench run "
+                            "--nproc-per-node N` or torchrun, not by hand: batch_size is per "
+                            "process, so the global batch is world_size x batch_size (x "
+                            "grad_accumulation). Part of the run key above 1, since it "
+                            "changes the result.")
 
 
 class PretrainConfig(TrainingConfig):
@@ -78,8 +84,9 @@ class PretrainConfig(TrainingConfig):
     probe_cases: int = Field(default=100, ge=2, json_schema_extra=NEUTRAL, description="Labelled "
                              "training cases the probe's k-NN votes with (validation cases "
                              "are the queries).")
-    batch_size: int = Field(default=4, ge=1, description="Volumes per step before the task "
-                            "multiplies them (rotation copies, patches, ...).")
+    batch_size: int = Field(default=4, ge=1, description="Volumes per step and process before "
+                            "the task multiplies them (rotation copies, patches, ...); with "
+                            "N processes (DDP) the global batch is N times this.")
     lr: float = Field(default=1e-3, gt=0, description="Learning rate, the peak of the schedule "
                       "(appendix, Adam: 1e-3 in 3D, 5e-4 in 2D self-supervised tasks).")
     weight_decay: float = Field(default=0.0, ge=0, description="Weight decay (L2 for adam and "
@@ -104,7 +111,9 @@ class FinetuneConfig(TrainingConfig):
     freeze: Literal["warmup", "frozen", "none"] = Field(
         default="warmup", description="warmup: frozen encoder for warmup_epochs, then all "
         "trains (the paper); frozen: linear probe, encoder never trains; none: no warm-up.")
-    batch_size: int = Field(default=2, ge=1, description="Labeled volumes per step (configs: 2).")
+    batch_size: int = Field(default=2, ge=1, description="Labeled volumes per step and process "
+                            "(configs: 2); with N processes (DDP) the global batch is N times "
+                            "this.")
     lr: float = Field(default=1e-5, gt=0, description="Learning rate, the peak of the schedule "
                       "(appendix, Adam: 1e-5 for 3D segmentation, 5e-5 for 2D classification; "
                       "configs use 1e-3).")
@@ -190,6 +199,15 @@ def _first_image(dataset: TorchDataset) -> Tensor:
     return item[0] if isinstance(item, tuple | list) else item
 
 
+def check_world_size(cfg: TrainingConfig, runtime: Runtime, section: str) -> None:
+    """The config's ``world_size`` (part of the run key) must be the processes that train."""
+    if cfg.world_size != runtime.world_size:
+        raise ConfigError(
+            f"{section}.world_size is {cfg.world_size} but {runtime.world_size} process(es) "
+            f"train. It is set by `bench run --nproc-per-node N` (or torchrun), not by hand: "
+            f"drop --set {section}.world_size.")
+
+
 # --------------------------------------------------------------------------- pretraining
 
 
@@ -252,6 +270,7 @@ def pretrain(
     the random state is restored after it, so probing never changes the training.
     """
     runtime = (runtime or Runtime.local(device)).configured(cfg)
+    check_world_size(cfg, runtime, "pretrain")
     device = runtime.device
     seed_everything(seed)
     task.check_input(tuple(info.image_size), info.channels)
@@ -270,10 +289,13 @@ def pretrain(
         try:
             if resume.get("device_type", device.type) != device.type:
                 raise RuntimeError("checkpoint written on another device type")
+            if runtime.world_size > 1:  # the checkpoint holds rank 0's generator only
+                raise RuntimeError("one generator per rank")
             generator.set_state(resume["generator"])
         except RuntimeError:
-            # A CPU generator's state cannot continue on CUDA (or back): weights, optimizer and
-            # epoch carry over; the batch stream restarts from a seed of its own.
+            # A CPU generator's state cannot continue on CUDA (or back), nor rank 0's on every
+            # rank: weights, optimizer and epoch carry over; the batch stream restarts from a
+            # seed of its own (per rank under DDP).
             generator = runtime.generator(seed * 1_000_003 + start_epoch)
         torch.set_rng_state(resume["torch_rng"])
         if device.type == "cuda" and resume.get("cuda_rng") is not None:
@@ -402,7 +424,7 @@ def segmentation_loss(logits: Tensor, target: Tensor, kind: str) -> Tensor:
 @torch.no_grad()
 def evaluate(
     model: nn.Module, dataset: TorchDataset, info: DatasetInfo, device: torch.device,
-    batch_size: int = 4, amp: bool = True,
+    batch_size: int = 4, amp: bool = True, runtime: Runtime | None = None,
 ) -> dict[str, float]:
     """The dataset's metrics for ``model`` on ``dataset`` (whole images, no augmentation).
 
@@ -410,16 +432,22 @@ def evaluate(
     ``info.extra["regions"]`` region Dice is added (see :mod:`medssl_bench.volumetric`).
     A segmentation dataset with a ``native_target(index)`` method is scored on each case's
     original voxel grid: the probabilities are resampled there, one case at a time.
+    Under DDP (``runtime``) each process scores its shard of the cases and the per-case
+    scores are gathered in case order, so every process returns the metrics of one pass.
     """
+    runtime = runtime or Runtime.local(device)
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    dice, scores, labels = [], [], []
+    runtime.sync_buffers(model)
+    cases = runtime.shard(len(dataset))  # type: ignore[arg-type]
+    loader = DataLoader(dataset if runtime.world_size == 1 else Subset(dataset, cases),
+                        batch_size=batch_size, shuffle=False)
     patch = info.extra.get("patch_size") if info.kind == "segmentation" else None
     regions = info.extra.get("regions") if info.kind == "segmentation" else None
-    region_scores = []
     native = getattr(dataset, "native_target", None) if info.kind == "segmentation" else None
-    seen = 0
+    rows: dict[int, tuple[Any, ...]] = {}  # case -> its scores (dice, regions | probs, label)
+    order = iter(cases)
     for images, targets in loader:
+        ids = [next(order) for _ in range(len(images))]
         if needs_patches(images.shape[2:], patch):
             logits = sliding_window_logits(model, images, patch, info.extra.get("patch_overlap", 0),
                                            device, batch_size, amp)
@@ -428,26 +456,30 @@ def evaluate(
             with autocast(device, amp):
                 logits = model(images).float()
         if native is not None:  # per case on its original grid (shapes differ between cases)
-            for case_logits in logits:
-                target = native(seen)
-                seen += 1
+            for case, case_logits in zip(ids, logits, strict=True):
+                target = native(case)
                 pred = to_native(case_logits, target).cpu()[None]
-                dice.append(dice_per_case(pred, target.label[None], info.num_classes))
-                if regions:
-                    region_scores.append(region_dice(pred, target.label[None], regions))
+                rows[case] = (dice_per_case(pred, target.label[None], info.num_classes)[0],
+                              region_dice(pred, target.label[None], regions)[0] if regions
+                              else None)
         elif info.kind == "segmentation":
-            dice.append(dice_per_case(logits.argmax(1).cpu(), targets, info.num_classes))
-            if regions:
-                region_scores.append(region_dice(logits.argmax(1).cpu(), targets, regions))
+            pred = logits.argmax(1).cpu()
+            dice = dice_per_case(pred, targets, info.num_classes)
+            region = region_dice(pred, targets, regions) if regions else [None] * len(ids)
+            rows.update(zip(ids, zip(dice, region, strict=True), strict=True))
         else:
-            scores.append(logits.softmax(1).cpu().numpy())
-            labels.append(targets.numpy())
+            probs = logits.softmax(1).cpu().numpy()
+            rows.update(zip(ids, zip(probs, targets.numpy(), strict=True), strict=True))
+    if runtime.world_size > 1:
+        rows = {case: row for part in runtime.gather(rows) for case, row in part.items()}
+    ordered = [rows[case] for case in sorted(rows)]
     if info.kind == "segmentation":
-        metrics = segmentation_metrics(torch.cat(dice), info.class_names)
+        metrics = segmentation_metrics(torch.stack([r[0] for r in ordered]), info.class_names)
         if regions:
-            metrics.update(region_metrics(torch.cat(region_scores), regions))
+            metrics.update(region_metrics(torch.stack([r[1] for r in ordered]), regions))
         return metrics
-    return classification_metrics(np.concatenate(scores), np.concatenate(labels))
+    return classification_metrics(np.stack([r[0] for r in ordered]),
+                                  np.stack([r[1] for r in ordered]))
 
 
 @dataclass
@@ -501,6 +533,7 @@ def finetune(
     epoch is tested. ``progress`` and ``runtime``: as for :func:`pretrain`.
     """
     runtime = (runtime or Runtime.local(device)).configured(cfg)
+    check_world_size(cfg, runtime, "finetune")
     device = runtime.device
     seed_everything(seed)
     patch = info.extra.get("patch_size") if info.kind == "segmentation" else None
@@ -517,7 +550,7 @@ def finetune(
     main = select_metric or info.main_metric
     best_score, best_epoch, best_state = -math.inf, -1, None
     history: list[dict[str, float]] = []
-    patch_generator = torch.Generator().manual_seed(seed)
+    patch_generator = torch.Generator().manual_seed(runtime.rank_seed(seed))
 
     def prepare(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         images, targets = batch
@@ -535,7 +568,7 @@ def finetune(
 
     def end_epoch(epoch: int, logs: dict[str, float]) -> None:
         nonlocal best_score, best_epoch, best_state
-        val_metrics = evaluate(model, val, info, device, cfg.eval_batch_size, cfg.amp)
+        val_metrics = evaluate(model, val, info, device, cfg.eval_batch_size, cfg.amp, runtime)
         record = {"train_loss": logs.get("loss", math.nan),
                   **{f"val_{k}": v for k, v in val_metrics.items()}}
         history.append(record)
@@ -563,7 +596,7 @@ def finetune(
     seconds = loop.run(cfg.epochs)
     assert best_state is not None
     model.load_state_dict(best_state)
-    test_metrics = evaluate(model, test, info, device, cfg.eval_batch_size, cfg.amp)
+    test_metrics = evaluate(model, test, info, device, cfg.eval_batch_size, cfg.amp, runtime)
     return FinetuneResult(test_metrics, history, best_epoch, seconds, best_state)
 
 

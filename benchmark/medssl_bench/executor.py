@@ -118,6 +118,8 @@ class InProcess(Executor):
                 record_failure(ctx, unit, exc)
                 raise
             except Exception as exc:  # one unit's failure must not end the sweep
+                if ctx.distributed:  # ... unless the processes of a DDP run lost step
+                    raise
                 failed[unit.key] = unit.what
                 record_failure(ctx, unit, exc)
                 continue

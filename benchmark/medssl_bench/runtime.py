@@ -15,27 +15,65 @@ combine values across processes. Today's runtime is one process on one device:
   1.3-1.5x faster; activations follow the weights' layout. Contiguous on CUDA, where eager
   channels-last 3D was measured slower (issue 13's H200 table).
 
-Distributed data parallelism (torchrun) plugs in as a subclass that overrides the
-documented seams: :meth:`wrap` (``DistributedDataParallel`` around the module that owns
-every trained parameter), :meth:`no_sync` (skip the gradient all-reduce on accumulation
-micro-batches), :meth:`loader` (each process reads its shard), :meth:`reduce_sum` (epoch means
-across processes), :attr:`is_main` (only rank 0 reports progress and writes checkpoints),
-:attr:`rank` and :attr:`world_size`.
+Distributed data parallelism (torchrun) is the subclass
+:class:`medssl_bench.distributed.DistributedRuntime`, which overrides the documented seams:
+:meth:`wrap` (``DistributedDataParallel`` around the module that owns every trained
+parameter), :meth:`no_sync` (skip the gradient all-reduce on accumulation micro-batches),
+:meth:`loader` (each process reads its share of every global batch), :meth:`rank_seed`
+(per-rank batch construction), :meth:`reduce_sum` (epoch means across processes),
+:meth:`shard`/:meth:`gather`/:meth:`sync_buffers` (evaluation split between processes),
+:meth:`from_main` (rank 0 decides, every process follows), :attr:`is_main` (only rank 0
+reports progress and writes checkpoints), :attr:`rank` and :attr:`world_size`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 from torch.utils.data import Dataset as TorchDataset
 
 from medssl_bench.device import make_generator, worker_init
+
+T = TypeVar("T")
+
+
+class ShardedBatches(Sampler[list[int]]):
+    """This process's part of every global batch of ``sampler``'s draws.
+
+    The draws are cut into global batches of ``batch_size * world`` consecutive indices (the
+    batches one process with that batch size would take) and process ``rank`` takes the
+    ``rank``-th ``batch_size`` of each; the last, shorter global batch is shared evenly. So N
+    processes at batch ``b`` see exactly what one process at batch ``N * b`` sees. A pass
+    whose length is not a multiple of ``world`` is completed by repeating its first draws:
+    every process must take the same number of steps (a collective waits for all of them).
+    """
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, rank: int = 0,
+                 world: int = 1) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} of {world} processes")
+        self.sampler, self.batch_size, self.rank, self.world = sampler, batch_size, rank, world
+
+    def __len__(self) -> int:
+        draws = math.ceil(len(self.sampler) / self.world) * self.world  # type: ignore[arg-type]
+        return math.ceil(draws / (self.batch_size * self.world))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(self.sampler)
+        pad = -len(order) % self.world
+        order += [order[i % len(order)] for i in range(pad)]
+        step = self.batch_size * self.world
+        for start in range(0, len(order), step):
+            chunk = order[start:start + step]
+            share = len(chunk) // self.world
+            yield chunk[self.rank * share:(self.rank + 1) * share]
 
 
 class EpochLoader:
@@ -43,18 +81,20 @@ class EpochLoader:
 
     Building a loader per epoch would re-fork its workers (and drop whatever they cached);
     reseeding the sampler's generator instead keeps workers alive while epoch ``e`` still
-    draws the same batches whatever ran before it (which resuming relies on).
+    draws the same batches whatever ran before it (which resuming relies on). With ``world``
+    processes the draws are those of one process at batch ``world * batch_size``, and this
+    process (``rank``) reads its share of each batch (:class:`ShardedBatches`).
     """
 
     def __init__(self, dataset: TorchDataset, batch_size: int, iterations: int | None,
-                 num_workers: int, pin_memory: bool) -> None:
+                 num_workers: int, pin_memory: bool, rank: int = 0, world: int = 1) -> None:
         self.generator = torch.Generator()
-        count = None if iterations is None else iterations * batch_size
+        count = None if iterations is None else iterations * batch_size * world
         sampler = RandomSampler(dataset, replacement=iterations is not None, num_samples=count,
                                 generator=self.generator)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-            worker_init_fn=worker_init, pin_memory=pin_memory,
+            dataset, batch_sampler=ShardedBatches(sampler, batch_size, rank, world),
+            num_workers=num_workers, worker_init_fn=worker_init, pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
         )
 
@@ -122,13 +162,21 @@ class Runtime:
         return module
 
     def generator(self, seed: int) -> torch.Generator:
-        """A seeded generator on the device (proxy-task batches are drawn where they are built)."""
-        return make_generator(seed, self.device)
+        """A generator on the device seeded by :meth:`rank_seed` (proxy-task batches are drawn
+        where they are built)."""
+        return make_generator(self.rank_seed(seed), self.device)
+
+    def rank_seed(self, seed: int) -> int:
+        """The seed of this process's own batch-construction randomness (augmentations,
+        patches): ``seed`` in one process; under DDP derived from ``seed`` and the rank, so
+        ranks draw differently and a run repeats for a given number of processes."""
+        return seed
 
     def loader(self, dataset: TorchDataset, batch_size: int, iterations: int | None,
                num_workers: int) -> EpochLoader:
-        """The batches of a training (DDP: this process's shard of them)."""
-        return EpochLoader(dataset, batch_size, iterations, num_workers, self.pin_memory)
+        """The batches of a training (DDP: this process's share of each global batch)."""
+        return EpochLoader(dataset, batch_size, iterations, num_workers, self.pin_memory,
+                           self.rank, self.world_size)
 
     @property
     def nan_check_every_step(self) -> bool:
@@ -185,3 +233,22 @@ class Runtime:
         """``values`` summed over processes (DDP: one all-reduce of them as a tensor);
         unchanged in one process. The loop sums its epoch's step logs and step count so."""
         return list(values)
+
+    def from_main(self, fn: Callable[[], T]) -> T:
+        """``fn()`` computed by the main process and handed to every process (DDP: a
+        broadcast; an exception is raised everywhere). For what all processes must agree
+        on: whether a unit is done, a cached encoder, a checkpoint to resume."""
+        return fn()
+
+    def gather(self, value: T) -> list[T]:
+        """``value`` of every process, in rank order (one process: ``[value]``)."""
+        return [value]
+
+    def shard(self, count: int) -> list[int]:
+        """The indices of ``count`` cases this process evaluates: every case in exactly one
+        process (DDP: every ``world_size``-th, no padding)."""
+        return list(range(count))
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        """Make ``module``'s buffers (normalisation statistics) the main process's before an
+        evaluation shared between processes; nothing to do in one process."""

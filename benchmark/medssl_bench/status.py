@@ -12,7 +12,6 @@ from typing import Any
 from medssl_bench.leases import Holder, lease_state
 from medssl_bench.plan import Plan, Unit
 from medssl_bench.store import TAG_ERROR
-from medssl_bench.tracking import TAG_KEY
 
 STATES = ("done", "running", "failed", "pending")
 
@@ -43,30 +42,10 @@ def _iso(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(seconds))
 
 
-def _runs_by_key(store: Any, protocol: str) -> dict[str, list[Any]]:
-    exp = None if store is None else store._existing_experiment(protocol)
-    if exp is None:
-        return {}
-    by_key: dict[str, list[Any]] = {}
-    token = None
-    while True:
-        page = store.tracker.client.search_runs([exp], max_results=1000, page_token=token)
-        for run in page:
-            key = run.data.tags.get(TAG_KEY)
-            if key:
-                by_key.setdefault(key, []).append(run)
-        token = page.token
-        if not token:
-            break
-    for runs in by_key.values():
-        runs.sort(key=lambda r: r.info.start_time or 0, reverse=True)
-    return by_key
-
-
 def unit_states(store: Any, plan: Plan, protocol: str) -> list[UnitState]:
     """The state of every unit of ``plan`` in ``store`` (None: nothing run yet), whose runs
     are in the experiment of ``protocol`` (the spec's name)."""
-    by_key = _runs_by_key(store, protocol)
+    by_key = {} if store is None else store.runs_by_key(protocol)
     out = []
     for unit in plan:
         runs = by_key.get(unit.key, [])

@@ -349,6 +349,25 @@ class ResultStore:
             [exp], filter_string=f"tags.`{TAG_KEY}` = '{key}'", max_results=100)
         return sorted(runs, key=lambda r: r.info.start_time or 0, reverse=True)
 
+    def runs_by_key(self, protocol: str) -> dict[str, list[Any]]:
+        """Every run of ``protocol`` with a run key, by key, newest first; creates nothing
+        (``bench status`` reads a whole sweep with it)."""
+        exp = self._existing_experiment(protocol)
+        by_key: dict[str, list[Any]] = {}
+        token = None
+        while exp is not None:
+            page = self.tracker.client.search_runs([exp], max_results=1000, page_token=token)
+            for run in page:
+                key = run.data.tags.get(TAG_KEY)
+                if key:
+                    by_key.setdefault(key, []).append(run)
+            token = page.token
+            if not token:
+                break
+        for runs in by_key.values():
+            runs.sort(key=lambda r: r.info.start_time or 0, reverse=True)
+        return by_key
+
     def reap_key(self, protocol: str, key: str, why: str, job: str | None = None) -> list[str]:
         """Mark RUNNING runs of ``key`` KILLED whose lease is dead, or (``job``) that belong
         to that job, which the scheduler says has ended: the unit runs again; their ids."""

@@ -93,8 +93,14 @@ def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
     if not unit.pretrains:
         return Pretrained(None, parent or _record_only(ctx, unit, None))
     cache = cache_path(ctx, unit)
-    if cache.exists() and not ctx.force:
-        weights = load_weights(cache)
+    runtime = ctx.runtime
+    assert runtime is not None
+    # rank 0 reads the cache and every process gets its answer (the cache folder may be
+    # local to each node)
+    cached = runtime.from_main(lambda: load_weights(cache) if cache.exists() and not ctx.force
+                               else None)
+    if cached is not None:
+        weights = cached
         run_id = parent or _record_only(ctx, unit, cache)
         ctx.outcomes.append(Outcome(f"pretrain {unit.task} on {ctx.plugins[unit.corpus].name}",
                                     "reused", str(cache), unit.task, "pretrain"))
@@ -106,7 +112,7 @@ def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
     checkpoint = cache.with_name(f"{unit.key}.ckpt.safetensors")
     task, data = ctx.task(unit.task), ctx.data(unit.corpus)
     run_id = _start_pretrain(ctx, unit)  # claims the unit (RunningElsewhere when lost)
-    resume = _resume_state(ctx, checkpoint)  # read once the unit is ours
+    resume = runtime.from_main(lambda: _resume_state(ctx, checkpoint))  # once the unit is ours
     try:
         if resume is not None:
             store.mark_resumed(run_id, resume["epoch"])
@@ -132,10 +138,11 @@ def run_pretrain(ctx: RunContext, unit: PretrainUnit) -> Pretrained:
             ctx.device, ctx.run.configs["protocol"].pretrain_seed,
             on_epoch=lambda logs, epoch: store.log_epoch(run_id, logs, epoch),
             progress=ctx.progress, resume=resume, on_checkpoint=on_checkpoint,
-            probe=pretraining_probe(ctx),
+            runtime=runtime, probe=pretraining_probe(ctx),
         )
-        save_weights(result.weights, cache, {"pretrain_key": unit.key, "task": unit.task})
-        checkpoint.unlink(missing_ok=True)
+        if runtime.is_main:
+            save_weights(result.weights, cache, {"pretrain_key": unit.key, "task": unit.task})
+            checkpoint.unlink(missing_ok=True)
         store.log_pretrained(run_id, cache, result.seconds)
     except BaseException as exc:
         store.fail(run_id, exc)
@@ -279,6 +286,7 @@ def run_finetune(ctx: RunContext, unit: FinetuneUnit, start: Pretrained) -> Resu
             ctx.plugins["backbone"], data.info, subset(data.train, unit.indices), data.val,
             data.test, start.weights, cfg, ctx.device, unit.seed,
             on_epoch=on_epoch, progress=ctx.progress, label=unit.what, select_metric=unit.metric,
+            runtime=ctx.runtime,
         )
         value = result.test_metrics.get(unit.metric, math.nan)
         record = ResultRecord(
@@ -291,6 +299,8 @@ def run_finetune(ctx: RunContext, unit: FinetuneUnit, start: Pretrained) -> Resu
         raise  # the store is gone: every later unit would fail the same way
     except Exception as exc:
         store.fail(run_id, exc)
+        if ctx.distributed:
+            raise
         detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc(limit=3)
         ctx.outcomes.append(Outcome(unit.what, "failed", detail, unit.task))
         ctx.echo(f"[red]FAILED[/red] {unit.what}: {exc}")
@@ -354,11 +364,12 @@ def probe_features(ctx: RunContext, unit: ProbeUnit, start: Pretrained) -> dict[
         x, y = encode(encoder, getattr(data, split), runtime, backbone.size_multiple(),
                       unit.pooling, cfg.eval_batch_size)
         out[f"{split}_x"], out[f"{split}_y"] = x.contiguous(), y.contiguous()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes never share one
-    save_file(out, str(tmp), metadata={"pretrain_key": unit.pretraining,
-                                       "pooling": unit.pooling})
-    os.replace(tmp, path)
+    if ctx.runtime is None or ctx.runtime.is_main:  # under DDP rank 0 writes the cache
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # processes never share one
+        save_file(out, str(tmp), metadata={"pretrain_key": unit.pretraining,
+                                           "pooling": unit.pooling})
+        os.replace(tmp, path)
     ctx.echo(f"Features of the frozen {unit.task} encoder ({unit.pooling} pooling) cached at "
              f"{path}")
     memo[str(path)] = out
@@ -428,6 +439,8 @@ def run_probe(ctx: RunContext, unit: ProbeUnit, start: Pretrained) -> ResultReco
         raise  # the store is gone: every later unit would fail the same way
     except Exception as exc:
         store.fail(run_id, exc)
+        if ctx.distributed:
+            raise
         detail = str(exc) if isinstance(exc, BenchError) else traceback.format_exc(limit=3)
         ctx.outcomes.append(Outcome(unit.what, "failed", detail, unit.task, unit.stage))
         ctx.echo(f"[red]FAILED[/red] {unit.what}: {exc}")

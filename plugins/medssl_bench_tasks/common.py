@@ -33,3 +33,41 @@ def classification_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, dict[s
 def randint(high: int, size: tuple[int, ...], generator: torch.Generator, device) -> Tensor:
     """``torch.randint`` on ``device`` driven by ``generator`` (which must live there too)."""
     return torch.randint(high, size, generator=generator, device=device)
+
+
+# --------------------------------------------------------------------------- DDP negatives
+# Contrastive tasks take negatives from every process of a distributed run (their
+# ``gather_negatives`` option): the pool is the global batch, as one process at that batch
+# would have it. Without an initialised process group (one process) every helper is the
+# identity, so one-process results are unchanged.
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of the initialised default process group; (0, 1) without one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_with_grad(z: Tensor) -> tuple[Tensor, int]:
+    """The rows of ``z`` from every DDP rank, concatenated in rank order, with this rank's
+    own rows still carrying their gradient; and the offset of this rank's rows. Without an
+    initialised process group (or with one rank) ``z`` itself and 0. Every rank's rows must
+    have the same shape."""
+    import torch.distributed as dist
+
+    rank, world = process_group()
+    if world == 1:
+        return z, 0
+    parts = [torch.empty_like(z) for _ in range(world)]
+    dist.all_gather(parts, z.detach().contiguous())
+    parts[rank] = z
+    return torch.cat(parts), rank * z.shape[0]
+
+
+def gather_detached(t: Tensor) -> Tensor:
+    """The rows of ``t`` from every rank in rank order, without gradient (``t`` in one
+    process)."""
+    return gather_with_grad(t.detach())[0]

@@ -30,9 +30,10 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from medssl_bench.config import PluginConfig
+from medssl_bench.config import PluginConfig, since
 from medssl_bench.errors import ConfigError
 from medssl_bench.interfaces import Backbone, Encoder, ProxyTask
+from medssl_bench_tasks.common import gather_with_grad, process_group
 from medssl_bench_tasks.patches import BUFFERS, PatchEmbedder
 
 
@@ -202,6 +203,11 @@ class CPC3D(ProxyTask):
             default=127, ge=1, description="InfoNCE negatives per prediction, drawn at random "
             "from the other patches of the batch (other positions of the same volume and "
             "patches of other volumes; the paper draws them at random without a count).")
+        gather_negatives: bool = Field(
+            default=True, json_schema_extra=since("0.2"), description="Under DDP, draw the "
+            "InfoNCE negatives from the patches of every rank's volumes (the global batch, as "
+            "one process would), gathering the patch embeddings with gradient for the local "
+            "part; a no-op in one process and for the binary loss.")
         volumes_per_step: int | None = Field(
             default=None, ge=1, description="Use only the first N volumes of each batch: every "
             "patch passes through the full encoder, so a CPC step costs patches-per-volume times "
@@ -259,10 +265,13 @@ class CPC3D(ProxyTask):
         target_index = (flat_index(targets, n).unsqueeze(0) + offset).flatten(0, 1)
         queries = target_index.shape[0]
         if c.loss == "infonce":
+            # every patch of the pool (this rank's, or every rank's: this one's start at
+            # rank * total) but the positive
             total = b * per_volume
-            draw = torch.randint(0, total - 1, (queries, c.predict_steps, c.num_negatives),
+            rank, world = self._pool()
+            draw = torch.randint(0, world * total - 1, (queries, c.predict_steps, c.num_negatives),
                                  generator=generator, device=device)
-            negative_index = draw.add_(draw >= target_index.unsqueeze(-1))  # skip the positive
+            negative_index = draw.add_(draw >= target_index.unsqueeze(-1) + rank * total)
         else:
             # a random other (volume, y[, z]) column, same target rows (reference)
             per_row = n ** (d - 1)
@@ -279,6 +288,11 @@ class CPC3D(ProxyTask):
 
     # ------------------------------------------------------------------ loss
 
+    def _pool(self) -> tuple[int, int]:
+        """(rank, world) whose patches are InfoNCE negatives (see ``gather_negatives``)."""
+        c = self.config
+        return process_group() if c.gather_negatives and c.loss == "infonce" else (0, 1)
+
     def compute_loss(self, encoder, heads, batch):
         c = self.config
         patches = batch["patches"]
@@ -290,8 +304,9 @@ class CPC3D(ProxyTask):
         with torch.autocast(z.device.type, enabled=False):
             _, state = heads["context"](z[batch["context_index"]].float())
             preds = heads["predict"](state[-1]).view(-1, c.predict_steps, c.patch_embedding)
-            scores = torch.einsum("qsd,pd->qsp", preds.float(), z.float())  # every patch
-        positive = scores.gather(2, batch["target_index"].unsqueeze(-1))
+            keys, offset = gather_with_grad(z.float()) if self._pool()[1] > 1 else (z, 0)
+            scores = torch.einsum("qsd,pd->qsp", preds.float(), keys.float())  # every patch
+        positive = scores.gather(2, batch["target_index"].unsqueeze(-1) + offset)
         if c.loss == "infonce":
             negative = scores.gather(2, batch["negative_index"])
             logits = torch.cat([positive, negative], 2).flatten(0, 1)

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from medssl_bench.config import PluginConfig
+from medssl_bench.config import PluginConfig, since
 from medssl_bench.interfaces import Backbone, Encoder, ProxyTask, global_pool
 from medssl_bench_tasks.augment import (
     AffineParams,
@@ -24,6 +24,7 @@ from medssl_bench_tasks.augment import (
     color_jitter,
     sample_affine_factors,
 )
+from medssl_bench_tasks.common import gather_detached, gather_with_grad, process_group
 
 
 def derangement(n: int, generator: torch.Generator, device) -> Tensor:
@@ -104,6 +105,11 @@ class Exemplar3D(ProxyTask):
             "random derangement (the paper's simple option; reference 'batch'); memory_bank: "
             "a stored embedding of another volume from earlier steps (the paper's 'whole "
             "dataset' option; the reference draws a random other file instead).")
+        gather_negatives: bool = Field(
+            default=True, json_schema_extra=since("0.2"), description="Under DDP, draw batch "
+            "negatives from every rank's anchors (the global batch, as one process would) and "
+            "push every rank's anchors into the memory bank, so the banks of all ranks agree; "
+            "a no-op in one process.")
         bank_size: int = Field(default=1024, ge=1, description="Embeddings kept in the memory "
                                "bank (our choice; the papers do not use one).")
         hard_negatives: bool = Field(default=False, description="With memory_bank: use the "
@@ -163,16 +169,28 @@ class Exemplar3D(ProxyTask):
 
     def make_batch(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         n = images.shape[0]
+        positives = self.augment(images, generator)  # drawn first, as in one process before
+        rank, world = self._pool()
+        if world == 1:
+            negatives = derangement(n, generator, images.device)
+        else:  # any other anchor of the global batch (this rank's rows start at rank * n)
+            draw = torch.randint(0, world * n - 1, (n,), generator=generator, device=images.device)
+            negatives = draw.add_(draw >= torch.arange(n, device=images.device) + rank * n)
         batch = {
             "anchors": images,
-            "positives": self.augment(images, generator),
-            "negative_index": derangement(n, generator, images.device),
+            "positives": positives,
+            "negative_index": negatives,
             "fingerprints": fingerprint(images),
         }
         if self.config.negatives == "memory_bank" and not self.config.hard_negatives:
             batch["bank_noise"] = torch.rand(n, self.config.bank_size, generator=generator,
                                              device=images.device)
         return batch
+
+    def _pool(self) -> tuple[int, int]:
+        """(rank, world) whose anchors are negatives: every process's with
+        ``gather_negatives`` under DDP, else this one's alone."""
+        return process_group() if self.config.gather_negatives else (0, 1)
 
     def embed(self, encoder: Encoder, heads: nn.ModuleDict, x: Tensor) -> Tensor:
         z = heads["embedding"](global_pool(encoder(x))).float()
@@ -208,13 +226,16 @@ class Exemplar3D(ProxyTask):
         z_a, z_p = z[:n], z[n:]
         prints = batch["fingerprints"]
         index = batch["negative_index"]
-        z_n = z_a[index]
-        valid = ~same_volume(prints, prints[index])
+        pool, pool_prints = z_a, prints
+        if self._pool()[1] > 1:
+            pool, pool_prints = gather_with_grad(z_a)[0], gather_detached(prints)
+        z_n = pool[index]
+        valid = ~same_volume(prints, pool_prints[index])
         if self.config.negatives == "memory_bank":
             bank = heads["bank"]
             if bank.filled():
                 z_n, valid = self._bank_negatives(bank, z_a, prints, batch.get("bank_noise"))
-            bank.push(z_a, prints)
+            bank.push(pool, pool_prints)
         d_pos, d_neg = self.distance(z_a, z_p), self.distance(z_a, z_n)
         hinge = F.relu(d_pos - d_neg + self.config.margin)
         weight = valid.float()

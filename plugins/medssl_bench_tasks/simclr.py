@@ -39,6 +39,7 @@ from medssl_bench_tasks.augment import (
     color_jitter,
     sample_affine,
 )
+from medssl_bench_tasks.common import gather_with_grad
 
 
 def _uniform(n: int, generator: torch.Generator, device, low: float, high: float) -> Tensor:
@@ -115,21 +116,6 @@ def gaussian_blur(images: Tensor, sigma: Tensor, apply: Tensor, kernel: int) -> 
     out = images.clone()
     out.index_copy_(0, index, sub)
     return out
-
-
-def gather_with_grad(z: Tensor) -> tuple[Tensor, int]:
-    """The rows of ``z`` from every DDP rank, concatenated in rank order, with this rank's
-    own rows still carrying their gradient; and the offset of this rank's rows. Without an
-    initialised process group (or with one rank) ``z`` itself and 0."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return z, 0
-    world, rank = dist.get_world_size(), dist.get_rank()
-    parts = [torch.empty_like(z) for _ in range(world)]
-    dist.all_gather(parts, z.detach().contiguous())
-    parts[rank] = z
-    return torch.cat(parts), rank * z.shape[0]
 
 
 def nt_xent(z: Tensor, positive: Tensor, temperature: float, gather: bool) -> tuple[Tensor, Tensor]:

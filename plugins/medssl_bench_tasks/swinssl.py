@@ -62,9 +62,10 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from medssl_bench.config import PluginConfig
+from medssl_bench.config import PluginConfig, since
 from medssl_bench.errors import ConfigError
 from medssl_bench.interfaces import Backbone, Encoder, ProxyTask, global_pool
+from medssl_bench_tasks.common import gather_with_grad
 
 #: Boxes drawn per chunk while a batch's cutouts are placed.
 BOX_CHUNK = 32
@@ -82,6 +83,10 @@ class SwinSSLConfig(PluginConfig):
     temperature: float = Field(
         default=0.5, gt=0,
         description="NT-Xent temperature (code: losses/loss.py Contrast, 0.5; nnssl 0.5).")
+    gather_negatives: bool = Field(
+        default=True, json_schema_extra=since("0.2"), description="Under DDP, contrast every "
+        "view with the views of every rank (the global batch, as one process would), "
+        "gathering the projections with gradient for the local part; a no-op in one process.")
     projection_dim: int = Field(
         default=512, ge=1,
         description="Size of the contrastive projection (code: Linear(dim, 512)).")
@@ -299,7 +304,8 @@ class SwinSSL3D(ProxyTask):
             logs["rotation"] = rotation.item()
             logs["acc"] = (logits.argmax(1) == batch["rotations"]).float().mean().item()
         if cfg.contrastive_weight:
-            contrast = nt_xent(heads["projection"](pooled).float(), cfg.temperature)
+            contrast = nt_xent(heads["projection"](pooled).float(), cfg.temperature,
+                               cfg.gather_negatives)
             loss = loss + cfg.contrastive_weight * contrast
             logs["contrast"] = contrast.item()
         return loss, logs
@@ -313,14 +319,18 @@ def inpaint_loss(recon: Tensor, target: Tensor, masks: Tensor, region: str) -> T
     return ((recon - target).abs() * wide).sum() / wide.sum().clamp(min=1)
 
 
-def nt_xent(embeddings: Tensor, temperature: float) -> Tensor:
+def nt_xent(embeddings: Tensor, temperature: float, gather: bool = False) -> Tensor:
     """NT-Xent over ``2B`` embeddings whose rows ``r`` and ``r + B`` are positives: for each
-    row, cross-entropy of its cosine similarities / temperature to every other row, the
-    positive being the target (the code's Contrast loss, written as a cross-entropy)."""
+    row, cross-entropy of its cosine similarities / temperature to every other row (of this
+    rank, or of every rank when ``gather`` under DDP), the positive being the target (the
+    code's Contrast loss, written as a cross-entropy)."""
     n = embeddings.shape[0]
     half = n // 2
     z = F.normalize(embeddings, dim=1)
-    sim = z @ z.t() / temperature
-    sim = sim.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
-    partner = (torch.arange(n, device=z.device) + half) % n
-    return F.cross_entropy(sim, partner)
+    keys, offset = gather_with_grad(z) if gather else (z, 0)
+    sim = z @ keys.t() / temperature
+    rows = torch.arange(n, device=z.device)
+    own = torch.zeros_like(sim, dtype=torch.bool)
+    own[rows, rows + offset] = True
+    sim = sim.masked_fill(own, float("-inf"))
+    return F.cross_entropy(sim, (rows + half) % n + offset)

@@ -1,0 +1,312 @@
+"""Distributed data parallelism (DDP): one training over several processes, launched by
+``torchrun`` (or ``bench run --nproc-per-node N``, which re-executes itself through torch's
+elastic launcher, :mod:`medssl_bench.launch`).
+
+Every process runs the same ``bench run``: the same plan, the same units in the same order.
+What differs is asked of the :class:`DistributedRuntime`, the runtime's DDP seams:
+
+- training: ``DistributedDataParallel`` around the step module; each process reads its share
+  of every global batch (``batch_size`` is per process, the global batch ``N`` times it),
+  drawn as one process at batch ``N * batch_size`` would draw it; its batch-construction
+  randomness is seeded from the seed and the rank;
+- evaluation: every case scored by exactly one process, the per-case scores gathered so every
+  process computes the same metrics (and picks the same best epoch);
+- decisions: the result store, the cached encoders and checkpoints are read and written by
+  rank 0 alone (:class:`MainStore`); what the others need (is this unit done? the cached
+  weights, the checkpoint to resume) is broadcast from rank 0 (:meth:`DistributedRuntime.
+  from_main`), so every process takes the same path;
+- failure: the first process to fail writes ``rank R failed: ...`` into the process group's
+  key-value store; every process then exits with that message (torchrun stops the others),
+  and rank 0 closes its open run as FAILED with it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import pickle
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from medssl_bench.errors import BenchError
+from medssl_bench.runtime import Runtime
+
+T = TypeVar("T")
+
+#: Test-only hook: the rank named here raises at its first epoch's end, where the others
+#: wait in the all-reduce of the epoch's logs (tests/test_distributed.py checks that the
+#: failure is reported naming that rank and that no run is left RUNNING). Unset in use.
+CRASH_RANK_ENV = "MEDSSL_BENCH_TEST_CRASH_RANK"
+#: Seconds a collective may wait for the other processes before the run fails (default 30
+#: minutes: rank 0 may be reading a large checkpoint while the others wait for it).
+TIMEOUT_ENV = "MEDSSL_BENCH_DDP_TIMEOUT"
+#: The process group's key-value store key holding the first failure's message.
+FAILURE_KEY = "medssl_bench/first_failure"
+
+
+class RankFailed(BenchError):
+    """A process of a distributed run failed; its message names the rank."""
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or ``bench run --nproc-per-node``) as
+    one of several processes of a run."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _picklable(exc: Exception) -> Exception:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return BenchError(f"{type(exc).__name__}: {exc}")
+
+
+@dataclass(frozen=True)
+class DistributedRuntime(Runtime):
+    """One of ``processes`` processes of a run, rank ``process_rank``, in an initialised
+    default process group (see the module docstring)."""
+
+    process_rank: int = 0
+    processes: int = 1
+
+    @classmethod
+    def from_env(cls, device: torch.device) -> DistributedRuntime:
+        """Initialise the process group from torchrun's environment (``RANK``,
+        ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``): NCCL on
+        ``cuda:LOCAL_RANK`` when ``device`` is CUDA, else gloo on the CPU."""
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=timeout)
+        return cls.in_group(device)
+
+    @classmethod
+    def in_group(cls, device: torch.device) -> DistributedRuntime:
+        """This process's runtime in the already initialised default process group."""
+        return cls(torch.device(device), process_rank=dist.get_rank(),
+                   processes=dist.get_world_size())
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def rank(self) -> int:
+        return self.process_rank
+
+    @property
+    def world_size(self) -> int:
+        return self.processes
+
+    def rank_seed(self, seed: int) -> int:
+        """Rank 0 keeps ``seed`` (it draws what one process would); every other rank a seed
+        derived from (seed, rank) by NumPy's SeedSequence (no collisions between ranks)."""
+        if self.rank == 0:
+            return seed
+        return int(np.random.SeedSequence([seed % 2**63, self.rank]).generate_state(1)[0])
+
+    # ------------------------------------------------------------------ training
+    def wrap(self, module: nn.Module) -> nn.Module:
+        """``DistributedDataParallel(module)``. ``find_unused_parameters=True``: fine-tuning
+        freezes the encoder for its warm-up epochs after wrapping (its parameters then get
+        no gradient), and some task/backbone pairs leave parts unused in a step (a task
+        reading only the deepest level of a pyramid backbone); DDP cannot know in advance.
+        Buffers are broadcast from rank 0 before every forward (normalisation statistics;
+        tasks that keep a memory bank update it with the gathered batch, so it agrees)."""
+        if not any(p.requires_grad for p in module.parameters()):
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True)
+
+    @contextlib.contextmanager
+    def no_sync(self, module: nn.Module) -> Iterator[None]:
+        context = module.no_sync() if isinstance(module, DistributedDataParallel) else (
+            contextlib.nullcontext())
+        with context:
+            yield
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def reduce_sum(self, values: Sequence[float]) -> list[float]:
+        if os.environ.get(CRASH_RANK_ENV) == str(self.rank):
+            raise RuntimeError(f"{CRASH_RANK_ENV}={self.rank}: test crash at the first epoch's end")
+        totals = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(totals)
+        return totals.tolist()
+
+    # ------------------------------------------------------------------ agreement
+    def from_main(self, fn: Callable[[], T]) -> T:
+        box: list[Any] = [None]
+        if self.is_main:
+            try:
+                box[0] = (True, fn())
+            except Exception as exc:
+                box[0] = (False, _picklable(exc))
+        dist.broadcast_object_list(box, src=0)
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def gather(self, value: T) -> list[T]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
+
+    def shard(self, count: int) -> list[int]:
+        return list(range(self.rank, count, self.world_size))
+
+    def sync_buffers(self, module: nn.Module) -> None:
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+def note_failure(exc: BaseException) -> str:
+    """Record ``exc`` as the run's first failure unless another rank's came first; the first
+    failure's message (``rank R (of N) failed: ...``). An interrupt (torchrun stopping this
+    process because another failed) is never a first failure."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if not isinstance(exc, Exception):
+        return peer_failure() or f"rank {rank} (of {world}) interrupted"
+    if isinstance(exc, RankFailed):
+        return str(exc)
+    mine = f"rank {rank} (of {world}) failed: {type(exc).__name__}: {exc}"
+    store = _key_value_store()
+    try:
+        return mine if store is None else store.compare_set(FAILURE_KEY, "", mine).decode()
+    except Exception:  # the store's host is gone: this rank's own message
+        return mine
+
+
+def peer_failure() -> str | None:
+    """The first failure recorded by any rank of the run, or None."""
+    store = _key_value_store()
+    try:
+        if store is not None and store.check([FAILURE_KEY]):
+            return store.get(FAILURE_KEY).decode()
+    except Exception:
+        pass
+    return None
+
+
+def on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM in a process of a distributed run. After another rank failed (torchrun then
+    stops the rest) it is ignored: this process fails at its next collective, at once, and
+    closes its open run as FAILED, which an interrupt landing in the middle of closing it
+    could prevent (torchrun kills it 30 s later if it hangs). Otherwise (a user's Ctrl-C or a
+    scheduler's cancel, forwarded by torchrun) it interrupts, as in one process."""
+    if peer_failure() is None:
+        raise KeyboardInterrupt
+
+
+def is_own(message: str) -> bool:
+    """Whether a failure message is this rank's own."""
+    return message.startswith(f"rank {dist.get_rank()} ")
+
+
+#: The store of the run in this process (set by ``bench run`` under DDP), whose runs still
+#: open are closed when this process fails.
+ACTIVE_STORE: list[MainStore] = []
+
+
+def fail_process(exc: BaseException) -> str:
+    """This process ends with ``exc``: note the run's first failure, close the runs rank 0
+    still holds as FAILED with it (SIGTERM held back meanwhile: torchrun stops the other
+    processes as soon as one fails), write it for torchrun's summary; its message."""
+    import signal
+
+    blocked = hasattr(signal, "pthread_sigmask")
+    if blocked:
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
+    try:
+        message = note_failure(exc)
+        for store in ACTIVE_STORE:
+            store.close_open(message)
+        record_error_file(message)
+        # this process ends now: a SIGTERM from torchrun meanwhile need not interrupt it
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    finally:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+    return message
+
+
+def _key_value_store() -> Any:
+    """The default process group's key-value store (torchrun's agent hosts it, so it outlives
+    a failed rank); None without one."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
+#: ResultStore methods that only write: rank 0 runs them, the others return None at once.
+#: Nothing a process decides depends on them, and a failing rank 0 must be able to close its
+#: run (``fail``) while the other processes are already gone.
+WRITES = frozenset({"mark_reused", "mark_resumed", "log_pretrained", "log_epoch",
+                    "finish_finetune", "fail", "finish", "log_report"})
+
+
+class MainStore:
+    """The run's :class:`~medssl_bench.store.ResultStore` as every process sees it: rank 0
+    holds the real store (``store``; None on the other ranks, which never open it). A write
+    (:data:`WRITES`) runs on rank 0 only; every other call runs on rank 0 and its answer (or
+    its exception) is broadcast, so all processes agree on what is done, running or started.
+    Every process must therefore make the same calls in the same order, which they do: they
+    run the same plan on the same broadcast answers."""
+
+    def __init__(self, runtime: DistributedRuntime, store: Any) -> None:
+        self._runtime, self._store = runtime, store
+
+    def __getattr__(self, name: str) -> Any:
+        from medssl_bench.store import ResultStore
+
+        kind = getattr(ResultStore, name)  # AttributeError for what a store does not have
+        runtime, store = self._runtime, self._store
+        if isinstance(kind, property):
+            return runtime.from_main(lambda: getattr(store, name))
+        if name in WRITES:
+            def write(*args: Any, **kwargs: Any) -> Any:
+                if not runtime.is_main:
+                    return None
+                if name == "fail":  # closed with the first failure when another rank's
+                    cause = peer_failure()
+                    if cause and not is_own(cause):
+                        args = (args[0], RankFailed(cause), *args[2:])
+                return getattr(store, name)(*args, **kwargs)
+            return write
+
+        def read(*args: Any, **kwargs: Any) -> Any:
+            return runtime.from_main(lambda: getattr(store, name)(*args, **kwargs))
+        return read
+
+    def close_open(self, message: str) -> None:
+        """Close every run rank 0 still holds (its lease) as FAILED with ``message``: the
+        unit that was running when a process of the run failed."""
+        if self._store is None:
+            return
+        for run_id in self._store.tracker.heartbeat.held():
+            with contextlib.suppress(Exception):
+                self._store.fail(run_id, RankFailed(message))
+
+
+def record_error_file(message: str) -> None:
+    """Write ``message`` where torchrun's elastic agent reads a worker's error
+    (``TORCHELASTIC_ERROR_FILE``), so its failure summary shows it."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    with contextlib.suppress(Exception):
+        ErrorHandler().record_exception(RankFailed(message))

@@ -1,0 +1,287 @@
+"""Multi-process training (DDP) on the CPU: 2 gloo processes train as 1 process at the same
+global batch, evaluation scores every case once, and `bench run --nproc-per-node 2` records
+each unit once and reports a crashed rank by its number, leaving no run RUNNING."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import RandomSampler
+
+from medssl_bench.engine import FinetuneConfig, PretrainConfig, finetune, pretrain
+from medssl_bench.interfaces import ProxyTask
+from medssl_bench.runtime import Runtime, ShardedBatches
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Per-process batch in the 2-process runs; the 1-process run uses twice it.
+BATCH = 2
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@pytest.mark.parametrize(("count", "replacement"), [(8, False), (7, False), (12, True)])
+def test_ranks_read_the_global_batch_one_process_reads(count, replacement):
+    """2 ranks x batch 2 take, step by step, the 4 volumes one process at batch 4 takes
+    (with and without replacement); a pass of 7 is completed to equal steps per rank."""
+    def draws(world: int, rank: int, batch: int) -> list[list[int]]:
+        sampler = RandomSampler(range(count), replacement=replacement,
+                                num_samples=count if replacement else None,
+                                generator=torch.Generator().manual_seed(3))
+        return list(ShardedBatches(sampler, batch, rank, world))
+
+    one = draws(1, 0, 2 * BATCH)
+    ranks = [draws(2, r, BATCH) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(one)
+    if count % 2 == 0:
+        assert [a + b for a, b in zip(*ranks, strict=True)] == one
+    else:  # the last global batch (3 draws) is completed by the pass's first draw
+        assert [a + b for a, b in zip(*ranks, strict=True)][:-1] == one[:-1]
+        assert ranks[0][-1] + ranks[1][-1] == [*one[-1], one[0][0]]
+    assert all(len(b) == len(ranks[0][0]) for b in ranks[0][:-1])
+
+
+# --------------------------------------------------------------------------- equivalence
+
+
+class Restore3D(ProxyTask):
+    """A deterministic proxy task (reconstruct the input): batch construction draws nothing,
+    so 2 processes and 1 process see identical batches and must compute identical steps."""
+
+    name = "restore-test"
+    spatial_dims = 3
+
+    def build_heads(self, backbone, encoder):
+        return torch.nn.ModuleDict({"decoder": backbone.build_decoder(encoder, 1)})
+
+    def make_batch(self, images, generator):
+        return {"x": images}
+
+    def compute_loss(self, encoder, heads, batch):
+        x = batch["x"]
+        return F.mse_loss(heads["decoder"](encoder(x)), x), {}
+
+
+class Seen(TorchDataset):
+    """A dataset that notes which cases were read."""
+
+    def __init__(self, inner: TorchDataset) -> None:
+        self.inner, self.read = inner, []
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        self.read.append(index)
+        return self.inner[index]
+
+
+def _train(runtime: Runtime, batch: int) -> dict:
+    """Pretrain (2 epochs x 2 steps, no replacement) then fine-tune (2 epochs x 2 steps, with
+    replacement) at ``batch`` per process; 3 val and 3 test cases (uneven over 2 ranks)."""
+    from medssl_bench.plugins import build_registry
+
+    registry = build_registry(autoload=False)
+    ds_cls, bb_cls = registry.get("dataset", "phantom3d"), registry.get("backbone", "unet3d")
+    data = ds_cls(ds_cls.Config(size=16, n_unlabeled=8, n_train=8, n_val=3, n_test=3)).load()
+    backbone = bb_cls(bb_cls.Config(filters=[4, 8]))
+    cpu, world = torch.device("cpu"), runtime.world_size
+    pre = pretrain(Restore3D(), backbone, data.unlabeled, data.info,
+                   PretrainConfig(epochs=2, batch_size=batch, world_size=world), cpu, 0,
+                   runtime=runtime)
+    test = Seen(data.test)
+    tuned = finetune(backbone, data.info, data.train, data.val, test, pre.weights,
+                     FinetuneConfig(epochs=2, batch_size=batch, iterations_per_epoch=2,
+                                    loss="ce", freeze="none", lr=1e-3, world_size=world),
+                     cpu, 0, runtime=runtime)
+    return {"pretrain_loss": [h["pretrain_loss"] for h in pre.history],
+            "encoder": pre.weights["encoder"], "val": tuned.val_history,
+            "test": tuned.test_metrics, "weights": tuned.weights, "test_read": test.read}
+
+
+def _negatives(rank: int) -> dict:
+    """What the contrastive tasks draw and compute under 2 ranks (see the test)."""
+    from medssl_bench_tasks.cpc import CPC3D
+    from medssl_bench_tasks.exemplar import Exemplar3D
+    from medssl_bench_tasks.swinssl import nt_xent
+
+    views = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))  # a0..a3, p0..p3
+    mine = torch.cat([views[2 * rank:2 * rank + 2], views[4 + 2 * rank:4 + 2 * rank + 2]])
+    images = torch.rand(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(rank))
+    gen = torch.Generator().manual_seed(rank)
+    exemplar = torch.cat([Exemplar3D().make_batch(images, gen)["negative_index"]
+                          for _ in range(20)])
+    cpc = CPC3D()  # 7 patches per side: 343 per volume
+    return {"swinssl": nt_xent(mine, 0.5, gather=True).item(), "exemplar": exemplar,
+            "cpc": cpc.make_batch(images, gen)["negative_index"], "cpc_per_rank": 2 * 7**3}
+
+
+def _worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from medssl_bench.distributed import DistributedRuntime
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
+    try:
+        result = _train(DistributedRuntime.in_group(torch.device("cpu")), BATCH)
+        result["negatives"] = _negatives(rank)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """What 2 gloo processes computed (:func:`_worker`), one dict per rank."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, str(out / "init"), str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_two_processes_train_as_one_at_the_same_global_batch(two_ranks):
+    """Losses of every epoch, pretrained encoder, validation history, test metrics and
+    fine-tuned weights of 2 gloo processes at batch 2 equal 1 process's at batch 4.
+
+    Tolerance 1e-5 (relative 1e-4): the steps are the same computation, only summed in
+    another order (the gradient of 4 volumes is the all-reduced mean of two 2-volume
+    gradients instead of one sum inside the kernels), float32 rounding of ~1e-7 per sum that
+    4 Adam steps of lr 1e-3 cannot grow past it. Any difference in the data a rank reads
+    or in how gradients combine moves the losses at the first decimals."""
+    ranks = two_ranks
+    torch.set_num_threads(1)
+    one = _train(Runtime.local("cpu"), 2 * BATCH)
+    close = {"rtol": 1e-4, "atol": 1e-5}
+    for result in ranks:
+        torch.testing.assert_close(result["pretrain_loss"], one["pretrain_loss"], **close)
+        torch.testing.assert_close(result["encoder"], one["encoder"], **close)
+        torch.testing.assert_close(result["val"], one["val"], **close)
+        torch.testing.assert_close(result["test"], one["test"], **close)
+        torch.testing.assert_close(result["weights"], one["weights"], **close)
+    # the test split: every case scored by exactly one process
+    assert sorted(ranks[0]["test_read"] + ranks[1]["test_read"]) == [0, 1, 2]
+    assert one["test_read"] == [0, 1, 2]
+
+
+def test_contrastive_tasks_take_negatives_from_every_rank(two_ranks):
+    """With gather_negatives (the default) under 2 ranks: swinssl3d's NT-Xent averaged over
+    the ranks equals one process's over the global batch; exemplar3d and cpc3d draw
+    negatives from the other rank's rows too, never an anchor itself."""
+    from medssl_bench_tasks.swinssl import nt_xent
+
+    ranks = [result["negatives"] for result in two_ranks]
+    views = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
+    one = nt_xent(torch.cat([views[:4], views[4:]]), 0.5).item()
+    assert (ranks[0]["swinssl"] + ranks[1]["swinssl"]) / 2 == pytest.approx(one, rel=1e-6)
+    for rank, drawn in enumerate(ranks):
+        own = torch.arange(2) + 2 * rank
+        index = drawn["exemplar"].view(-1, 2)
+        assert index.min() >= 0 and index.max() < 4 and not (index == own).any()
+        assert {*index.flatten().tolist()} - {*own.tolist()} == {*range(4)} - {*own.tolist()}
+        cpc, per_rank = drawn["cpc"], drawn["cpc_per_rank"]
+        assert cpc.max() < 2 * per_rank and (cpc >= per_rank).any() and (cpc < per_rank).any()
+
+
+# --------------------------------------------------------------------------- bench run
+
+TINY = ["dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=4", "dataset.n_val=2",
+        "dataset.n_test=2", "backbone.filters=[4,8]", "task.hidden=8", "pretrain.epochs=1",
+        "pretrain.iterations_per_epoch=1", "pretrain.batch_size=1", "finetune.epochs=1",
+        "finetune.warmup_epochs=0", "finetune.iterations_per_epoch=1", "finetune.batch_size=1",
+        "protocol.seeds=[0]", "protocol.fractions=[100]"]
+
+
+def _bench_run(workdir: Path, *extra: str, env: dict[str, str] | None = None):
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "benchmark"), str(ROOT / "plugins"), os.environ.get("PYTHONPATH", "")]),
+        "BENCH_DISABLE_PLUGIN_AUTOLOAD": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    environ.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [sys.executable, "-m", "medssl_bench", "run", "--nproc-per-node", "2", "--protocol",
+         "data-efficiency", "--task", "rotation3d", "--device", "cpu", "--tracking-uri",
+         str(workdir / "m.db"), "--cache-dir", str(workdir / "cache"), "--set", *TINY, *extra],
+        cwd=workdir, env=environ, capture_output=True, text=True, timeout=240)
+
+
+def _runs(db: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              max_results=100)
+
+
+@pytest.mark.slow
+def test_bench_run_nproc_per_node_reports_a_crashed_rank_then_records_each_unit_once(tmp_path):
+    """A crash on rank 1 ends the run with one message naming rank 1 and leaves no run
+    RUNNING (the pretraining rank 0 was in is FAILED with rank 1's error). The rerun: rank 0
+    alone writes, one run per unit, the world size in the configs (part of the key), the
+    cached encoder written once, one process's output."""
+    crashed = _bench_run(tmp_path, env={"MEDSSL_BENCH_TEST_CRASH_RANK": "1"})
+    assert crashed.returncode != 0
+    errors = [line for line in crashed.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 1 (of 2) failed: RuntimeError: MEDSSL_BENCH_TEST_CRASH_RANK=1: "
+                      "test crash at the first epoch's end"], crashed.stderr
+    runs = _runs(tmp_path / "m.db")
+    assert "RUNNING" not in {r.info.status for r in runs}
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert [r.info.run_name for r in failed] == ["pretrain rotation3d"]
+    assert "rank 1 (of 2) failed" in failed[0].data.tags["error"]
+
+    done = _bench_run(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    finished = [r for r in _runs(tmp_path / "m.db") if r.info.status == "FINISHED"]
+    assert sorted(r.info.run_name for r in finished) == [
+        "pretrain rotation3d", "rotation3d 100% seed 0", "scratch (no pretraining)",
+        "scratch 100% seed 0"]
+    finetunes = [r for r in finished if "seed" in r.info.run_name]
+    assert all(r.data.params["finetune.world_size"] == "2" for r in finetunes)
+    assert len(list((tmp_path / "cache" / "pretrain").glob("*.safetensors"))) == 1
+    assert done.stdout.count("bench run protocol=") == 1
+
+
+# --------------------------------------------------------------------------- launching
+
+
+def test_launch_options_become_torchrun_options_and_leave_the_worker_command():
+    from medssl_bench import cli, launch
+
+    argv = ["run", "--task", "rotation3d", "--nproc-per-node", "4", "--nnodes=2",
+            "--rdzv-endpoint", "head:29500", "--rdzv-id", "7", "--rdzv-backend", "c10d",
+            "--node-rank", "1", "--set", "pretrain.epochs=1"]
+    args = cli.build_parser().parse_args(argv)
+    assert launch.wanted(args)
+    assert launch.torchrun_argv(args, argv) == [
+        "--nproc-per-node", "4", "--nnodes", "2", "--node-rank", "1", "--rdzv-endpoint",
+        "head:29500", "--rdzv-backend", "c10d", "--rdzv-id", "7", "-m", "medssl_bench",
+        "run", "--task", "rotation3d", "--set", "pretrain.epochs=1"]
+    one_node = ["run", "--nproc-per-node=2"]
+    args = cli.build_parser().parse_args(one_node)
+    assert launch.torchrun_argv(args, one_node) == [
+        "--nproc-per-node", "2", "--standalone", "-m", "medssl_bench", "run"]
+    assert not launch.wanted(cli.build_parser().parse_args(["run", "--nproc-per-node", "1"]))
+
+
+def test_a_process_of_a_ddp_run_refuses_parallel_executors(tmp_path, monkeypatch, capsys):
+    """Units handed to worker processes would leave the process group: refused, naming the
+    fix, before the process group or the store is touched."""
+    from medssl_bench import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = cli.main(["run", "--protocol", "data-efficiency", "--task", "rotation3d", "--device",
+                     "cpu", "--workers", "2",
+                     "--tracking-uri", "http://127.0.0.1:9"])
+    assert code == 2
+    assert "drop --executor local and --workers" in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()
