@@ -285,3 +285,42 @@ def test_a_process_of_a_ddp_run_refuses_parallel_executors(tmp_path, monkeypatch
     assert code == 2
     assert "drop --executor local and --workers" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_a_ddp_pretraining_runs_as_one_job_of_two_tasks_in_the_local_executor(tmp_path):
+    """`--set pretrain.world_size=2` with the local executor: the pretraining is one
+    submitit job of 2 tasks (the real submitit code path; on Slurm the same job asks for
+    2 tasks and 2 x gpus_per_job GPUs) whose tasks join one process group; rank 0 alone
+    records it, with the world size in its key; the fine-tunes run as ordinary jobs. A crash
+    on rank 1 fails the unit naming rank 1, and no run is left RUNNING."""
+    def sweep(**env: str):
+        environ = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(ROOT / "benchmark"), str(ROOT / "plugins"), os.environ.get("PYTHONPATH", "")]),
+            "BENCH_DISABLE_PLUGIN_AUTOLOAD": "1", **env}
+        environ.pop("MLFLOW_TRACKING_URI", None)
+        return subprocess.run(
+            [sys.executable, "-m", "medssl_bench", "run", "--protocol", "data-efficiency",
+             "--task", "rotation3d", "--device", "cpu", "--executor", "local", "--workers", "1",
+             "--tracking-uri", str(tmp_path / "m.db"), "--cache-dir", str(tmp_path / "cache"),
+             "--set", *TINY, "pretrain.world_size=2",
+             f"executor.folder={tmp_path / 'jobs'}"],
+            cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=300)
+
+    crashed = sweep(MEDSSL_BENCH_TEST_CRASH_RANK="1")
+    assert crashed.returncode != 0
+    assert "rank 1 (of 2) failed" in crashed.stdout + crashed.stderr
+    runs = _runs(tmp_path / "m.db")
+    assert "RUNNING" not in {r.info.status for r in runs}
+    assert [r.info.run_name for r in runs if r.info.status == "FAILED"] == ["pretrain rotation3d"]
+
+    done = sweep()
+    assert done.returncode == 0, done.stdout + done.stderr
+    finished = [r for r in _runs(tmp_path / "m.db") if r.info.status == "FINISHED"]
+    pretrained = [r for r in finished if r.info.run_name == "pretrain rotation3d"]
+    assert len(pretrained) == 1 and pretrained[0].data.params["pretrain.world_size"] == "2"
+    assert sorted(r.info.run_name for r in finished if "seed" in r.info.run_name) == [
+        "rotation3d 100% seed 0", "scratch 100% seed 0"]
+    # the pretraining job ran 2 tasks (a log per task), the fine-tunes 1 each
+    task_logs = sorted(p.name.split("_")[1] for p in (tmp_path / "jobs").rglob("*_log.out"))
+    assert task_logs.count("1") >= 1 and task_logs.count("0") > task_logs.count("1")

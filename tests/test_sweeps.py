@@ -128,7 +128,7 @@ def test_slurm_job_parameters_become_the_sbatch_script(registry, tmp_path, monke
     from medssl_bench.plan import FinetuneUnit, PretrainUnit
 
     cls = registry.get("executor", "slurm")
-    executor = cls(cls.Config(partition="gpu", account="lab", gpus_per_job=1, pretrain_gpus=4,
+    executor = cls(cls.Config(partition="gpu", account="lab", gpus_per_job=1,
                               cpus_per_job=6, mem_gb=48, time_limit_minutes=300,
                               sbatch={"constraint": "a100"}, setup=["module load cuda"]))
     pre = PretrainUnit(key="p", task="rotation3d", what="pretrain rotation3d")
@@ -138,7 +138,7 @@ def test_slurm_job_parameters_become_the_sbatch_script(registry, tmp_path, monke
     scripts = {}
     for unit in (pre, fine):
         slurm = submitit.AutoExecutor(folder=tmp_path / "jobs", cluster="slurm")
-        slurm.update_parameters(**executor.job_parameters(unit))
+        slurm.update_parameters(**executor.job_parameters(unit, 4 if unit is pre else 1))
         scripts[unit.key] = slurm._executor._make_submission_file_text("python -m x", "u")
     for line in ("#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --time=300",
                  "#SBATCH --cpus-per-task=6", "#SBATCH --mem=48GB",

@@ -89,6 +89,34 @@ def _job_id() -> str:
         return ""
 
 
+def unit_processes(run: ResolvedRun, unit: Unit) -> int:
+    """How many processes train ``unit`` together: its stage's ``world_size`` (``--set
+    pretrain.world_size=4``: a 4-process DDP pretraining in one job), 1 for a stage without
+    one (probes)."""
+    return int(getattr(run.configs.get(unit.stage), "world_size", 1))
+
+
+def _join_job_group(device: Any) -> Any:
+    """This task's place in its job's process group (submitit runs one task per process of
+    a multi-process job): torchrun's environment from submitit's job environment, then the
+    distributed runtime on it. The rendezvous is the job's first host, on a port derived
+    from the job id (tasks of one job agree on it; concurrent jobs differ)."""
+    import zlib
+
+    import submitit
+
+    from medssl_bench.distributed import DistributedRuntime
+
+    env = submitit.JobEnvironment()
+    os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
+                      LOCAL_RANK=str(env.local_rank), LOCAL_WORLD_SIZE=str(env.num_tasks
+                                                                           // env.num_nodes))
+    os.environ.setdefault("MASTER_ADDR", env.hostnames[0] if env.hostnames else "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(str(env.job_id).encode())
+                                             % 20000))
+    return DistributedRuntime.from_env(device)
+
+
 def run_job(spec: JobSpec) -> dict[str, Any]:
     """The body of one job, in the worker process: run ``spec.unit`` and report back
     ``{"status": "ok"|"failed"|"elsewhere", "outcomes": [...], "record": {...}|None}``."""
@@ -113,11 +141,22 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    store = ResultStore(Tracker(spec.uri), str(device))
+    runtime = None
+    if unit_processes(spec.run, spec.unit) > 1:  # one of the job's DDP processes
+        from medssl_bench import distributed
+
+        runtime = _join_job_group(device)
+        device = runtime.device
+        console.quiet = not runtime.is_main
+        store: Any = distributed.MainStore(
+            runtime, ResultStore(Tracker(spec.uri), str(device)) if runtime.is_main else None)
+        distributed.ACTIVE_STORE.append(store)
+    else:
+        store = ResultStore(Tracker(spec.uri), str(device))
     ctx = RunContext(registry=registry, run=spec.run, plugins=plugins, device=device,
                      store=store, cache_dir=Path(spec.cache_dir), force=False,
                      progress=PlainProgress(lambda line: console.print(line, markup=False)),
-                     echo=echo)
+                     echo=echo, runtime=runtime)
     if spec.inits:
         from medssl_bench.imports import resolve_inits
 
@@ -137,6 +176,10 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         return {"status": "elsewhere", "outcomes": [asdict(o) for o in ctx.outcomes],
                 "record": None, "detail": str(exc)}
     except Exception as exc:  # the parent records it and goes on
+        if runtime is not None:  # under DDP: the run's first failure, naming its rank
+            from medssl_bench.distributed import fail_process
+
+            exc = BenchError(fail_process(exc))
         record_failure(ctx, unit, exc)
         return {"status": "failed", "outcomes": [asdict(o) for o in ctx.outcomes],
                 "record": None, "detail": ctx.outcomes[-1].detail}
@@ -196,8 +239,8 @@ class SubmititExecutor(Executor):
     def worker_device(self, ctx: RunContext) -> str:
         return "cuda" if ctx.device.type == "cuda" else "cpu"
 
-    def worker_threads(self, ctx: RunContext) -> int | None:
-        """CPU threads of each worker's torch (None: torch's default)."""
+    def worker_threads(self, ctx: RunContext, unit: Unit) -> int | None:
+        """CPU threads of each process of ``unit``'s job (None: torch's default)."""
         return None
 
     # -- the loop
@@ -279,7 +322,7 @@ class SubmititExecutor(Executor):
                        force=ctx.force, device=self.worker_device(ctx), unit=unit,
                        deps=tuple(by_key[k] for k in unit.depends_on),
                        inits=tuple(init.name for init in ctx.inits),
-                       threads=self.worker_threads(ctx))
+                       threads=self.worker_threads(ctx, unit))
 
     def _inline(self, ctx: RunContext, sweep: _Sweep, unit: Unit) -> None:
         try:
@@ -299,7 +342,7 @@ class SubmititExecutor(Executor):
         from medssl_bench.store import ResultRecord
 
         try:
-            out = job.result()
+            out = job.results()[0]  # task 0 (rank 0) of a multi-process job
         except Exception as exc:  # the worker died: reap, then retry
             n = sweep.attempts[unit.key] = sweep.attempts.get(unit.key, 0) + 1
             why = f"worker job {job.job_id} ended without a result ({_first_line(exc)})"
@@ -371,7 +414,7 @@ class LocalWorkers(SubmititExecutor):
 
         self._devices = self._gpu_list(ctx)
         self._in_use: dict[int, int] = dict.fromkeys(self._devices, 0)
-        self._job_gpu: dict[str, int | None] = {}
+        self._job_gpu: dict[str, list[int]] = {}
         executor = submitit.LocalExecutor(folder=Path(self.config.folder) / "%j")
         executor.update_parameters(timeout_min=self.config.time_limit_minutes)
         return executor
@@ -392,29 +435,33 @@ class LocalWorkers(SubmititExecutor):
 
         return list(range(torch.cuda.device_count()))
 
-    def worker_threads(self, ctx: RunContext) -> int | None:
-        """On a CPU run, this machine's cores shared out between the workers."""
+    def worker_threads(self, ctx: RunContext, unit: Unit) -> int | None:
+        """On a CPU run, this machine's cores shared out between the workers (and between
+        the processes of a DDP unit)."""
         if ctx.device.type == "cuda":
             return None
-        return max(1, len(os.sched_getaffinity(0)) // self.config.workers)
+        share = len(os.sched_getaffinity(0)) // self.config.workers
+        return max(1, share // unit_processes(ctx.run, unit))
 
     def submit(self, executor: Any, ctx: RunContext, specs: list[JobSpec]) -> list[Any]:
         jobs = []
         for spec in specs:
-            device = None
-            if self._devices:  # the least used GPU (more workers than GPUs share them)
-                device = min(self._devices, key=lambda d: self._in_use[d])
-                self._in_use[device] += 1
-                executor.update_parameters(visible_gpus=[device], gpus_per_node=1)
+            tasks = unit_processes(ctx.run, spec.unit)
+            gpus: list[int] = []
+            if self._devices:  # the least used GPUs (more workers than GPUs share them)
+                gpus = sorted(self._devices, key=lambda d: self._in_use[d])[:tasks]
+                for gpu in gpus:
+                    self._in_use[gpu] += 1
+            executor.update_parameters(tasks_per_node=tasks, visible_gpus=gpus,
+                                       gpus_per_node=len(gpus))
             job = executor.submit(run_job, spec)
-            self._job_gpu[str(job.job_id)] = device
+            self._job_gpu[str(job.job_id)] = gpus
             jobs.append(job)
         return jobs
 
     def _collect(self, ctx: RunContext, sweep: _Sweep, job: Any, unit: Unit) -> None:
-        device = self._job_gpu.pop(str(job.job_id), None)
-        if device is not None:  # the job's GPU is free again
-            self._in_use[device] -= 1
+        for gpu in self._job_gpu.pop(str(job.job_id), []):  # the job's GPUs are free again
+            self._in_use[gpu] -= 1
         super()._collect(ctx, sweep, job, unit)
 
 
@@ -434,10 +481,9 @@ class SlurmJobs(SubmititExecutor):
         partition: str | None = Field(default=None, description="Slurm partition (-p).")
         account: str | None = Field(default=None, description="Slurm account (-A).")
         qos: str | None = Field(default=None, description="Slurm QOS (--qos).")
-        gpus_per_job: int = Field(default=1, ge=0, description="GPUs of a fine-tune job.")
-        pretrain_gpus: int = Field(default=1, ge=0, description="GPUs of a pretraining job: "
-                                   "more than one is for a multi-GPU (DDP) pretraining, which "
-                                   "the distributed runtime runs inside the job.")
+        gpus_per_job: int = Field(default=1, ge=0, description="GPUs per process of a job: "
+                                  "a unit trained by N processes (--set pretrain.world_size=N, "
+                                  "DDP) runs as one job of N tasks with N x gpus_per_job GPUs.")
         cpus_per_job: int = Field(default=8, ge=1, description="CPUs per job (data loading).")
         mem_gb: float = Field(default=64, gt=0, description="Memory per job in GB.")
         time_limit_minutes: float = Field(default=24 * 60, gt=0, description="Slurm time "
@@ -459,15 +505,15 @@ class SlurmJobs(SubmititExecutor):
         return submitit.AutoExecutor(folder=Path(self.config.folder) / "%j",
                                      cluster=self.config.cluster)
 
-    def job_parameters(self, unit: Unit) -> dict[str, Any]:
-        """The resources of ``unit``'s job. The seam for multi-GPU pretraining: a
-        pretraining job gets ``pretrain_gpus`` GPUs (one task; the distributed runtime
-        starts its processes inside it)."""
+    def job_parameters(self, unit: Unit, processes: int = 1) -> dict[str, Any]:
+        """The resources of ``unit``'s job: one task per process that trains it (a DDP
+        pretraining with ``pretrain.world_size=N``: N tasks, N x ``gpus_per_job`` GPUs, on
+        one node; each task joins the job's process group)."""
         c = self.config
-        gpus = c.pretrain_gpus if isinstance(unit, PretrainUnit) else c.gpus_per_job
         params: dict[str, Any] = {"timeout_min": int(c.time_limit_minutes),
-                                  "gpus_per_node": gpus, "cpus_per_task": c.cpus_per_job,
-                                  "mem_gb": c.mem_gb, "nodes": 1, "tasks_per_node": 1,
+                                  "gpus_per_node": c.gpus_per_job * processes,
+                                  "cpus_per_task": c.cpus_per_job, "mem_gb": c.mem_gb,
+                                  "nodes": 1, "tasks_per_node": processes,
                                   "name": f"bench-{unit.stage}"}
         if c.cluster == "slurm":
             params |= {"slurm_partition": c.partition, "slurm_account": c.account,
@@ -477,8 +523,8 @@ class SlurmJobs(SubmititExecutor):
             params = {k: v for k, v in params.items() if v is not None}
         return params
 
-    def worker_threads(self, ctx: RunContext) -> int | None:
-        """The job's CPUs (torch would otherwise count the node's cores)."""
+    def worker_threads(self, ctx: RunContext, unit: Unit) -> int | None:
+        """A task's CPUs (torch would otherwise count the node's cores)."""
         return self.config.cpus_per_job
 
     def worker_device(self, ctx: RunContext) -> str:
@@ -493,7 +539,9 @@ class SlurmJobs(SubmititExecutor):
             groups.setdefault(spec.unit.stage if self.config.array else str(i), []).append(i)
         jobs: list[Any] = [None] * len(specs)
         for members in groups.values():
-            executor.update_parameters(**self.job_parameters(specs[members[0]].unit))
+            unit = specs[members[0]].unit
+            executor.update_parameters(**self.job_parameters(unit,
+                                                             unit_processes(ctx.run, unit)))
             if len(members) > 1:  # one array job (map_array) for alike units
                 array = executor.map_array(run_job, [specs[i] for i in members])
                 ctx.echo(f"{len(members)} {specs[members[0]].unit.stage} units as one job "
