@@ -204,8 +204,9 @@ def check_world_size(cfg: TrainingConfig, runtime: Runtime, section: str) -> Non
     if cfg.world_size != runtime.world_size:
         raise ConfigError(
             f"{section}.world_size is {cfg.world_size} but {runtime.world_size} process(es) "
-            f"train. It is set by `bench run --nproc-per-node N` (or torchrun), not by hand: "
-            f"drop --set {section}.world_size.")
+            f"train. It is set by `bench run --nproc-per-node N` (or torchrun); by hand only "
+            f"for a sweep's DDP jobs (--executor local or slurm run each such unit as N "
+            f"processes). Drop --set {section}.world_size, or add --executor local/slurm.")
 
 
 # --------------------------------------------------------------------------- pretraining
