@@ -29,7 +29,7 @@ def test_builtins_registered(registry):
     assert record.distribution == "medssl-bench" and record.status == "ok"
 
 
-def test_the_registry_and_a_worker_import_no_library_they_may_not_use():
+def test_the_registry_and_a_worker_start_without_timm_monai_or_sklearn():
     """Every `bench` process and every parallel worker builds the registry: timm, MONAI and
     scikit-learn are imported where they are used (seconds each per process), not by it."""
     code = ("import sys; import medssl_bench.parallel, medssl_bench.cli; "

@@ -11,6 +11,7 @@ import threading
 import pytest
 from bench_helpers import SWEEP, TINY, all_runs, bench, poll, start_bench
 
+from medssl_bench import cli
 from medssl_bench.errors import TrackingUnavailable
 from medssl_bench.tracking import TAG_KEY, TAG_KIND, RetryingClient, Tracker
 
@@ -83,7 +84,7 @@ def test_calls_are_retried_while_the_server_is_down_then_fail_with_one_message()
 
 
 def test_a_server_restarted_mid_run_is_waited_out_and_one_gone_longer_fails_clearly(
-        tmp_path, mlflow_server, postgres):
+        tmp_path, mlflow_server, postgres, capsys, monkeypatch):
     """A sweep of four fine-tunes on the PostgreSQL-backed server; the server is stopped once
     the first is recorded. The run retries for its (short) budget, then ends with one message
     and exit code 4. A client call made while the server is down is waited out when it comes
@@ -145,7 +146,9 @@ def test_a_server_restarted_mid_run_is_waited_out_and_one_gone_longer_fails_clea
         cur.execute("select run_uuid from runs where status = 'FINISHED' and run_uuid in %s",
                     (tuple(ids),))
         assert sorted(row[0] for row in cur.fetchall()) == ids
-    board = bench(tmp_path, ["leaderboard", "--tracking-uri", mlflow_server.uri, "--format",
-                             "json"])
-    assert board.returncode == 0, board.stderr
-    assert '"rotation3d"' in board.stdout and '"scratch"' in board.stdout
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["leaderboard", "--tracking-uri", mlflow_server.uri, "--format",
+                     "json"]) == 0
+    board = capsys.readouterr().out
+    assert '"rotation3d"' in board and '"scratch"' in board
