@@ -8,7 +8,8 @@ undisturbed sweep with the same seeds (run first, in one process, on its own SQL
     python benchmarks/sweep_chaos.py --kills 4 --json
 
 Needs PostgreSQL's server programs (``apt-get install postgresql``) and the ``cluster``
-extra; it starts both servers itself (``tests/servers.py``) and removes them at the end.
+extra; it starts both servers itself (``tests/servers.py``) and removes them at the end,
+and starts `bench` as the tests do (``tests/bench_helpers.py``).
 Exit status 0 when every check holds. Takes a few minutes on a 2-core CPU.
 """
 
@@ -19,7 +20,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench_helpers import all_runs, bench, start_bench  # noqa: E402
 from servers import tracking_server  # noqa: E402
 
 TINY = ["dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=4", "dataset.n_val=2",
@@ -46,17 +47,11 @@ def bench_argv(tracking: str, parallel: bool, workers: int) -> list[str]:
     return argv
 
 
-def environment(delay: float) -> dict[str, str]:
-    env = {**os.environ, "BENCH_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONUNBUFFERED": "1",
-           "MEDSSL_BENCH_TEST_EPOCH_DELAY": str(delay)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def bench(argv: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "medssl_bench.cli", *argv], cwd=cwd, env=env,
-                            stdout=log.open("a"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+def start(argv: list[str], cwd: Path, delay: float, log: Path):
+    """`bench ARGV` in its own process group (the killer picks its victims below it), each
+    epoch stretched by ``delay`` seconds."""
+    return start_bench(cwd, argv, log, new_session=True,
+                       MEDSSL_BENCH_TEST_EPOCH_DELAY=str(delay))
 
 
 def descendants(pid: int) -> list[int]:
@@ -90,19 +85,14 @@ def workers_of(parent: int) -> list[int]:
 
 
 def finetune_runs(uri: str) -> list[dict]:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, max_results=5000) if ids else []
     return [{"key": r.data.tags.get("medssl_bench.run_key"), "status": r.info.status,
-             "kind": r.data.tags.get("medssl_bench.kind")} for r in runs]
+             "kind": r.data.tags.get("medssl_bench.kind")} for r in all_runs(uri)]
 
 
 def leaderboard(uri: str, cwd: Path) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "medssl_bench.cli", "leaderboard",
-                          "--tracking-uri", uri, "--format", "json"], cwd=cwd,
-                         env=environment(0), capture_output=True, text=True, check=True)
+    out = bench(cwd, ["leaderboard", "--tracking-uri", uri, "--format", "json"])
+    if out.returncode != 0:
+        raise RuntimeError(f"bench leaderboard failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout)
 
 
@@ -156,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = work / "reference"
     ref.mkdir()
     ref_uri = f"sqlite:///{ref / 'mlflow.db'}"
-    proc = bench(bench_argv(ref_uri, False, 1), ref, environment(0), ref / "run.log")
+    proc = start(bench_argv(ref_uri, False, 1), ref, 0, ref / "run.log")
     if proc.wait() != 0:
         print((ref / "run.log").read_text()[-3000:])
         return 2
@@ -167,9 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     chaos.mkdir()
     with tracking_server(work) as (_pg, server):
         argv_ = bench_argv(server.uri, True, args.workers)
-        env = environment(args.delay)
         # 2. the sweep with workers killed along the way and the server restarted once
-        proc = bench(argv_, chaos, env, chaos / "run1.log")
+        proc = start(argv_, chaos, args.delay, chaos / "run1.log")
         kills, restarted, restart_at = 0, False, args.kills // 2
         deadline = time.monotonic() + 1800
         while kills < args.kills and proc.poll() is None and time.monotonic() < deadline:
@@ -189,12 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                 pass
             if proc.poll() is not None and kills < args.kills:
                 # the sweep ended before all kills: start it again and keep killing
-                proc = bench(argv_, chaos, env, chaos / "run1.log")
+                proc = start(argv_, chaos, args.delay, chaos / "run1.log")
         report["kills"] = kills
         report["server_restarts"] = int(restarted)
         report["first_sweep_exit"] = proc.wait()
         # 3. the final rerun of the same command, undisturbed
-        final = bench(argv_, chaos, environment(0), chaos / "final.log")
+        final = start(argv_, chaos, 0, chaos / "final.log")
         report["final_exit"] = final.wait()
         runs = finetune_runs(server.uri)
         board = leaderboard(server.uri, chaos)

@@ -65,3 +65,43 @@ def mlflow_server(postgres, tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+# --------------------------------------------------------------------------- SQLite stores
+@pytest.fixture(scope="session", autouse=True)
+def _new_sqlite_stores_are_copies(tmp_path_factory):
+    """MLflow builds a new SQLite store by running its 68 schema migrations, about a second
+    each time, and a hundred-odd tests of this process start from a new store. Here the
+    first one is built by MLflow as usual and copied aside the moment its migrations end;
+    each later new store is a copy of that (SQLite's backup API: the same tables, indexes
+    and schema revision; MLflow then goes on as with one it built). Stores made by `bench`
+    subprocesses (the kill, server and CLI tests) are built by MLflow, as users' are."""
+    import sqlite3
+    from contextlib import closing
+
+    import mlflow.store.db.utils as db_utils
+
+    build = db_utils._initialize_tables
+    template = tmp_path_factory.mktemp("sqlite-store") / "mlflow.db"
+
+    def initialize(engine) -> None:
+        database = engine.url.database if engine.dialect.name == "sqlite" else None
+        if not database or database == ":memory:":
+            build(engine)
+            return
+        if not template.exists():
+            build(engine)
+            with closing(sqlite3.connect(database)) as src, \
+                    closing(sqlite3.connect(template)) as dst:
+                src.backup(dst)
+            return
+        raw = engine.raw_connection()
+        try:
+            with closing(sqlite3.connect(template)) as src:
+                src.backup(raw.driver_connection)
+        finally:
+            raw.close()
+
+    db_utils._initialize_tables = initialize
+    yield
+    db_utils._initialize_tables = build

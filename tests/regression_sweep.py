@@ -30,12 +30,10 @@ ARGS = [
 
 def finetunes(db: Path) -> list[dict[str, Any]]:
     """Per finished fine-tune: its identity and its test metrics, sorted."""
-    from mlflow.tracking import MlflowClient
+    from bench_helpers import all_runs
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    ids = [e.experiment_id for e in client.search_experiments()]
     out = []
-    for run in client.search_runs(ids, max_results=5000):
+    for run in all_runs(f"sqlite:///{db}"):
         tags = run.data.tags
         if tags.get("medssl_bench.kind") != "finetune" or run.info.status != "FINISHED":
             continue

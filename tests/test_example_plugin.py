@@ -41,6 +41,9 @@ def test_example_plugin_listed(installed):
     rows = {r["name"]: r for r in json.loads(out.stdout)}
     assert rows["flip3d"]["distribution"] == "medssl-bench-example"
     assert rows["flip3d"]["status"] == "ok" and rows["flip3d"]["kind"] == "task"
+    # a third-party protocol, its spec beside its module (run below)
+    assert rows["few-cases"]["kind"] == "protocol"
+    assert rows["few-cases"]["distribution"] == "medssl-bench-example"
 
 
 def test_example_plugin_runs(installed, tmp_path):
@@ -57,12 +60,9 @@ def test_example_plugin_runs(installed, tmp_path):
 
 
 def test_example_protocol_ships_its_spec_and_runs(installed, tmp_path):
-    """A third-party protocol (few-cases) with its spec beside its module: listed, planned
-    (--dry-run trains nothing), run through `bench run`, and ranked beside scratch."""
-    out = _bench(installed, "plugins", "--json")
-    rows = {r["name"]: r for r in json.loads(out.stdout)}
-    assert rows["few-cases"]["kind"] == "protocol"
-    assert rows["few-cases"]["distribution"] == "medssl-bench-example"
+    """A third-party protocol (few-cases) with its spec beside its module (listed: see
+    test_example_plugin_listed): planned (--dry-run trains nothing), run through
+    `bench run`, and ranked beside scratch."""
     args = ["run", "--protocol", "few-cases", "--task", "flip3d", "--device", "cpu",
             "--set", "dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=4",
             "dataset.n_val=1", "dataset.n_test=1", "backbone.filters=[4,8]",

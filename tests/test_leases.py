@@ -9,6 +9,7 @@ import socket
 import time
 
 import pytest
+from bench_helpers import poll
 
 from medssl_bench import leases
 from medssl_bench.leases import (
@@ -34,23 +35,13 @@ def tracker(tmp_path_factory):
         yield Tracker(f"sqlite:///{tmp_path_factory.mktemp('leases') / 'mlflow.db'}")
 
 
-def _until(check, what: str, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
-
-
 def test_a_running_unit_heartbeats_and_its_lease_dies_with_the_heartbeat(tracker):
     exp = tracker.experiment_id("leases")
     run_id = tracker.start(exp, "unit", "k1", "finetune", {}, {})
     first = float(tracker.client.get_run(run_id).data.tags[TAG_HEARTBEAT])
     assert tracker.client.get_run(run_id).data.tags[TAG_LEASE_TTL] == "30"
-    _until(lambda: float(tracker.client.get_run(run_id).data.tags[TAG_HEARTBEAT]) > first,
-           "a heartbeat")
+    poll(lambda: float(tracker.client.get_run(run_id).data.tags[TAG_HEARTBEAT]) > first,
+         "a heartbeat", timeout=30, interval=0.1)
     run = tracker.client.get_run(run_id)
     assert lease_state(run) == "" and tracker.reap_dead() == []
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -26,6 +27,18 @@ def test_builtins_registered(registry):
     assert "data-efficiency" in registry.names("protocol")
     record = registry.record("task", "rotation3d")
     assert record.distribution == "medssl-bench" and record.status == "ok"
+
+
+def test_the_registry_and_a_worker_start_without_timm_monai_or_sklearn():
+    """Every `bench` process and every parallel worker builds the registry: timm, MONAI and
+    scikit-learn are imported where they are used (seconds each per process), not by it."""
+    code = ("import sys; import medssl_bench.parallel, medssl_bench.cli; "
+            "from medssl_bench.plugins import build_registry; build_registry(autoload=False); "
+            "print(sorted({'timm', 'monai', 'sklearn'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"imported at start: {out.stdout}"
 
 
 def test_unknown_name_suggests(registry):

@@ -14,15 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_helpers import TINY, all_runs, start_bench
 
 from medssl_bench.checkpoint import load_checkpoint, save_checkpoint
 from medssl_bench.errors import DataError
 from medssl_bench.tracking import TAG_PID, RetryingClient, Tracker
-
-TINY = ["dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=2", "dataset.n_val=2",
-        "dataset.n_test=2", "backbone.filters=[4,8]", "task.hidden=8",
-        "pretrain.iterations_per_epoch=1", "pretrain.batch_size=2", "finetune.epochs=1",
-        "finetune.warmup_epochs=0", "finetune.iterations_per_epoch=1", "protocol.fractions=[100]"]
 
 
 def test_checkpoint_round_trip_without_pickle(tmp_path):
@@ -142,11 +138,8 @@ FINISHED_FINETUNES = ("select count(*) from runs r join tags t on r.run_uuid = t
 
 
 def _start(workdir: Path, argv: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "BENCH_DISABLE_PLUGIN_AUTOLOAD": "1",
-           "MEDSSL_BENCH_TEST_EPOCH_DELAY": "0.4", "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "medssl_bench.cli", *argv], cwd=workdir,
-                            env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    """`bench ARGV`, each epoch stretched to 0.4 s so that a kill lands inside a unit."""
+    return start_bench(workdir, argv, log, MEDSSL_BENCH_TEST_EPOCH_DELAY="0.4")
 
 
 def _kill_when(proc: subprocess.Popen, condition, log: Path, timeout: float = 240) -> None:
@@ -179,11 +172,7 @@ def test_sigkill_twice_then_rerun_finishes_exactly_once(tmp_path):
     assert third.wait(timeout=300) == 0, (tmp_path / "run3.log").read_text()
     assert "Resuming pretrain rotation3d" in (tmp_path / "run2.log").read_text()
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, max_results=1000)
+    runs = all_runs(f"sqlite:///{db}")
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert [r for r in runs if r.info.status == "KILLED"]
     finished = [r for r in runs if r.data.tags.get("medssl_bench.kind") == "finetune"

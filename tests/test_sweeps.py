@@ -10,47 +10,24 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from bench_helpers import SWEEP, all_runs, bench, finished, poll, start_bench
+from bench_helpers import TINY as ONE_STEP
 
 from medssl_bench import cli
 from medssl_bench.tracking import EXPERIMENT_PREFIX, TAG_KEY, TAG_KIND, Tracker
 
-TINY = ["dataset.size=16", "dataset.n_unlabeled=4", "dataset.n_train=2", "dataset.n_val=2",
-        "dataset.n_test=2", "backbone.filters=[4,8]", "task.hidden=8",
-        "pretrain.iterations_per_epoch=1", "pretrain.batch_size=2", "finetune.epochs=1",
-        "finetune.warmup_epochs=0", "finetune.iterations_per_epoch=1", "protocol.fractions=[100]",
-        "pretrain.epochs=1", "protocol.seeds=[0]"]
-SWEEP = ["run", "--protocol", "data-efficiency", "--task", "rotation3d", "--device", "cpu"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {**os.environ, "BENCH_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONUNBUFFERED": "1", **extra}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
-def _bench(cwd: Path, argv: list[str], timeout: float = 300, **env: str):
-    return subprocess.run([sys.executable, "-m", "medssl_bench.cli", *argv], cwd=cwd,
-                          env=_env(**env), capture_output=True, text=True, timeout=timeout)
-
-
-def _all_runs(uri: str) -> list:
-    tracker = Tracker(uri)
-    exp = tracker.find_experiment("data-efficiency")
-    return [] if exp is None else list(tracker.client.search_runs([exp], max_results=1000))
+TINY = [*ONE_STEP, "pretrain.epochs=1", "protocol.seeds=[0]"]
 
 
 def _sweep_runs(uri: str, seed: int) -> list:
     """The runs of the sweep on ``dataset.seed=seed`` (tests share one server and tell
     their sweeps apart by that seed): pretrainings carry it as a param, fine-tunes hang
     under their pretraining."""
-    runs = _all_runs(uri)
+    runs = all_runs(uri, "data-efficiency")
     by_id = {r.info.run_id: r for r in runs}
 
     def seed_of(run) -> str | None:
@@ -62,18 +39,10 @@ def _sweep_runs(uri: str, seed: int) -> list:
     return [r for r in runs if seed_of(r) == str(seed)]
 
 
-def _finished(runs: list, kind: str) -> dict[str, list]:
-    out: dict[str, list] = {}
-    for r in runs:
-        if r.data.tags.get(TAG_KIND) == kind and r.info.status == "FINISHED":
-            out.setdefault(r.data.tags[TAG_KEY], []).append(r)
-    return out
-
-
 def _values(runs: list) -> dict[str, float]:
-    finished = _finished(runs, "finetune")
-    assert all(len(v) == 1 for v in finished.values()), "a fine-tune recorded twice"
-    return {k: float(v[0].data.tags["value"]) for k, v in finished.items()}
+    done = finished(runs, "finetune")
+    assert all(len(v) == 1 for v in done.values()), "a fine-tune recorded twice"
+    return {k: float(v[0].data.tags["value"]) for k, v in done.items()}
 
 
 KILLED_SWEEP = [*TINY, "dataset.seed=13", "pretrain.epochs=3"]
@@ -98,10 +67,10 @@ def test_the_slurm_executor_runs_a_sweep_through_submitits_local_cluster(tmp_pat
                                                                          mlflow_server):
     tiny = [*TINY, "dataset.seed=12", "protocol.seeds=[0,1]"]
     jobs = tmp_path / "jobs"
-    done = _bench(tmp_path, [*SWEEP, "--executor", "slurm", "--tracking-uri",
-                             mlflow_server.uri, "--set", *tiny, "executor.cluster=local",
-                             "executor.workers=3", f"executor.folder={jobs}",
-                             "executor.poll_seconds=0.3"])
+    done = bench(tmp_path, [*SWEEP, "--executor", "slurm", "--tracking-uri",
+                            mlflow_server.uri, "--set", *tiny, "executor.cluster=local",
+                            "executor.workers=3", f"executor.folder={jobs}",
+                            "executor.poll_seconds=0.3"])
     assert done.returncode == 0, done.stdout + done.stderr
     runs = _sweep_runs(mlflow_server.uri, 12)
     assert len(_values(runs)) == 4  # scratch and rotation3d, seeds 0 and 1, once each
@@ -111,6 +80,9 @@ def test_the_slurm_executor_runs_a_sweep_through_submitits_local_cluster(tmp_pat
     logs = sorted(p.name for p in jobs.rglob("*_log.out"))
     assert len(logs) == 5, logs  # the pretraining and four fine-tunes
     assert any("rotation3d 100% seed 1" in p.read_text() for p in jobs.rglob("*_log.out"))
+    # MLflow's "View run ... at: http://..." lines, one pair per run ended, are silenced
+    for text in (done.stdout, *(p.read_text() for p in jobs.rglob("*_log.out"))):
+        assert "View run" not in text and "View experiment" not in text
 
 
 def test_slurm_job_parameters_become_the_sbatch_script(registry, tmp_path, monkeypatch):
@@ -148,16 +120,6 @@ def test_slurm_job_parameters_become_the_sbatch_script(registry, tmp_path, monke
     assert "#SBATCH --gpus-per-node=1" in scripts["f"]
 
 
-def _poll(check, what: str, timeout: float = 240):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.3)
-    raise AssertionError(f"{what} did not happen within {timeout} s")
-
-
 @pytest.mark.slow
 def test_local_workers_survive_a_killed_worker_and_a_rerun_while_alive(
         tmp_path, mlflow_server, serial_values):
@@ -172,9 +134,7 @@ def test_local_workers_survive_a_killed_worker_and_a_rerun_while_alive(
     gate = tmp_path / "hold-epochs"
     gate.touch()  # units stop at the end of each epoch (checkpoint written) while it exists
     held = {"MEDSSL_BENCH_TEST_EPOCH_GATE": str(gate)}
-    first = subprocess.Popen([sys.executable, "-m", "medssl_bench.cli", *argv], cwd=tmp_path,
-                             env=_env(**held), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    first = start_bench(tmp_path, argv, **held)
     follower = None
     try:
         def pretraining_with_an_epoch():
@@ -185,20 +145,18 @@ def test_local_workers_survive_a_killed_worker_and_a_rerun_while_alive(
                     return r
             return None
 
-        run = _poll(pretraining_with_an_epoch, "a checkpointed pretraining epoch")
+        run = poll(pretraining_with_an_epoch, "a checkpointed pretraining epoch")
         worker = int(run.data.tags["medssl_bench.pid"])
-        again = _bench(tmp_path, argv, **held)
+        again = bench(tmp_path, argv, **held)
         assert again.returncode == 5, again.stdout + again.stderr
         assert "still running" in again.stderr and f"pid {worker}" in again.stderr
         assert "pretrain rotation3d" in again.stderr and "--wait" in again.stderr
-        follower = subprocess.Popen([sys.executable, "-m", "medssl_bench.cli", *argv, "--wait"],
-                                    cwd=tmp_path, env=_env(**held), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
+        follower = start_bench(tmp_path, [*argv, "--wait"], **held)
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(follower.stdout), daemon=True)
         reader.start()
-        _poll(lambda: any("following them (--wait)" in line for line in lines),
-              "the --wait run following the live units")
+        poll(lambda: any("following them (--wait)" in line for line in lines),
+             "the --wait run following the live units")
         os.kill(worker, signal.SIGKILL)
         gate.unlink()
         out, _ = first.communicate(timeout=400)
@@ -215,7 +173,7 @@ def test_local_workers_survive_a_killed_worker_and_a_rerun_while_alive(
     assert "pretrain rotation3d" in followed.split("following them (--wait)")[1]
     runs = _sweep_runs(mlflow_server.uri, 13)
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    pretrains = _finished(runs, "pretrain")
+    pretrains = finished(runs, "pretrain")
     assert all(len(v) == 1 for v in pretrains.values()) and len(pretrains) == 2
     killed = [r for r in runs if r.info.status == "KILLED"]
     assert killed and all("gone" in r.data.tags.get("medssl_bench.reaped", "") for r in killed)

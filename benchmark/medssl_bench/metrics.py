@@ -9,7 +9,6 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.metrics import cohen_kappa_score, roc_auc_score
 from torch import Tensor
 
 
@@ -45,6 +44,8 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, 
     ``scores`` are class probabilities ``(N, K)``. AUC is NaN when the labels hold a single
     class (it is undefined there); multi-class AUC averages the classes present.
     """
+    from sklearn.metrics import roc_auc_score  # imported here: seconds at every worker's start
+
     labels = labels.astype(int)
     k = scores.shape[1]
     acc = float((scores.argmax(1) == labels).mean())
@@ -66,6 +67,8 @@ def quadratic_kappa(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> f
     Reported for every classification dataset (it equals plain kappa for two classes);
     ordinal-grade datasets rank by it. NaN when it is undefined (one class everywhere).
     """
+    from sklearn.metrics import cohen_kappa_score
+
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns (and returns NaN) when undefined
         value = cohen_kappa_score(labels.astype(int), pred.astype(int),

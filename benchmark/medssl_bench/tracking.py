@@ -164,6 +164,9 @@ def _quiet_mlflow() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="mlflow")
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    # MLflow prints "View run ... at: http://..." and "View experiment at" to stdout for every
+    # run ended on a server store (one more request each): noise among parallel workers' lines
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def git_sha() -> str | None:

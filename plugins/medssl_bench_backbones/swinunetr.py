@@ -35,8 +35,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from monai.networks.blocks.dynunet_block import UnetResBlock, get_conv_layer
-from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -55,7 +53,11 @@ ENCODER_MODULES = tuple(p.rstrip(".") for p in LIBRARY_PREFIXES["encoder"])
 DECODER_MODULES = tuple(p.rstrip(".") for p in LIBRARY_PREFIXES["decoder"])
 
 
-def _monai(cfg: SwinUNETR.Config, in_channels: int, out_channels: int) -> MonaiSwinUNETR:
+def _monai(cfg: SwinUNETR.Config, in_channels: int, out_channels: int) -> nn.Module:
+    # MONAI is imported where it is used: the registry imports every plugin in every `bench`
+    # process and parallel worker, and MONAI takes seconds to import
+    from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
+
     return MonaiSwinUNETR(
         in_channels=in_channels, out_channels=out_channels, feature_size=cfg.feature_size,
         depths=tuple(cfg.depths), num_heads=tuple(cfg.num_heads), window_size=cfg.window_size,
@@ -91,6 +93,8 @@ class _PlainUp(nn.Module):
     the upsampled features alone (MONAI's ``UnetrUpBlock`` with its input halved)."""
 
     def __init__(self, cin: int, cout: int) -> None:
+        from monai.networks.blocks.dynunet_block import UnetResBlock, get_conv_layer
+
         super().__init__()
         self.transp_conv = get_conv_layer(3, cin, cout, kernel_size=2, stride=2, conv_only=True,
                                           is_transposed=True)

@@ -45,7 +45,6 @@ from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -119,6 +118,10 @@ class ViT3DEncoder(Encoder):
     spatial_dims = 3
 
     def __init__(self, in_channels: int, cfg: ViT3D.Config) -> None:
+        # imported here, not with the module: the registry imports every plugin in every
+        # `bench` process and parallel worker, and timm takes seconds to import
+        from timm.models.vision_transformer import Block
+
         super().__init__()
         dim, depth, heads = cfg.dims()
         p = cfg.patch_size

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
-from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from medssl_bench.config import PluginConfig
@@ -105,6 +104,8 @@ class MAEDecoder(nn.Module):
 
     def __init__(self, embed_dim: int, patch: int, channels: int, dim: int, depth: int,
                  heads: int) -> None:
+        from timm.models.vision_transformer import Block  # here: timm takes seconds to import
+
         super().__init__()
         self.patch_size = patch
         self.dim = dim
