@@ -182,6 +182,11 @@ def test_local_workers_survive_a_killed_worker_and_a_rerun_while_alive(
     assert rotation.data.tags.get("resumed_from_epoch")  # resumed from its checkpoint
     assert _values(runs) == pytest.approx(serial_values, abs=1e-6)
     assert len(serial_values) == 2  # scratch and rotation3d
+    # each of the 2 CPU workers ran torch with its share of this machine's cores
+    logs = "".join(p.read_text() for p in (tmp_path / ".medssl_bench" / "submitit").rglob(
+        "*_log.out"))
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"on cpu, {share} CPU threads" in logs, logs[-2000:]
 
 
 # --------------------------------------------------------------------------- status, SQLite
