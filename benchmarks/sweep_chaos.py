@@ -72,14 +72,16 @@ def descendants(pid: int) -> list[int]:
 
 
 def workers_of(parent: int) -> list[int]:
-    """The processes running units: Python processes below the sweep's own process."""
+    """The processes running units below the sweep's own process: submitit's task processes
+    (``submitit.core._submit``), not the job controllers above them (``submitit.local.
+    _local``), whose death leaves the task running and so tests nothing."""
     out = []
     for pid in descendants(parent):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        if "python" in cmd and "medssl_bench.cli" not in cmd:
+        if "submitit.core._submit" in cmd:
             out.append(pid)
     return out
 

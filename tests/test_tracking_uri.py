@@ -81,3 +81,38 @@ def test_validate_refuses_the_tracking_uris_run_refuses(tmp_path, monkeypatch, c
     assert cli.main([*argv, "--tracking-uri", f"sqlite:///{tmp_path}/missing/x.db"]) == 2
     assert cli.main([*argv, "--tracking-uri", str(tmp_path / "ok.db")]) == 0
     assert list(tmp_path.iterdir()) == []  # validating creates nothing
+
+
+def test_interrupts_in_a_store_write_wait_for_its_end_whatever_thread_receives_them():
+    """SIGTERM sent to the process while a write is deferred (another thread alive and not
+    blocking signals, as the lease heartbeat and torch's workers are) is delivered after the
+    block, once; the block itself runs to its end. A thread's signal mask alone let it land
+    inside SQLAlchemy and leave SQLite locked for every later write (CI, once)."""
+    import os
+    import signal
+    import threading
+
+    from medssl_bench.tracking import _interrupts_deferred
+
+    got: list[str] = []
+
+    def handler(signum, frame):
+        got.append("handled")
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)  # a thread that takes signals
+    other.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.2)  # a delivered signal would run the handler here
+                got.append("block ended")
+        assert got == ["block ended", "handled"]
+        assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    finally:
+        stop.set()
+        signal.signal(signal.SIGTERM, previous)

@@ -222,23 +222,19 @@ ACTIVE_STORE: list[MainStore] = []
 
 def fail_process(exc: BaseException) -> str:
     """This process ends with ``exc``: note the run's first failure, close the runs rank 0
-    still holds as FAILED with it (SIGTERM held back meanwhile: torchrun stops the other
+    still holds as FAILED with it (SIGTERM ignored from now on: torchrun stops the other
     processes as soon as one fails), write it for torchrun's summary; its message."""
     import signal
+    import threading
 
-    blocked = hasattr(signal, "pthread_sigmask")
-    if blocked:
-        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
-    try:
-        message = note_failure(exc)
-        for store in ACTIVE_STORE:
-            store.close_open(message)
-        record_error_file(message)
-        # this process ends now: a SIGTERM from torchrun meanwhile need not interrupt it
+    # this process ends now: a SIGTERM from torchrun meanwhile must not interrupt the
+    # closing (a handler, not a thread's signal mask: another thread may take the signal)
+    if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    finally:
-        if blocked:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
+    message = note_failure(exc)
+    for store in ACTIVE_STORE:
+        store.close_open(message)
+    record_error_file(message)
     return message
 
 

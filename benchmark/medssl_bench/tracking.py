@@ -268,20 +268,34 @@ def short_error(exc: BaseException) -> str:
 
 @contextmanager
 def _interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM until the block is done (they are delivered right after it), so
-    Ctrl-C or `kill` cannot land between creating a run and knowing its id."""
+    """Hold SIGINT/SIGTERM until the block is done (each is delivered right after it), so
+    Ctrl-C or `kill` cannot land between creating a run and knowing its id, or in the middle
+    of a store write (an interrupt inside SQLAlchemy can leave an SQLite transaction open,
+    and every later write then fails with "database is locked").
+
+    Deferred at the Python level, by swapping the handlers: a thread's signal mask would
+    not do, since a process-directed signal goes to any thread not blocking it (the lease
+    heartbeat, torch's workers) and Python then runs the handler in the main thread anyway.
+    """
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    pending: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        pending.append(signum)
+
+    old = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(pending):  # each once, in the order they came
+            signal.raise_signal(signum)
 
 
 class Tracker:
