@@ -55,3 +55,14 @@ def test_each_job_spec_carries_its_workers_threads(tmp_path):
     local = LocalWorkers(LocalWorkers.Config(workers=2))
     spec = local._spec(ctx, PRE, {"p": PRE})
     assert spec.threads == local.worker_threads(ctx, PRE) and spec.device == "cpu"
+
+
+def test_the_in_process_debug_cluster_refuses_a_unit_of_several_processes(tmp_path):
+    import pytest
+
+    from medssl_bench.errors import ConfigError
+
+    slurm = SlurmJobs(SlurmJobs.Config(cluster="debug", folder=str(tmp_path)))
+    with pytest.raises(ConfigError, match="world_size.*cluster=slurm or local"):
+        slurm.make_executor(_ctx("cpu", pretrain_processes=2))
+    assert slurm.make_executor(_ctx("cpu")) is not None

@@ -502,6 +502,12 @@ class SlurmJobs(SubmititExecutor):
     def make_executor(self, ctx: RunContext) -> Any:
         import submitit
 
+        processes = max(int(getattr(ctx.run.configs.get(stage), "world_size", 1))
+                        for stage in ("pretrain", "finetune"))
+        if self.config.cluster == "debug" and processes > 1:
+            raise ConfigError(f"executor.cluster=debug runs each job inside this process; a "
+                              f"unit of {processes} processes (world_size) needs "
+                              "executor.cluster=slurm or local.")
         return submitit.AutoExecutor(folder=Path(self.config.folder) / "%j",
                                      cluster=self.config.cluster)
 
