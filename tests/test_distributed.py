@@ -119,7 +119,11 @@ def _negatives(rank: int) -> dict:
     exemplar = torch.cat([Exemplar3D().make_batch(images, gen)["negative_index"]
                           for _ in range(20)])
     cpc = CPC3D()  # 7 patches per side: 343 per volume
-    return {"swinssl": nt_xent(mine, 0.5, gather=True).item(), "exemplar": exemplar,
+    mine.requires_grad_(True)
+    loss = nt_xent(mine, 0.5, gather=True)
+    loss.backward()
+    return {"swinssl": loss.item(), "exemplar": exemplar,
+            "swinssl_grad": mine.grad / 2,  # what DDP's averaging over 2 ranks gives
             "cpc": cpc.make_batch(images, gen)["negative_index"], "cpc_per_rank": 2 * 7**3}
 
 
@@ -174,14 +178,22 @@ def test_two_processes_train_as_one_at_the_same_global_batch(two_ranks):
 
 def test_contrastive_tasks_take_negatives_from_every_rank(two_ranks):
     """With gather_negatives (the default) under 2 ranks: swinssl3d's NT-Xent averaged over
-    the ranks equals one process's over the global batch; exemplar3d and cpc3d draw
+    the ranks, and its gradient as DDP averages it, equal one process's over the global
+    batch; exemplar3d and cpc3d draw
     negatives from the other rank's rows too, never an anchor itself."""
     from medssl_bench_tasks.swinssl import nt_xent
 
     ranks = [result["negatives"] for result in two_ranks]
     views = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
-    one = nt_xent(torch.cat([views[:4], views[4:]]), 0.5).item()
-    assert (ranks[0]["swinssl"] + ranks[1]["swinssl"]) / 2 == pytest.approx(one, rel=1e-6)
+    views.requires_grad_(True)
+    loss = nt_xent(torch.cat([views[:4], views[4:]]), 0.5)
+    loss.backward()
+    assert (ranks[0]["swinssl"] + ranks[1]["swinssl"]) / 2 == pytest.approx(loss.item(),
+                                                                            rel=1e-6)
+    # the gradient too: the gather sends other ranks' terms back to the rows' owner
+    for rank, drawn in enumerate(ranks):
+        rows = [2 * rank, 2 * rank + 1, 4 + 2 * rank, 5 + 2 * rank]
+        assert torch.allclose(drawn["swinssl_grad"], views.grad[rows], atol=1e-6)
     for rank, drawn in enumerate(ranks):
         own = torch.arange(2) + 2 * rank
         index = drawn["exemplar"].view(-1, 2)
