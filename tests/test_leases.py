@@ -143,3 +143,18 @@ def test_starting_a_unit_held_by_a_live_process_deletes_the_loser(tracker):
     # once the holder finished, the key can be claimed again (a --force rerun)
     again = other.start(exp, "unit", "k3", "finetune", {}, {})
     other.finish(again)
+
+
+def test_a_lost_claim_survives_the_broadcast_of_rank_0s_answers():
+    """Under DDP rank 0's answers (exceptions included) are pickled to the other ranks: a
+    lost claim must arrive as RunningElsewhere (the unit is skipped), not as a plain error
+    that ends the run."""
+    import pickle
+
+    from medssl_bench.distributed import _picklable
+    from medssl_bench.leases import Holder, RunningElsewhere
+
+    lost = RunningElsewhere(Holder("r1", "node7", "4242", 1.0, 2.0, "job9"))
+    again = pickle.loads(pickle.dumps(_picklable(lost)))
+    assert type(again) is RunningElsewhere and again.holder == lost.holder
+    assert str(again) == str(lost) and again.exit_code == 5

@@ -66,3 +66,16 @@ def test_the_in_process_debug_cluster_refuses_a_unit_of_several_processes(tmp_pa
     with pytest.raises(ConfigError, match="world_size.*cluster=slurm or local"):
         slurm.make_executor(_ctx("cpu", pretrain_processes=2))
     assert slurm.make_executor(_ctx("cpu")) is not None
+
+
+def test_local_ddp_units_need_a_gpu_per_process(tmp_path):
+    """Refused before anything is submitted, naming the setting and the fix."""
+    import pytest
+
+    from medssl_bench.errors import ConfigError
+
+    local = LocalWorkers(LocalWorkers.Config(workers=1, folder=str(tmp_path),
+                                             devices=[0, 1]))
+    with pytest.raises(ConfigError, match="pretrain.world_size=3.*2 GPUs.*executor.devices"):
+        local.make_executor(_ctx("cuda", pretrain_processes=3))
+    assert local.make_executor(_ctx("cuda", pretrain_processes=2)) is not None

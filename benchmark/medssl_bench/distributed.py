@@ -148,15 +148,17 @@ class DistributedRuntime(Runtime):
     # ------------------------------------------------------------------ agreement
     def from_main(self, fn: Callable[[], T]) -> T:
         box: list[Any] = [None]
+        raised: Exception | None = None
         if self.is_main:
             try:
                 box[0] = (True, fn())
             except Exception as exc:
+                raised = exc
                 box[0] = (False, _picklable(exc))
         dist.broadcast_object_list(box, src=0)
         ok, value = box[0]
         if not ok:
-            raise value
+            raise raised if raised is not None else value  # rank 0: the original itself
         return value
 
     def gather(self, value: T) -> list[T]:

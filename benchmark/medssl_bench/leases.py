@@ -65,6 +65,11 @@ class RunningElsewhere(BenchError):
         self.holder = holder
         super().__init__(f"running elsewhere: {holder.where()}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # picklable as itself (DDP broadcasts rank 0's answers, exceptions included), so a
+        # lost claim is still a lost claim on every rank
+        return (type(self), (self.holder,))
+
 
 class LeaseLost(BenchError):
     """This process's lease expired and was reaped (the unit may run elsewhere now): its

@@ -111,9 +111,10 @@ def _join_job_group(device: Any) -> Any:
     os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
                       LOCAL_RANK=str(env.local_rank), LOCAL_WORLD_SIZE=str(env.num_tasks
                                                                            // env.num_nodes))
-    os.environ.setdefault("MASTER_ADDR", env.hostnames[0] if env.hostnames else "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(20000 + zlib.crc32(str(env.job_id).encode())
-                                             % 20000))
+    # assigned, not defaulted: submitit and sbatch pass the submitting shell's environment
+    # on, and a MASTER_PORT from there would be shared by every concurrent job
+    os.environ["MASTER_ADDR"] = env.hostnames[0] if env.hostnames else "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(15000 + zlib.crc32(str(env.job_id).encode()) % 15000)
     return DistributedRuntime.from_env(device)
 
 
@@ -413,6 +414,13 @@ class LocalWorkers(SubmititExecutor):
         import submitit
 
         self._devices = self._gpu_list(ctx)
+        for stage in ("pretrain", "finetune"):
+            tasks = int(getattr(ctx.run.configs.get(stage), "world_size", 1))
+            if self._devices and tasks > len(self._devices):
+                raise ConfigError(f"{stage}.world_size={tasks}: a unit trains with {tasks} "
+                                  f"processes, one GPU each, but the local executor has "
+                                  f"{len(self._devices)} GPUs ({self._devices}); lower "
+                                  f"{stage}.world_size or give more GPUs (executor.devices).")
         self._in_use: dict[int, int] = dict.fromkeys(self._devices, 0)
         self._job_gpu: dict[str, list[int]] = {}
         executor = submitit.LocalExecutor(folder=Path(self.config.folder) / "%j")
