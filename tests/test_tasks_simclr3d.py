@@ -147,23 +147,24 @@ def test_gather_negatives_is_a_no_op_without_a_process_group():
     torch.testing.assert_close(a, b)
 
 
-def test_gathered_negatives_come_from_every_rank_and_only_the_local_part_has_gradient(
-        monkeypatch):
+def test_gathered_negatives_come_from_every_rank(monkeypatch):
     """A two-rank world simulated on one process: rank 1's views join rank 0's softmax as
-    negatives, rank 0's rows keep their gradient, the gathered copy of rank 1 has none."""
+    negatives. (The gradient across ranks needs a real process group:
+    tests/test_distributed.py compares it with one process's.)"""
     import torch.distributed as dist
 
     remote = torch.randn(4, 5)
-    monkeypatch.setattr(dist, "is_available", lambda: True)
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(dist, "get_rank", lambda: 0)
 
-    def all_gather(parts, tensor):
+    def all_gather(parts, tensor, group=None):
         parts[0].copy_(tensor)
         parts[1].copy_(F.normalize(remote, dim=1))
 
-    monkeypatch.setattr(dist, "all_gather", all_gather)
+    mp = monkeypatch
+    mp.setattr(dist, "is_available", lambda: True)
+    mp.setattr(dist, "is_initialized", lambda: True)
+    mp.setattr(dist, "get_world_size", lambda group=None: 2)
+    mp.setattr(dist, "get_rank", lambda group=None: 0)
+    mp.setattr(dist, "all_gather", all_gather)
     z = torch.randn(4, 5, requires_grad=True)
     positive = torch.tensor([2, 3, 0, 1])
     loss, _ = nt_xent(z, positive, 0.5, gather=True)
@@ -174,8 +175,6 @@ def test_gathered_negatives_come_from_every_rank_and_only_the_local_part_has_gra
     torch.testing.assert_close(loss, F.cross_entropy(logits, positive))
     alone, _ = nt_xent(z, positive, 0.5, gather=False)
     assert loss > alone  # more negatives
-    loss.backward()
-    assert z.grad is not None and z.grad.abs().sum() > 0
 
 
 def test_scores_stay_fp32_under_autocast():
