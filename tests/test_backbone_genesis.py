@@ -23,6 +23,16 @@ def test_contbatch_uses_batch_statistics_in_evaluation_too():
     train = encoder.train()(x)[-1]
     evaluated = encoder.eval()(x)[-1]
     torch.testing.assert_close(evaluated, train)
+    # evaluation leaves the running statistics (and the batch count) alone; training moves them
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    encoder.eval()(x * 2)
+    for key, value in encoder.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    encoder.train()(x * 2)
+    moved = encoder.state_dict()
+    assert not torch.equal(moved["down_tr64.ops.0.bn1.running_mean"],
+                           before["down_tr64.ops.0.bn1.running_mean"])
+    assert int(moved["down_tr64.ops.0.bn1.num_batches_tracked"]) == 2
     batch = _encoder(norm="batch")
     batch.load_state_dict(encoder.state_dict())  # the same weights fit either norm
     assert not torch.allclose(batch.eval()(x)[-1], train, atol=1e-3)

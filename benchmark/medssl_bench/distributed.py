@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from medssl_bench.errors import BenchError
@@ -121,7 +121,13 @@ class DistributedRuntime(Runtime):
         no gradient), and some task/backbone pairs leave parts unused in a step (a task
         reading only the deepest level of a pyramid backbone); DDP cannot know in advance.
         Buffers are broadcast from rank 0 before every forward (normalisation statistics;
-        tasks that keep a memory bank update it with the gathered batch, so it agrees)."""
+        tasks that keep a memory bank update it with the gathered batch, so it agrees).
+
+        Batch-norm layers normalise with the global batch's statistics in training
+        (:func:`medssl_bench.sync_norm.synchronise`), as one process at the global batch."""
+        from medssl_bench.sync_norm import synchronise
+
+        synchronise(module)
         if not any(p.requires_grad for p in module.parameters()):
             return module
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -166,12 +172,30 @@ class DistributedRuntime(Runtime):
         dist.all_gather_object(out, value)
         return out
 
-    def shard(self, count: int) -> list[int]:
-        return list(range(self.rank, count, self.world_size))
+    def shard(self, count: int, batch_size: int) -> list[int]:
+        starts = range(self.rank * batch_size, count, self.world_size * batch_size)
+        return [case for start in starts for case in range(start, min(start + batch_size, count))]
 
     def sync_buffers(self, module: nn.Module) -> None:
         for buffer in module.buffers():
             dist.broadcast(buffer.data, src=0)
+
+
+def gather_rows(t: Tensor) -> Tensor:
+    """The rows of ``t`` from every process, concatenated in rank order along dimension 0:
+    differentiable both ways (the gradient of a gathered row goes back to the process that
+    owns it, summed over every process's loss), which one process at the global batch needs
+    when a loss or a normalisation mixes rows of several processes. ``t`` itself without an
+    initialised process group. Every process's ``t`` must have the same shape.
+
+    torch's functional collective (``torch.distributed.nn.functional.all_gather``, the
+    public one, is deprecated since torch 2.11 and refused inside ``torch.compile``)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    from torch.distributed import _functional_collectives as collectives
+
+    gathered = collectives.all_gather_single_autograd(t.contiguous(), 0, dist.group.WORLD)
+    return collectives.wait_tensor(gathered)
 
 
 def note_failure(exc: BaseException) -> str:

@@ -433,13 +433,14 @@ def evaluate(
     ``info.extra["regions"]`` region Dice is added (see :mod:`medssl_bench.volumetric`).
     A segmentation dataset with a ``native_target(index)`` method is scored on each case's
     original voxel grid: the probabilities are resampled there, one case at a time.
-    Under DDP (``runtime``) each process scores its shard of the cases and the per-case
-    scores are gathered in case order, so every process returns the metrics of one pass.
+    Under DDP (``runtime``) each process scores its share of the batches one process would
+    score, and the per-case scores are gathered in case order, so every process returns the
+    metrics of one process's pass.
     """
     runtime = runtime or Runtime.local(device)
     model.eval()
     runtime.sync_buffers(model)
-    cases = runtime.shard(len(dataset))  # type: ignore[arg-type]
+    cases = runtime.shard(len(dataset), batch_size)  # type: ignore[arg-type]
     loader = DataLoader(dataset if runtime.world_size == 1 else Subset(dataset, cases),
                         batch_size=batch_size, shuffle=False)
     patch = info.extra.get("patch_size") if info.kind == "segmentation" else None

@@ -244,9 +244,11 @@ class Runtime:
         """``value`` of every process, in rank order (one process: ``[value]``)."""
         return [value]
 
-    def shard(self, count: int) -> list[int]:
-        """The indices of ``count`` cases this process evaluates: every case in exactly one
-        process (DDP: every ``world_size``-th, no padding)."""
+    def shard(self, count: int, batch_size: int) -> list[int]:
+        """The indices of ``count`` cases this process evaluates, batched by ``batch_size``:
+        every case in exactly one process, and every batch one of those that one process
+        would evaluate (DDP: every ``world_size``-th whole batch), so normalisation with the
+        batch's own statistics (Models Genesis' ``ContBatchNorm3d``) sees the same batches."""
         return list(range(count))
 
     def sync_buffers(self, module: nn.Module) -> None:

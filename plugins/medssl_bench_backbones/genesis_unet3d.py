@@ -43,7 +43,17 @@ class ContBatchNorm3d(nn.BatchNorm3d):
     """Batch norm that always uses the batch's statistics (Models Genesis' ``ContBatchNorm3d``):
     the same output in ``train()`` and ``eval()``; the state dict of ``nn.BatchNorm3d``, whose
     subclass it is so that code handling batch norm (SparK's masked normalisation) handles it
-    (in training, where the two agree)."""
+    (in training, where the two agree).
+
+    Unlike the published layer, evaluation leaves the running statistics alone (the published
+    one moves them towards every validation and test batch): an evaluation must not change
+    the model, and under DDP each process evaluates other batches, so the stored statistics
+    would depend on the number of processes. The layer never uses them itself; they matter
+    to weights loaded with ``norm: batch``."""
+
+    #: In training, plain batch norm: under DDP it may take the global batch's statistics
+    #: (:mod:`medssl_bench.sync_norm`); in evaluation it keeps its own batch's.
+    training_forward_is_batch_norm = True
 
     def _check_input_dim(self, input: Tensor) -> None:
         if input.dim() != 5:
@@ -51,7 +61,11 @@ class ContBatchNorm3d(nn.BatchNorm3d):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
+        track = self.training and self.track_running_stats
+        if track:  # counted as nn.BatchNorm3d counts
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(input, self.running_mean if track else None,
+                            self.running_var if track else None, self.weight, self.bias,
                             True, self.momentum, self.eps)
 
 

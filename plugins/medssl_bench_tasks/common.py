@@ -53,22 +53,34 @@ def process_group() -> tuple[int, int]:
 
 def gather_with_grad(z: Tensor) -> tuple[Tensor, int]:
     """The rows of ``z`` from every DDP rank, concatenated in rank order, and the offset of
-    this rank's rows. The gather is differentiable both ways (``torch.distributed.nn``): the
-    gradient a rank's loss sends into another rank's rows goes back to that rank, so after
-    DDP averages the gradients, N processes step exactly as one process at the global batch
-    would (keeping only the local rows' gradient, as many SimCLR ports do, loses every
+    this rank's rows. The gather is differentiable both ways
+    (:func:`medssl_bench.distributed.gather_rows`): the gradient a rank's loss sends into
+    another rank's rows goes back to that rank, so after DDP averages the gradients, N
+    processes step exactly as one process at the global batch would (keeping only the local rows' gradient, as many SimCLR ports do, loses every
     "other rank's anchor -> my key" term: ~12 % of the gradient at 2 ranks, measured).
     Without an initialised process group (or with one rank) ``z`` itself and 0. Every
     rank's rows must have the same shape."""
     rank, world = process_group()
     if world == 1:
         return z, 0
-    from torch.distributed.nn.functional import all_gather
+    from medssl_bench.distributed import gather_rows
 
-    return torch.cat(all_gather(z.contiguous())), rank * z.shape[0]
+    return gather_rows(z), rank * z.shape[0]
 
 
 def gather_detached(t: Tensor) -> Tensor:
     """The rows of ``t`` from every rank in rank order, without gradient (``t`` in one
     process)."""
     return gather_with_grad(t.detach())[0]
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """``t`` summed over every rank, without gradient (``t`` itself in one process): a count
+    that a loss over the global batch divides by."""
+    if process_group()[1] == 1:
+        return t.detach()
+    import torch.distributed as dist
+
+    total = t.detach().clone()
+    dist.all_reduce(total)
+    return total

@@ -24,7 +24,12 @@ from medssl_bench_tasks.augment import (
     color_jitter,
     sample_affine_factors,
 )
-from medssl_bench_tasks.common import gather_detached, gather_with_grad, process_group
+from medssl_bench_tasks.common import (
+    all_reduce_sum,
+    gather_detached,
+    gather_with_grad,
+    process_group,
+)
 
 
 def derangement(n: int, generator: torch.Generator, device) -> Tensor:
@@ -239,9 +244,15 @@ class Exemplar3D(ProxyTask):
         d_pos, d_neg = self.distance(z_a, z_p), self.distance(z_a, z_n)
         hinge = F.relu(d_pos - d_neg + self.config.margin)
         weight = valid.float()
+        # the mean over the usable triplets of the global batch: each of the ``world``
+        # processes scales its sum so that DDP's average of their losses (and gradients) is
+        # one process's over the global batch, however the usable triplets fall between them
+        world, usable = self._pool()[1], weight.sum()
+        if world > 1:
+            usable = all_reduce_sum(usable) / world
         # a batch without any usable negative (e.g. one volume) still yields a finite loss
-        loss = (hinge * weight).sum() / weight.sum().clamp(min=1)
+        loss = (hinge * weight).sum() / usable.clamp(min=1 / world)
         with torch.no_grad():
-            acc = ((d_pos < d_neg).float() * weight).sum() / weight.sum().clamp(min=1)
+            acc = ((d_pos < d_neg).float() * weight).sum() / usable.clamp(min=1 / world)
         return loss, {"triplet_acc": acc.item(), "d_pos": d_pos.mean().item(),
                       "d_neg": d_neg.mean().item()}

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from medssl_bench.errors import ConfigError
 from medssl_bench.interfaces import ProxyTask
+from medssl_bench.sync_norm import batch_moments, update_running_stats
 
 
 def patch_grid(spatial: tuple[int, ...], patch: int, field: str) -> tuple[int, ...]:
@@ -127,34 +128,19 @@ def masked_norm(module: nn.Module, x: Tensor, active: Tensor,
             var = module.running_var.float().view(1, -1, *([1] * len(spatial)))
         else:
             dims = (0, *spatial) if batch_stats else spatial
-            n = m.sum(dims, keepdim=True).clamp_min(1)
-            mean = (xf * m).sum(dims, keepdim=True) / n
-            var = ((xf - mean) ** 2 * m).sum(dims, keepdim=True) / n
+            # the global batch's statistics under DDP (one process's at the global batch)
+            mean, var, n = batch_moments(module, xf, dims, m)
             if batch_stats and module.training and module.track_running_stats:
-                _update_running(module, mean, var, n, stashed)
+                if stashed is not None:
+                    module.running_mean.copy_(stashed[0])
+                    module.running_var.copy_(stashed[1])
+                update_running_stats(module, mean, var, n)
         y = (xf - mean) / (var + module.eps).sqrt()
         affine = module.affine
     if affine:
         shape = (1, -1, *([1] * len(spatial)))
         y = y * module.weight.float().view(shape) + module.bias.float().view(shape)
     return (y * m).to(x.dtype)
-
-
-@torch.no_grad()
-def _update_running(module: nn.BatchNorm3d, mean: Tensor, var: Tensor, n: Tensor,
-                    stashed: tuple[Tensor, Tensor] | None) -> None:
-    if stashed is not None:
-        module.running_mean.copy_(stashed[0])
-        module.running_var.copy_(stashed[1])
-    count = float(n.flatten()[0])
-    unbiased = var.flatten() * count / max(count - 1, 1)
-    momentum = module.momentum
-    if momentum is None:
-        momentum = 1.0 / max(1.0, float(module.num_batches_tracked))
-    module.running_mean.mul_(1 - momentum).add_(mean.flatten().to(module.running_mean.dtype),
-                                                alpha=momentum)
-    module.running_var.mul_(1 - momentum).add_(unbiased.to(module.running_var.dtype),
-                                               alpha=momentum)
 
 
 class PatchMaskingTask(ProxyTask):
