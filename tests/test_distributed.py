@@ -429,3 +429,78 @@ def test_a_ddp_pretraining_runs_as_one_job_of_two_tasks_in_the_local_executor(tm
     # the pretraining job ran 2 tasks (a log per task), the fine-tunes 1 each
     task_logs = sorted(p.name.split("_")[1] for p in (tmp_path / "jobs").rglob("*_log.out"))
     assert task_logs.count("1") >= 1 and task_logs.count("0") > task_logs.count("1")
+
+
+# --------------------------------------------------------------------------- peer watch
+
+
+def _watched(rank: int, init: str, out: str, scenario: str) -> None:
+    """One process of a 2-process group whose watch ends it (see the tests below)."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    from medssl_bench import distributed
+
+    class Closed:  # rank 0's result store, as far as closing its open runs goes
+        def close_open(self, message: str) -> None:
+            Path(out, f"closed{rank}").write_text(message)
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=120))
+    distributed.ACTIVE_STORE[:] = [Closed()]
+    distributed.PeerWatch(interval=0.1, grace=0.5).start()
+    if scenario == "peer failed":
+        if rank == 1:  # fails, as an NCCL peer it stays alive: rank 0 is never woken
+            distributed.note_failure(RuntimeError("boom"))
+            time.sleep(60)
+        dist.barrier()  # rank 0 waits for rank 1 here, for the group's 120 s
+    else:  # "store gone": rank 0 hosts the store and ends without a word
+        if rank == 0:
+            os._exit(0)
+        time.sleep(60)
+
+
+def _two_processes(tmp_path: Path, init: str, scenario: str) -> tuple[list, float]:
+    import multiprocessing
+    import time
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_watched, args=(r, init, str(tmp_path), scenario))
+             for r in range(2)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    watched = procs[0] if scenario == "peer failed" else procs[1]
+    watched.join(timeout=50)
+    elapsed = time.monotonic() - t0
+    for p in procs:
+        p.kill()
+        p.join()
+    return procs, elapsed
+
+
+def test_a_process_waiting_on_a_failed_peer_ends_itself_and_closes_its_runs(tmp_path):
+    """With NCCL a failed rank leaves the others blocked in a collective until the group's
+    timeout; the PeerWatch ends them after the grace period instead: rank 0, blocked in a
+    barrier that rank 1 (failed, still alive) never reaches, closes its open runs with rank
+    1's message and exits 1 within seconds, not after the group's 120 s."""
+    procs, elapsed = _two_processes(tmp_path, f"file://{tmp_path / 'init'}", "peer failed")
+    assert procs[0].exitcode == 1
+    assert elapsed < 40
+    assert (tmp_path / "closed0").read_text() == "rank 1 (of 2) failed: RuntimeError: boom"
+
+
+def test_a_process_whose_group_store_is_gone_ends_itself(tmp_path):
+    """Under submitit rank 0 hosts the group's store: when it ends without a word, rank 1
+    (which might wait in an NCCL collective for 30 minutes) ends itself, naming why."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, elapsed = _two_processes(tmp_path, f"tcp://127.0.0.1:{port}", "store gone")
+    assert procs[1].exitcode == 1
+    assert elapsed < 40
+    assert "key-value store is unreachable" in (tmp_path / "closed1").read_text()

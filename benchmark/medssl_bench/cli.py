@@ -687,13 +687,18 @@ def main(argv: list[str] | None = None) -> int:
     args.debug, args.argv = debug, argv
     try:
         try:
-            return COMMANDS[args.command](args)
+            code = COMMANDS[args.command](args)
         except BaseException as exc:
             import torch.distributed as dist
 
             if isinstance(exc, SystemExit) or not (dist.is_available() and dist.is_initialized()):
                 raise
             return _rank_failed(exc, args.debug)
+        if "torch.distributed" in sys.modules:  # one process of several, all done: together
+            from medssl_bench import distributed
+
+            distributed.shutdown()
+        return code
     except BenchError as exc:
         if args.debug:
             raise

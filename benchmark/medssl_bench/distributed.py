@@ -26,6 +26,9 @@ import contextlib
 import datetime
 import os
 import pickle
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -50,6 +53,13 @@ CRASH_RANK_ENV = "MEDSSL_BENCH_TEST_CRASH_RANK"
 TIMEOUT_ENV = "MEDSSL_BENCH_DDP_TIMEOUT"
 #: The process group's key-value store key holding the first failure's message.
 FAILURE_KEY = "medssl_bench/first_failure"
+#: Seconds a process keeps waiting, once another rank's failure is recorded, before its
+#: :class:`PeerWatch` ends it (default 10). With gloo the process fails by itself at once;
+#: with NCCL it would sit in a collective until the group's timeout (30 minutes).
+GRACE_ENV = "MEDSSL_BENCH_DDP_FAILURE_GRACE"
+#: Held by whoever ends this process after a failure: its main thread (:func:`fail_process`)
+#: or the :class:`PeerWatch` thread, never both.
+_ENDING = threading.Lock()
 
 
 class RankFailed(BenchError):
@@ -90,6 +100,7 @@ class DistributedRuntime(Runtime):
             timeout = datetime.timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=timeout)
+        PeerWatch().start()
         return cls.in_group(device)
 
     @classmethod
@@ -217,13 +228,36 @@ def note_failure(exc: BaseException) -> str:
 
 def peer_failure() -> str | None:
     """The first failure recorded by any rank of the run, or None."""
+    return _poll_failure()[0]
+
+
+def _poll_failure() -> tuple[str | None, bool]:
+    """(the first failure recorded by any rank or None, whether the store answered)."""
     store = _key_value_store()
     try:
         if store is not None and store.check([FAILURE_KEY]):
-            return store.get(FAILURE_KEY).decode()
+            return store.get(FAILURE_KEY).decode(), True
     except Exception:
-        pass
-    return None
+        return None, False
+    return None, True
+
+
+#: The :class:`PeerWatch` threads started in this process (stopped by :func:`shutdown`).
+_WATCHES: list[PeerWatch] = []
+
+
+def shutdown() -> None:
+    """The end of a distributed run that did not fail, in every process: wait for the others
+    (so that rank 0, which may host the group's store, does not leave while another still
+    needs it), stop the :class:`PeerWatch`, destroy the process group (NCCL warns of
+    leaked resources at exit otherwise). Nothing without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    dist.barrier()
+    for watch in _WATCHES:
+        watch.stop()
+    _WATCHES.clear()
+    dist.destroy_process_group()
 
 
 def on_sigterm(signum: int, frame: Any) -> None:
@@ -251,17 +285,70 @@ def fail_process(exc: BaseException) -> str:
     still holds as FAILED with it (SIGTERM ignored from now on: torchrun stops the other
     processes as soon as one fails), write it for torchrun's summary; its message."""
     import signal
-    import threading
 
     # this process ends now: a SIGTERM from torchrun meanwhile must not interrupt the
     # closing (a handler, not a thread's signal mask: another thread may take the signal)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    message = note_failure(exc)
-    for store in ACTIVE_STORE:
-        store.close_open(message)
-    record_error_file(message)
+    with _ENDING:  # blocks for good if the PeerWatch is already ending the process
+        message = note_failure(exc)
+        for store in ACTIVE_STORE:
+            store.close_open(message)
+        record_error_file(message)
     return message
+
+
+class PeerWatch(threading.Thread):
+    """Ends this process when another rank failed and this one has not noticed.
+
+    A failing rank records its message in the process group's store (:func:`note_failure`)
+    and exits. With gloo the others fail at their next collective at once; with NCCL they
+    wait in it until the group's timeout (30 minutes), holding their GPUs, and rank 0 holds
+    its run RUNNING meanwhile; under submitit nobody stops them (torchrun at least kills them
+    30 s later, leaving the run RUNNING). This daemon thread polls the store every
+    ``interval`` seconds; once another rank's failure has stood for ``grace`` seconds
+    without this process ending by itself, it closes rank 0's open runs as FAILED with that
+    message (as :func:`fail_process` would), writes it for torchrun, and ends the process
+    with exit status 1 (``os._exit``: the main thread cannot be woken from a collective)."""
+
+    def __init__(self, interval: float = 2.0, grace: float | None = None) -> None:
+        super().__init__(name="medssl-bench-peer-watch", daemon=True)
+        self.interval = interval
+        self.grace = float(os.environ.get(GRACE_ENV, "10")) if grace is None else grace
+        self._stop = threading.Event()
+        _WATCHES.append(self)
+
+    def run(self) -> None:
+        since: float | None = None
+        while not self._stop.wait(self.interval):
+            message, reachable = _poll_failure()
+            if reachable and (message is None or is_own(message)):
+                since = None  # nothing wrong, or this process's own failure: it ends itself
+                continue
+            since = time.monotonic() if since is None else since
+            if time.monotonic() - since >= self.grace:
+                self.end(message or "the run's key-value store is unreachable: the process "
+                         "hosting it (rank 0's, or torchrun's agent) has ended")
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @staticmethod
+    def end(message: str) -> None:
+        """Close this process's open runs with ``message`` and exit 1, unless the main thread
+        is already ending the process (then it does)."""
+        if not _ENDING.acquire(blocking=False):
+            return
+        try:
+            for store in ACTIVE_STORE:
+                store.close_open(message)
+            record_error_file(message)
+            if dist.get_rank() == 0:
+                print(f"error: {message} (this process, rank 0, stopped waiting for it)",
+                      file=sys.stderr, flush=True)
+        finally:
+            os._exit(1)
 
 
 def _key_value_store() -> Any:

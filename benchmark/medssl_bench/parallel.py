@@ -118,6 +118,14 @@ def _join_job_group(device: Any) -> Any:
     return DistributedRuntime.from_env(device)
 
 
+def _leave_job_group(runtime: Any) -> None:
+    """A DDP job's processes all finished the unit: leave the process group together."""
+    if runtime is not None:
+        from medssl_bench.distributed import shutdown
+
+        shutdown()
+
+
 def run_job(spec: JobSpec) -> dict[str, Any]:
     """The body of one job, in the worker process: run ``spec.unit`` and report back
     ``{"status": "ok"|"failed"|"elsewhere", "outcomes": [...], "record": {...}|None}``."""
@@ -172,8 +180,9 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         ctx.outcomes.clear()
         ctx.force = spec.force
         result = run_unit(ctx, unit, done)
-    except RunningElsewhere as exc:
+    except RunningElsewhere as exc:  # every process of a DDP job learns it (broadcast)
         ctx.outcomes.append(Outcome(unit.what, "skipped", str(exc), unit.task, unit.stage))
+        _leave_job_group(runtime)
         return {"status": "elsewhere", "outcomes": [asdict(o) for o in ctx.outcomes],
                 "record": None, "detail": str(exc)}
     except Exception as exc:  # the parent records it and goes on
@@ -184,6 +193,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         record_failure(ctx, unit, exc)
         return {"status": "failed", "outcomes": [asdict(o) for o in ctx.outcomes],
                 "record": None, "detail": ctx.outcomes[-1].detail}
+    _leave_job_group(runtime)
     elsewhere = [o for o in ctx.outcomes if o.status == "skipped"
                  and o.detail.startswith("running elsewhere")]
     failed = [o for o in ctx.outcomes if o.status == "failed"]
@@ -343,7 +353,7 @@ class SubmititExecutor(Executor):
         from medssl_bench.store import ResultRecord
 
         try:
-            out = job.results()[0]  # task 0 (rank 0) of a multi-process job
+            out = _job_report(job)
         except Exception as exc:  # the worker died: reap, then retry
             n = sweep.attempts[unit.key] = sweep.attempts.get(unit.key, 0) + 1
             why = f"worker job {job.job_id} ended without a result ({_first_line(exc)})"
@@ -373,6 +383,24 @@ class SubmititExecutor(Executor):
         else:
             sweep.failed[unit.key] = unit.what
             ctx.echo(f"[red]FAILED[/red] {unit.what} (job {job.job_id}): {out['detail']}")
+
+
+def _job_report(job: Any) -> dict[str, Any]:
+    """What a job reported: its rank 0's report; for a multi-process job whose rank 0 has
+    none (its :class:`~medssl_bench.distributed.PeerWatch` ended it after another rank
+    failed), the failing rank's report, so the failure is recorded with its message instead
+    of retried as a dead worker. Raises when no task reported a failure."""
+    try:
+        return job.results()[0]  # task 0 (rank 0) of a multi-process job
+    except Exception:
+        for task in range(1, getattr(job, "num_tasks", 1)):
+            try:
+                out = job.task(task).result()
+            except Exception:
+                continue
+            if out.get("status") == "failed":
+                return out
+        raise
 
 
 @dataclass
