@@ -181,6 +181,23 @@ def _global_statistics(rows: slice) -> dict:
     return out
 
 
+def _probe_features(runtime: Runtime) -> tuple:
+    """A frozen-encoder protocol's features of 5 cases, 2 at a time, with Models Genesis'
+    encoder (its batch norm uses each batch's statistics: the batches must be one
+    process's)."""
+    from torch.utils.data import TensorDataset
+
+    from medssl_bench.plugins import build_registry
+    from medssl_bench.probe import encode
+
+    bb_cls = build_registry(autoload=False).get("backbone", "genesis-unet3d")
+    torch.manual_seed(0)
+    encoder = bb_cls(bb_cls.Config(width=0.125)).build_encoder(1)
+    gen = torch.Generator().manual_seed(3)
+    data = Seen(TensorDataset(torch.rand(5, 1, 16, 16, 16, generator=gen), torch.arange(5) % 2))
+    return (*encode(encoder, data, runtime, 8, batch_size=2), data.read)
+
+
 def _worker(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -192,6 +209,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
         result = _train(DistributedRuntime.in_group(torch.device("cpu")), BATCH)
         result["negatives"] = _negatives(rank)
         result["statistics"] = _global_statistics(slice(2 * rank, 2 * rank + 2))
+        result["features"] = _probe_features(DistributedRuntime.in_group(torch.device("cpu")))
         result["genesis"] = _train(DistributedRuntime.in_group(torch.device("cpu")), BATCH,
                                    "genesis-unet3d")
         torch.save(result, Path(out) / f"rank{rank}.pt")
@@ -267,6 +285,17 @@ def test_batch_statistics_are_the_global_batchs(two_ranks):
                                        ranks[1]["exemplar"]["grads"],
                                        one["exemplar"]["grads"], strict=True):
         torch.testing.assert_close((mine + theirs) / 2, reference, **close)
+
+
+def test_probe_features_are_sharded_by_batch_and_gathered_in_case_order(two_ranks):
+    """Every process gets the features of all 5 cases, in order, equal to one process's;
+    each case encoded by one process only, in one process's batches of 2 (3 over 2 ranks)."""
+    features, labels, _ = _probe_features(Runtime.local("cpu"))
+    assert labels.tolist() == [0, 1, 0, 1, 0]
+    for result in two_ranks:
+        torch.testing.assert_close(result["features"][0], features, rtol=1e-4, atol=1e-5)
+        assert result["features"][1].tolist() == labels.tolist()
+    assert [result["features"][2] for result in two_ranks] == [[0, 1, 4], [2, 3]]
 
 
 def test_contrastive_tasks_take_negatives_from_every_rank(two_ranks):

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torch.utils.data import Dataset as TorchDataset
 
 from medssl_bench.engine import pad_to_multiple
@@ -49,15 +49,24 @@ def pool(features: list[Tensor], pooling: str) -> Tensor:
 @torch.no_grad()
 def encode(encoder: Encoder, dataset: TorchDataset, runtime: Runtime, multiple: int,
            pooling: str = "deepest", batch_size: int = 4) -> tuple[Tensor, Tensor]:
-    """Pooled features ``(N, D)`` (float32, CPU) and labels ``(N,)`` of ``dataset``."""
+    """Pooled features ``(N, D)`` (float32, CPU) and labels ``(N,)`` of ``dataset``. Under
+    DDP each process encodes its share of the batches one process would (``Runtime.shard``)
+    and every process gets all of them, in case order."""
     encoder.eval()
+    cases = runtime.shard(len(dataset), batch_size)  # type: ignore[arg-type]
+    source = dataset if runtime.world_size == 1 else Subset(dataset, cases)
     feats, labels = [], []
-    for images, targets in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+    for images, targets in DataLoader(source, batch_size=batch_size, shuffle=False):
         images, _ = pad_to_multiple(runtime.to_device(images), multiple)
         with runtime.autocast():
             out = encoder(images)
         feats.append(pool([f.float() for f in out], pooling).cpu())
         labels.append(torch.as_tensor(targets).reshape(-1).long())
+    if runtime.world_size > 1:
+        parts = [part for part in runtime.gather((cases, feats, labels)) if part[0]]
+        order = torch.tensor([case for part in parts for case in part[0]]).argsort()
+        feats = [torch.cat([torch.cat(part[1]) for part in parts])[order]]
+        labels = [torch.cat([torch.cat(part[2]) for part in parts])[order]]
     return torch.cat(feats), torch.cat(labels)
 
 
