@@ -356,23 +356,26 @@ def _runs(db: Path):
 
 @pytest.mark.slow
 def test_bench_run_nproc_per_node_reports_a_crashed_rank_then_records_each_unit_once(tmp_path):
-    """A crash on rank 1 ends the run with one message naming rank 1 and leaves no run
-    RUNNING (the pretraining rank 0 was in is FAILED with rank 1's error). The rerun: rank 0
-    alone writes, one run per unit, the world size in the configs (part of the key), the
-    cached encoder written once, one process's output."""
-    crashed = _bench_run(tmp_path, env={"MEDSSL_BENCH_TEST_CRASH_RANK": "1"})
+    """A crash on rank 1 in the pretraining's second epoch ends the run with one message
+    naming rank 1 and leaves no run RUNNING (the pretraining rank 0 was in is FAILED with
+    rank 1's error). The rerun resumes it from rank 0's epoch-1 checkpoint (every rank loads
+    it), then: rank 0 alone writes, one run per unit, the world size in the configs (part of
+    the key), the cached encoder written once, one process's output."""
+    crashed = _bench_run(tmp_path, "pretrain.epochs=2",
+                         env={"MEDSSL_BENCH_TEST_CRASH_RANK": "1@2"})
     assert crashed.returncode != 0
     errors = [line for line in crashed.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: rank 1 (of 2) failed: RuntimeError: MEDSSL_BENCH_TEST_CRASH_RANK=1: "
-                      "test crash at the first epoch's end"], crashed.stderr
+    assert errors == ["error: rank 1 (of 2) failed: RuntimeError: MEDSSL_BENCH_TEST_CRASH_RANK"
+                      "=1@2: test crash at epoch end 2"], crashed.stderr
     runs = _runs(tmp_path / "m.db")
     assert "RUNNING" not in {r.info.status for r in runs}
     failed = [r for r in runs if r.info.status == "FAILED"]
     assert [r.info.run_name for r in failed] == ["pretrain rotation3d"]
     assert "rank 1 (of 2) failed" in failed[0].data.tags["error"]
 
-    done = _bench_run(tmp_path)
+    done = _bench_run(tmp_path, "pretrain.epochs=2")
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "Resuming pretrain rotation3d from its epoch-1 checkpoint" in done.stdout
     finished = [r for r in _runs(tmp_path / "m.db") if r.info.status == "FINISHED"]
     assert sorted(r.info.run_name for r in finished) == [
         "pretrain rotation3d", "rotation3d 100% seed 0", "scratch (no pretraining)",

@@ -44,10 +44,12 @@ from medssl_bench.runtime import Runtime
 
 T = TypeVar("T")
 
-#: Test-only hook: the rank named here raises at its first epoch's end, where the others
-#: wait in the all-reduce of the epoch's logs (tests/test_distributed.py checks that the
-#: failure is reported naming that rank and that no run is left RUNNING). Unset in use.
+#: Test-only hook: ``R`` (or ``R@E``) makes rank R raise at the first (E-th) epoch end of
+#: its process, where the others wait in the all-reduce of the epoch's logs
+#: (tests/test_distributed.py checks that the failure is reported naming that rank, that no
+#: run is left RUNNING, and that a rerun resumes from the checkpoint). Unset in use.
 CRASH_RANK_ENV = "MEDSSL_BENCH_TEST_CRASH_RANK"
+_EPOCH_ENDS = [0]  # epoch ends this process has seen (for CRASH_RANK_ENV)
 #: Seconds a collective may wait for the other processes before the run fails (default 30
 #: minutes: rank 0 may be reading a large checkpoint while the others wait for it).
 TIMEOUT_ENV = "MEDSSL_BENCH_DDP_TIMEOUT"
@@ -156,8 +158,11 @@ class DistributedRuntime(Runtime):
         return self.device if self.device.type == "cuda" else torch.device("cpu")
 
     def reduce_sum(self, values: Sequence[float]) -> list[float]:
-        if os.environ.get(CRASH_RANK_ENV) == str(self.rank):
-            raise RuntimeError(f"{CRASH_RANK_ENV}={self.rank}: test crash at the first epoch's end")
+        crash = os.environ.get(CRASH_RANK_ENV, "").split("@")
+        _EPOCH_ENDS[0] += 1
+        if crash[0] == str(self.rank) and _EPOCH_ENDS[0] == int((crash[1:] or ["1"])[0]):
+            raise RuntimeError(f"{CRASH_RANK_ENV}={'@'.join(crash)}: test crash at epoch end "
+                               f"{_EPOCH_ENDS[0]}")
         totals = torch.tensor(list(values), dtype=torch.float64, device=self._comm_device)
         dist.all_reduce(totals)
         return totals.tolist()
