@@ -153,18 +153,15 @@ def test_gathered_negatives_come_from_every_rank(monkeypatch):
     tests/test_distributed.py compares it with one process's.)"""
     import torch.distributed as dist
 
+    from medssl_bench import distributed
+
     remote = torch.randn(4, 5)
-
-    def all_gather(parts, tensor, group=None):
-        parts[0].copy_(tensor)
-        parts[1].copy_(F.normalize(remote, dim=1))
-
     mp = monkeypatch
     mp.setattr(dist, "is_available", lambda: True)
     mp.setattr(dist, "is_initialized", lambda: True)
     mp.setattr(dist, "get_world_size", lambda group=None: 2)
     mp.setattr(dist, "get_rank", lambda group=None: 0)
-    mp.setattr(dist, "all_gather", all_gather)
+    mp.setattr(distributed, "gather_rows", lambda t: torch.cat([t, F.normalize(remote, dim=1)]))
     z = torch.randn(4, 5, requires_grad=True)
     positive = torch.tensor([2, 3, 0, 1])
     loss, _ = nt_xent(z, positive, 0.5, gather=True)

@@ -688,17 +688,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             code = COMMANDS[args.command](args)
+            if "torch.distributed" in sys.modules:  # under DDP: every process, together
+                from medssl_bench import distributed
+
+                distributed.shutdown()  # a peer failing meanwhile fails this one: below
+            return code
         except BaseException as exc:
             import torch.distributed as dist
 
             if isinstance(exc, SystemExit) or not (dist.is_available() and dist.is_initialized()):
                 raise
             return _rank_failed(exc, args.debug)
-        if "torch.distributed" in sys.modules:  # one process of several, all done: together
-            from medssl_bench import distributed
-
-            distributed.shutdown()
-        return code
     except BenchError as exc:
         if args.debug:
             raise

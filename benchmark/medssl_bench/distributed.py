@@ -236,9 +236,10 @@ def peer_failure() -> str | None:
     return _poll_failure()[0]
 
 
-def _poll_failure() -> tuple[str | None, bool]:
-    """(the first failure recorded by any rank or None, whether the store answered)."""
-    store = _key_value_store()
+def _poll_failure(store: Any = None) -> tuple[str | None, bool]:
+    """(the first failure recorded by any rank or None, whether the store answered), from
+    ``store`` (default: the process group's)."""
+    store = _key_value_store() if store is None else store
     try:
         if store is not None and store.check([FAILURE_KEY]):
             return store.get(FAILURE_KEY).decode(), True
@@ -321,12 +322,17 @@ class PeerWatch(threading.Thread):
         self.interval = interval
         self.grace = float(os.environ.get(GRACE_ENV, "10")) if grace is None else grace
         self._stop = threading.Event()
+        # a client of its own: the main thread's may be held for minutes by a blocking get
+        # (NCCL fetching its communicator id at the first collective)
+        self._store = _key_value_store()
+        with contextlib.suppress(Exception):
+            self._store = self._store.clone()
         _WATCHES.append(self)
 
     def run(self) -> None:
         since: float | None = None
         while not self._stop.wait(self.interval):
-            message, reachable = _poll_failure()
+            message, reachable = _poll_failure(self._store)
             if reachable and (message is None or is_own(message)):
                 since = None  # nothing wrong, or this process's own failure: it ends itself
                 continue

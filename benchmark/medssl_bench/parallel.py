@@ -180,6 +180,7 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         ctx.outcomes.clear()
         ctx.force = spec.force
         result = run_unit(ctx, unit, done)
+        _leave_job_group(runtime)  # a peer failing now fails this process too: below
     except RunningElsewhere as exc:  # every process of a DDP job learns it (broadcast)
         ctx.outcomes.append(Outcome(unit.what, "skipped", str(exc), unit.task, unit.stage))
         _leave_job_group(runtime)
@@ -193,7 +194,6 @@ def run_job(spec: JobSpec) -> dict[str, Any]:
         record_failure(ctx, unit, exc)
         return {"status": "failed", "outcomes": [asdict(o) for o in ctx.outcomes],
                 "record": None, "detail": ctx.outcomes[-1].detail}
-    _leave_job_group(runtime)
     elsewhere = [o for o in ctx.outcomes if o.status == "skipped"
                  and o.detail.startswith("running elsewhere")]
     failed = [o for o in ctx.outcomes if o.status == "failed"]
@@ -388,19 +388,18 @@ class SubmititExecutor(Executor):
 def _job_report(job: Any) -> dict[str, Any]:
     """What a job reported: its rank 0's report; for a multi-process job whose rank 0 has
     none (its :class:`~medssl_bench.distributed.PeerWatch` ended it after another rank
-    failed), the failing rank's report, so the failure is recorded with its message instead
-    of retried as a dead worker. Raises when no task reported a failure."""
-    try:
-        return job.results()[0]  # task 0 (rank 0) of a multi-process job
-    except Exception:
-        for task in range(1, getattr(job, "num_tasks", 1)):
-            try:
-                out = job.task(task).result()
-            except Exception:
-                continue
-            if out.get("status") == "failed":
-                return out
-        raise
+    failed), the first failing rank's report, so the failure is recorded with its message
+    instead of retried as a dead worker. Raises when neither exists (the job died)."""
+    reports, error = [], None
+    for task in range(getattr(job, "num_tasks", 1)):
+        try:  # task by task: ``job.results()`` raises when any task has no result
+            reports.append((task, job.task(task).result()))
+        except Exception as exc:
+            error = error or exc
+    for task, report in reports:
+        if task == 0 or report.get("status") == "failed":
+            return report
+    raise error if error is not None else RuntimeError(f"job {job.job_id} reported nothing")
 
 
 @dataclass

@@ -22,6 +22,7 @@ scores whole batches of one process's evaluation, see ``Runtime.shard``), so a l
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import torch
@@ -47,7 +48,19 @@ class SyncedBatchNorm(_BatchNorm):
         y = (input.float() - mean) * torch.rsqrt(var + self.eps)
         if self.affine:
             y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
-        return y.to(input.dtype)
+        return self.after_norm(y.to(input.dtype))
+
+    def after_norm(self, y: Tensor) -> Tensor:
+        """What the layer's own forward does after normalising (nothing for batch norm)."""
+        return y
+
+
+class SyncedBatchNormAct(SyncedBatchNorm):
+    """:class:`SyncedBatchNorm` for timm's ``BatchNormAct2d`` (the norm of its DenseNet and
+    EfficientNet encoders): batch norm, then its ``drop`` and ``act``, as its forward."""
+
+    def after_norm(self, y: Tensor) -> Tensor:
+        return self.act(self.drop(y))
 
 
 def synced(module: nn.Module) -> bool:
@@ -92,18 +105,24 @@ def update_running_stats(module: _BatchNorm, mean: Tensor, var: Tensor, count: T
     """Move ``module``'s running statistics towards a batch's ``mean`` and biased ``var``
     over ``count`` values, as ``nn.BatchNorm`` does: the unbiased variance, momentum (or,
     without one, the cumulative average over ``num_batches_tracked`` batches)."""
-    n = float(count.flatten()[0])
-    unbiased = var.flatten() * n / max(n - 1, 1)
-    momentum = module.momentum
-    if momentum is None:
-        momentum = 1.0 / max(1.0, float(module.num_batches_tracked))
-    module.running_mean.mul_(1 - momentum).add_(mean.flatten().to(module.running_mean.dtype),
-                                                alpha=momentum)
-    module.running_var.mul_(1 - momentum).add_(unbiased.to(module.running_var.dtype),
-                                               alpha=momentum)
+    # tensors only, no host synchronisation (nor a graph break under torch.compile)
+    n = count.flatten()[0].to(var.dtype)
+    unbiased = var.flatten() * n / (n - 1).clamp_min(1)
+    if module.momentum is None:  # the cumulative average
+        momentum: Tensor | float = 1.0 / module.num_batches_tracked.clamp_min(1).to(var.dtype)
+    else:
+        momentum = module.momentum
+    for running, batch in ((module.running_mean, mean.flatten()), (module.running_var, unbiased)):
+        running.copy_(torch.lerp(running, batch.to(running.dtype), momentum))
 
 
 _SYNCED_CLASSES: dict[type, type] = {}
+
+
+def _batch_norm_act() -> type | None:
+    """timm's ``BatchNormAct2d`` when timm is loaded (it is imported lazily)."""
+    layers = sys.modules.get("timm.layers")
+    return getattr(layers, "BatchNormAct2d", None) if layers is not None else None
 
 
 def synchronise(module: nn.Module) -> int:
@@ -112,20 +131,27 @@ def synchronise(module: nn.Module) -> int:
 
     A layer qualifies when its training ``forward`` is plain batch norm: ``nn.BatchNorm1d/
     2d/3d`` and subclasses that declare ``training_forward_is_batch_norm = True`` (Models
-    Genesis' ``ContBatchNorm3d``). Any other batch-norm subclass (one that adds an
-    activation, say) keeps per-process statistics, with a warning naming it."""
+    Genesis' ``ContBatchNorm3d``), or timm's ``BatchNormAct2d`` (batch norm, dropout,
+    activation). ``nn.SyncBatchNorm`` synchronises itself. Any other batch-norm subclass
+    keeps per-process statistics, with a warning naming it."""
     changed, kept = 0, set()
+    norm_act = _batch_norm_act()
     for layer in module.modules():
         cls = type(layer)
-        if not isinstance(layer, _BatchNorm) or isinstance(layer, SyncedBatchNorm):
+        if not isinstance(layer, _BatchNorm) or isinstance(layer, SyncedBatchNorm | nn.SyncBatchNorm):
             continue
-        if cls.forward is not _BatchNorm.forward and not getattr(
+        if norm_act is not None and isinstance(layer, norm_act):
+            mixin: type = SyncedBatchNormAct
+        elif cls.forward is _BatchNorm.forward or getattr(
                 cls, "training_forward_is_batch_norm", False):
+            mixin = SyncedBatchNorm
+        else:
             kept.add(cls.__name__)
             continue
         if cls not in _SYNCED_CLASSES:
-            _SYNCED_CLASSES[cls] = type(f"Synced{cls.__name__}", (SyncedBatchNorm, cls),
-                                        {"__module__": cls.__module__})
+            name = f"Synced{cls.__name__}"
+            _SYNCED_CLASSES[cls] = type(name, (mixin, cls), {"__module__": __name__})
+            globals().setdefault(name, _SYNCED_CLASSES[cls])  # picklable by name
         layer.__class__ = _SYNCED_CLASSES[cls]
         changed += 1
     if kept:

@@ -184,7 +184,8 @@ def pretraining_probe(ctx: RunContext) -> Any:
         return None
     n = len(data.train)
     cases = label_subset(n, min(1.0, cfg.probe_cases / n), 0, data.train_groups)
-    return knn_probe(subset(data.train, cases), data.val, data.info, Runtime.local(ctx.device),
+    return knn_probe(subset(data.train, cases), data.val, data.info,
+                     ctx.runtime or Runtime.local(ctx.device),
                      ctx.plugins["backbone"].size_multiple(),
                      batch_size=ctx.run.configs["finetune"].eval_batch_size)
 
@@ -345,17 +346,27 @@ def probe_features(ctx: RunContext, unit: ProbeUnit, start: Pretrained) -> dict[
     memo = ctx.memo.setdefault("features", {})
     if str(path) in memo:
         return memo[str(path)]
-    if path.exists() and not ctx.force:
+    main = ctx.runtime or Runtime.local(ctx.device)
+
+    def cached() -> dict[str, Tensor] | None:
+        if not path.exists() or ctx.force:
+            return None
         try:
-            memo[str(path)] = load_file(str(path))
-            return memo[str(path)]
+            return load_file(str(path))
         except Exception as exc:  # a damaged cache file is recomputed, never trusted
             ctx.echo(f"[yellow]Ignoring a damaged feature cache[/yellow] {path}: {exc}")
+            return None
+
+    # under DDP rank 0's cache decides for every process (they encode together, or none)
+    found = main.from_main(cached)
+    if found is not None:
+        memo[str(path)] = found
+        return found
     data, cfg, backbone = ctx.data("dataset"), ctx.run.configs["finetune"], ctx.plugins["backbone"]
     with torch.random.fork_rng(devices=[]):  # an encoder not pretrained: a seeded random one
         torch.manual_seed(ctx.run.configs["protocol"].pretrain_seed)
         model = build_downstream(backbone, data.info, start.weights, cfg)
-    runtime = Runtime.local(ctx.device, cfg)
+    runtime = main.configured(cfg)  # under DDP each process encodes its share of the cases
     encoder = runtime.place(model.encoder)
     for p in encoder.parameters():
         p.requires_grad_(False)

@@ -18,7 +18,8 @@ the three ``up_tr*`` modules and, as every backbone's decoder must (``Backbone.b
 its final layer as ``out``: the published ``out_tr.final_conv`` (importing renames that one
 prefix; the sigmoid is left to the loss, which takes logits). The published normalisation,
 ``ContBatchNorm3d``, always normalises with the batch's statistics (training and evaluation
-alike; its running statistics are updated but never used): ``norm: contbatch``, the default.
+alike; its running statistics are updated in training but never used): ``norm: contbatch``,
+the default.
 """
 
 from __future__ import annotations
