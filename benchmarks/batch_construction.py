@@ -25,6 +25,15 @@ which is what any fresh batch over glibc's mmap threshold (32 MB) pays, and why 
 draw their outputs from a pool of reused buffers. Ratios to the reference below that floor
 (e.g. rotation's 10x target: 0.33 ms per sample for 4 rotated copies) are not reachable by
 any implementation that copies; the numbers here are reported as they are.
+
+Launches and host synchronisations: on a GPU, batch construction of small volumes is bound
+by kernel launches, not by arithmetic (genesis3d's ~950 small ops per batch took 2.7 ms per
+64x64x32 volume on an H200, 42 % of its step), and an operation that makes the host wait
+for the device (``.item()``, ``.tolist()``, ``nonzero``, a boolean-mask index) stops the CPU
+from queueing work ahead of the GPU. Both are counted on any device, the CPU included, by
+dispatching one ``make_batch`` through a counting mode: ``kernels`` are the aten operations
+that run a kernel (views are not counted), ``syncs`` those known to wait for the device.
+They are the figures to bring down before measuring on a GPU.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import sys
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from medssl_bench.plugins import build_registry
 
@@ -67,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true",
                         help="print only a JSON mapping task name -> median ms per sample")
+    parser.add_argument("--detail", action="store_true",
+                        help="with --json: every row whole (size, ms, kernels, syncs, ...)")
     return parser.parse_args(argv)
 
 
@@ -102,6 +114,62 @@ def time_task(task, images: torch.Tensor, warmup: int, repeats: int, seed: int) 
                 times.append(time.perf_counter() - start)
             del batch
     return times
+
+
+#: aten operations that wait for the device to finish before they return (a result the host
+#: reads, or an output whose size depends on the data).
+SYNC_OPS = frozenset({
+    "aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+    "aten._unique2.default", "aten.unique_dim.default", "aten.unique_consecutive.default",
+    "aten.repeat_interleave.Tensor",
+})
+
+
+class DispatchCount(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it: ``kernels`` (every operation that is
+    not a view) and ``syncs`` (:data:`SYNC_OPS`, boolean-mask indexing, and ``tolist``/
+    ``numpy``, which dispatch nothing on the CPU and are counted by patching them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels = self.syncs = 0
+        self._patched: list[tuple[str, object]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.kernels += 1
+        if str(func) in SYNC_OPS or (
+                str(func).startswith(("aten.index.", "aten.index_put"))
+                and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                        for i in (args[1] if len(args) > 1 else ()) if i is not None)):
+            self.syncs += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for name in ("tolist", "numpy"):
+            original = getattr(torch.Tensor, name)
+            self._patched.append((name, original))
+
+            def counted(tensor, *a, _original=original, **k):
+                self.syncs += 1
+                return _original(tensor, *a, **k)
+
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._patched:
+            setattr(torch.Tensor, name, original)
+        self._patched.clear()
+        return super().__exit__(*exc)
+
+
+def count_dispatch(task, images: torch.Tensor, seed: int) -> dict[str, int]:
+    """Kernels and host synchronisations of one ``make_batch`` call (see :class:`DispatchCount`)."""
+    generator = torch.Generator(device=images.device).manual_seed(seed)
+    with torch.no_grad(), DispatchCount() as counter:
+        task.make_batch(images, generator)
+    return {"kernels": counter.kernels, "syncs": counter.syncs}
 
 
 def copy_floor(size: int, repeats: int) -> dict[str, float]:
@@ -142,6 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
         try:
             task.check_input(size, args.channels)
             times = time_task(task, images, args.warmup, args.repeats, args.seed)
+            counts = count_dispatch(task, images, args.seed)
         except Exception as error:  # one broken task must not hide the others' numbers
             results[name] = {"size": size, "error": f"{type(error).__name__}: {error}"}
             continue
@@ -151,6 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, dict]:
             "ms_per_sample": statistics.median(per_sample),
             "min_ms_per_sample": min(per_sample),
             "copies": getattr(task, "copies", 1),
+            **counts,
         }
         del images
     return results
@@ -174,12 +244,13 @@ def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
                  f"{floor['reused']:.2f} ms into reused memory, {floor['fresh']:.2f} ms into "
                  f"fresh memory (the floor per output volume)" if floor else ""),
     )
-    for column in ("task", "size", "ms/sample", "min", "ms/copy", "reference", "speed-up"):
+    for column in ("task", "size", "ms/sample", "min", "ms/copy", "reference", "speed-up",
+                   "kernels", "syncs"):
         table.add_column(column, justify="left" if column in ("task", "size") else "right")
     for name, row in results.items():
         size = "x".join(map(str, row["size"]))
         if "error" in row:
-            table.add_row(name, size, f"[red]{row['error']}[/red]", "", "", "", "")
+            table.add_row(name, size, f"[red]{row['error']}[/red]", "", "", "", "", "", "")
             continue
         ref = REFERENCE_MS_PER_SAMPLE.get(name)
         ms = row["ms_per_sample"]
@@ -190,6 +261,7 @@ def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
             f"{ref[0]:g}" if ref else "-",
             (f"{ref[0] / per_copy:.1f}x" + (" per copy" if row["copies"] > 1 else ""))
             if ref and ms > 0 else "-",
+            str(row["kernels"]), str(row["syncs"]),
         )
     Console().print(table)
 
@@ -197,7 +269,9 @@ def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     results = run(args)
-    if args.json:
+    if args.json and args.detail:
+        print(json.dumps(results))
+    elif args.json:
         print(json.dumps({n: r["ms_per_sample"] for n, r in results.items() if "error" not in r}))
     else:
         print_table(results, args)

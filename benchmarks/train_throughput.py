@@ -380,9 +380,13 @@ def _to_format(value: Any, dims: int) -> Any:
     return value
 
 
-def _optimizer(params: list[Tensor], cfg: Any, device: torch.device, fused: bool):
+def _optimizer(params: list[Tensor], cfg: Any, device: torch.device, unfused: bool):
+    """Adam as the engine builds it (fused kernels on CUDA, ``optim.fused_kernels``), or
+    torch's default implementation with ``--unfused`` (to measure what fusing gives)."""
+    from medssl_bench.optim import fused_kernels
+
     unique = list({id(p): p for p in params}.values())
-    kwargs = {"fused": True} if fused and device.type == "cuda" else {}
+    kwargs = {"fused": True} if not unfused and fused_kernels(unique) else {}
     return torch.optim.Adam(unique, lr=cfg.lr, weight_decay=cfg.weight_decay, **kwargs)
 
 
@@ -551,7 +555,7 @@ def pretrain_workload(settings: Settings, name: str) -> Workload:
         info={"row": name, "stage": "pretrain", "backbone": backbone_name, "input": list(size),
               "channels": channels},
         encoder=encoder, compile_targets=targets, roots=[encoder, heads], params=params,
-        optimizer=_optimizer(params, cfg, device, args.fused_adam), grad_clip=cfg.grad_clip,
+        optimizer=_optimizer(params, cfg, device, args.unfused), grad_clip=cfg.grad_clip,
         volumes=cfg.batch_size, fetch=fetch, build=build, loss=loss,
         data_rate=(lambda: source.rate(args.warmup, args.steps)) if source else None,
         cleanup=[source.close] if source else [],
@@ -628,7 +632,7 @@ def finetune_workload(settings: Settings, name: str) -> Workload:
               "classes": info.num_classes, "loss": cfg.loss if info.kind == "segmentation"
               else "ce"},
         encoder=model.encoder, compile_targets=[model], roots=[model], params=params,
-        optimizer=_optimizer(params, cfg, device, args.fused_adam), grad_clip=cfg.grad_clip,
+        optimizer=_optimizer(params, cfg, device, args.unfused), grad_clip=cfg.grad_clip,
         volumes=cfg.batch_size, fetch=fetch,
         build=build if args.channels_last else None, loss=loss,
         data_rate=(lambda: source.rate(args.warmup, args.steps)) if source else None,
@@ -832,7 +836,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "for minutes per row)")
     p.add_argument("--channels-last", action="store_true",
                    help="channels_last(_3d) memory format for the network and its inputs")
-    p.add_argument("--fused-adam", action="store_true", help="Adam(fused=True) on CUDA")
+    p.add_argument("--unfused", action="store_true",
+                   help="torch's default Adam instead of the engine's fused kernels on CUDA")
     p.add_argument("--loss-sync", choices=["step", "none"], default="step",
                    help="step: read the loss on the host every step as the 0.1 loop does "
                         "(default); none: no host synchronisation inside a step")
@@ -911,7 +916,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "preset": args.preset, "protocol": args.protocol, "overrides": args.overrides,
             "warmup": args.warmup, "steps": args.steps, "compile": args.compile,
             "compile_mode": args.compile_mode, "channels_last": args.channels_last,
-            "fused_adam": args.fused_adam, "loss_sync": args.loss_sync, "size": args.size,
+            "unfused": args.unfused, "loss_sync": args.loss_sync, "size": args.size,
             "peak_tflops": args.peak, "peak_source": peak_source, "data": args.data,
             "flops": "analytic: 2 x MACs of conv/matmul/RNN in one forward pass; "
                      "training = 3 x forward",

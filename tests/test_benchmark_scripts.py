@@ -37,6 +37,33 @@ def test_batch_construction_json_covers_every_task(capsys):
     assert set(bench.REFERENCE_MS_PER_SAMPLE) <= expected
 
 
+def test_dispatch_count_tells_kernels_from_views_and_counts_host_syncs():
+    """The launch and sync figures of batch_construction.py: a known sequence of operations
+    gives known counts (and tolist is unpatched afterwards)."""
+    bench = _load("batch_construction")
+    x = torch.arange(6.0)
+    with bench.DispatchCount() as counter:
+        y = (x * 2).view(2, 3)[0]  # one kernel, two views
+        y.sum().item()  # a kernel and a sync
+        x[x > 2]  # a kernel (gt) and a boolean-mask index: a kernel that syncs
+        (x > 4).nonzero()  # two kernels, one sync
+        x.tolist()  # no dispatch on the CPU, but a sync on a device
+    assert (counter.kernels, counter.syncs) == (7, 4)
+    assert torch.Tensor.tolist is _TOLIST
+
+
+_TOLIST = torch.Tensor.tolist
+
+
+def test_batch_construction_detail_counts_every_task(capsys):
+    bench = _load("batch_construction")
+    code = bench.main(["--size", "16", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
+                       "--tasks", "genesis3d,rpl3d", "--json", "--detail"])
+    rows = json.loads(capsys.readouterr().out)
+    assert code == 0 and set(rows) == {"genesis3d", "rpl3d"}
+    assert all(row["kernels"] > 0 and row["syncs"] >= 0 for row in rows.values())
+
+
 def test_train_throughput_json_covers_every_task_and_backbone(capsys):
     bench = _load("train_throughput")
     registry = build_registry()

@@ -342,3 +342,19 @@ def test_3d_weights_are_channels_last_on_the_cpu_only_and_train_the_same():
         losses[name] = loss.item()
     # float32 sums in another order: equal to ~1e-6 relative after three Adam steps
     assert losses["fast"] == pytest.approx(losses["plain"], rel=1e-4)
+
+
+def test_optimizer_kernels_fused_on_cuda_only():
+    """CPU steps keep torch's default implementation (the regression sweep's results);
+    CUDA parameters get the fused kernels (one launch per step)."""
+    cpu = list(nn.Linear(2, 2).parameters())
+    for name in ("adam", "adamw", "sgd"):
+        opt = build_optimizer(cpu, FinetuneConfig(optimizer=name, lr=0.01))
+        assert not opt.defaults.get("fused")
+    if torch.cuda.is_available():
+        gpu = list(nn.Linear(2, 2).cuda().parameters())
+        for name in ("adam", "adamw", "sgd"):
+            assert build_optimizer(gpu, FinetuneConfig(optimizer=name, lr=0.01)).defaults["fused"]
+    from medssl_bench.optim import fused_kernels
+    assert not fused_kernels([])
+    assert not fused_kernels(cpu)

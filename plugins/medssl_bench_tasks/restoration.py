@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -45,7 +46,13 @@ def dirichlet3(batch: int, concentration: int, generator, device) -> Tensor:
     i.e. its random aspect ratio. torch's Gamma sampler takes no generator, so the shape is
     an integer and Gamma(k) is drawn as a sum of k exponentials."""
     k = max(1, int(concentration))
-    e = -torch.log1p(-rand((batch, 3, k), generator, device)).sum(-1)
+    return dirichlet_weights(rand((batch, 3, k), generator, device))
+
+
+def dirichlet_weights(uniform: Tensor) -> Tensor:
+    """Dirichlet weights over the second-to-last axis from ``(..., 3, k)`` U[0, 1) draws:
+    Gamma(k) variables as sums of k exponentials, normalised (see :func:`dirichlet3`)."""
+    e = -torch.log1p(-uniform).sum(-1)
     return e / e.sum(-1, keepdim=True)
 
 
@@ -92,13 +99,12 @@ def bezier_table(
     monotone; cummax guards against rounding, and the ends are pinned to 0 and 1.
     """
     batch, device = control.shape[0], control.device
-    t = torch.linspace(0.0, 1.0, curve_points, device=device)
-    basis = torch.stack([3 * (1 - t) ** 2 * t, 3 * (1 - t) * t**2, t**3])  # (3, M)
+    basis = _bezier_basis(curve_points, str(device))  # (3, M)
     pts = torch.cat([control, torch.ones(batch, 1, 2, device=device)], 1)  # (B, 3, 2)
     xs = torch.einsum("bkd,km->bdm", pts, basis)  # (B, 2, M)
     cx = xs[:, 0].cummax(1).values.contiguous()
     cy = xs[:, 1].cummax(1).values.contiguous()
-    grid = torch.linspace(0.0, 1.0, table_size, device=device).expand(batch, -1).contiguous()
+    grid = _unit_grid(table_size, str(device)).expand(batch, -1).contiguous()
     hi = torch.searchsorted(cx, grid).clamp(1, curve_points - 1)
     x0, x1 = cx.gather(1, hi - 1), cx.gather(1, hi)
     w = ((grid - x0) / (x1 - x0).clamp_min(1e-12)).clamp(0, 1)
@@ -108,6 +114,20 @@ def bezier_table(
     table[:, 0] = torch.where(decreasing, 1.0, 0.0)
     table[:, -1] = torch.where(decreasing, 0.0, 1.0)
     return table
+
+
+@functools.lru_cache(maxsize=16)
+def _bezier_basis(curve_points: int, device: str) -> Tensor:
+    """``(3, M)`` weights of P1, P2, P3 in a cubic Bezier curve at ``M`` uniform parameters
+    (P0 = 0 adds nothing); made once (never written to)."""
+    t = torch.linspace(0.0, 1.0, curve_points, device=device)
+    return torch.stack([3 * (1 - t) ** 2 * t, 3 * (1 - t) * t**2, t**3])
+
+
+@functools.lru_cache(maxsize=16)
+def _unit_grid(size: int, device: str) -> Tensor:
+    """``linspace(0, 1, size)`` on ``device``, made once (never written to)."""
+    return torch.linspace(0.0, 1.0, size, device=device)
 
 
 def interp_uniform(values: Tensor, table: Tensor) -> Tensor:
@@ -140,7 +160,7 @@ def nonlinear_intensity(
     decreasing = rand((batch,), generator, device) < decreasing_rate
     table = bezier_table(control, decreasing, curve_points, table_size)
     if active is not None:
-        identity = torch.linspace(0.0, 1.0, table_size, device=device)
+        identity = _unit_grid(table_size, str(device))
         table = torch.where(active[:, None], table, identity)
     return interp_uniform(volumes.float(), table).to(volumes.dtype), control, decreasing
 
@@ -171,7 +191,7 @@ def _masked_permutation(lengths: Tensor, capacity: int, generator) -> Tensor:
     """``(*lengths.shape, capacity)``: entries ``[:length]`` are a random permutation of
     ``0..length-1`` (argsort of random keys, keys past the length pushed to the end)."""
     keys = rand((*lengths.shape, capacity), generator, lengths.device)
-    pos = torch.arange(capacity, device=lengths.device)
+    pos = _arange(capacity, str(lengths.device))
     keys = keys + (pos >= lengths[..., None]).float() * 2
     return keys.argsort(-1)
 
@@ -195,23 +215,15 @@ def local_shuffle_round(
     """
     batch, channels, *spatial = volumes.shape
     device = volumes.device
-    cap = torch.tensor(max_sides, device=device)
+    cap = _constant(tuple(max_sides), str(device))
     offsets = (rand((3,), generator, device) * cap).long().minimum(cap - 1).tolist()
     counts = [-(-(s + o) // c) for s, c, o in zip(spatial, max_sides, offsets, strict=True)]
     kd, kh, kw = counts
     n_cells = kd * kh * kw
     padded = [k * c for k, c in zip(counts, max_sides, strict=True)]
-    # Valid part of each cell inside the block (the first and last cells are clipped).
-    lows, lengths = [], []
-    for s, c, o, k in zip(spatial, max_sides, offsets, counts, strict=True):
-        first = torch.arange(k, device=device) * c
-        low = (o - first).clamp(0, c)
-        lows.append(low)
-        lengths.append((o + s - first).clamp(max=c) - low)
+    layout = _cell_layout(tuple(spatial), tuple(max_sides), tuple(offsets), str(device))
+    low, length = layout.low, layout.length
     shape = (batch, kd, kh, kw)
-    grid = torch.meshgrid(*[torch.arange(k, device=device) for k in counts], indexing="ij")
-    low = torch.stack([lows[a][grid[a]] for a in range(3)], -1)  # (KD, KH, KW, 3)
-    length = torch.stack([lengths[a][grid[a]] for a in range(3)], -1)
     sides = 1 + (rand((*shape, 3), generator, device) * cap).long().minimum(cap - 1)
     sides = torch.minimum(sides, length)
     room = length - sides
@@ -234,13 +246,13 @@ def local_shuffle_round(
     strides = (spatial[1] * spatial[2], spatial[2], 1)
     tables = []
     view = [(1, kd, 1, 1, -1), (1, 1, kh, 1, -1), (1, 1, 1, kw, -1)]
-    for a, (c, o, k) in enumerate(zip(max_sides, offsets, counts, strict=True)):
-        p = torch.arange(c, device=device)
+    for a, c in enumerate(max_sides):
+        p = layout.positions[a]
         rel = p - start[..., a:a + 1]
         inside = (rel >= 0) & (rel < sides[..., a:a + 1])
         if a == 0:
             inside &= chosen[..., None]
-        own = (torch.arange(k * c, device=device) - o).view(view[a]) * strides[a]
+        own = layout.own[a].view(view[a]) * strides[a]
         if separable:
             perm = _masked_permutation(sides[..., a], c, generator)
             move = (start[..., a:a + 1] + perm.gather(-1, rel.clamp(0, c - 1)) - p) * strides[a]
@@ -248,7 +260,7 @@ def local_shuffle_round(
         else:
             own = own.expand(inside.shape)
         if a == 2:  # the sample's offset in the flat batch
-            own = own + (torch.arange(batch, device=device) * numel // batch).view(-1, 1, 1, 1, 1)
+            own = own + (_arange(batch, str(device)) * (numel // batch)).view(-1, 1, 1, 1, 1)
         tables.append(_to_axis(torch.where(inside, own, neg).to(dtype), a, max_sides[2]))
     summed = torch.empty(torch.broadcast_shapes(*[t.shape for t in tables]), dtype=dtype,
                          device=device)
@@ -275,6 +287,53 @@ def local_shuffle_round(
     cell = cell.expand(batch, kd, max_sides[0], kh, max_sides[1], padded[2])
     ids = cell.reshape(batch, *padded)[(slice(None), *crop)]
     return out, torch.where(source < 0, torch.full((), -1, device=device), ids)
+
+
+class _CellLayout(NamedTuple):
+    """What a shuffling round's grid of cells is, given the volume, the cell sides and the
+    round's offsets: each cell's valid part (``low``, ``length``: ``(KD, KH, KW, 3)``; the
+    first and last cells are clipped), and per axis the positions inside a cell
+    (``arange(c)``) and each padded position's own coordinate (``arange(K * c) - offset``)."""
+
+    low: Tensor
+    length: Tensor
+    positions: tuple[Tensor, ...]
+    own: tuple[Tensor, ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def _cell_layout(spatial: tuple[int, ...], max_sides: tuple[int, ...], offsets: tuple[int, ...],
+                 device: str) -> _CellLayout:
+    """The :class:`_CellLayout` of a round (cached: a handful of offsets per volume size, and
+    on a GPU each of these small tensors would cost kernel launches every batch; never
+    written to)."""
+    counts = [-(-(s + o) // c) for s, c, o in zip(spatial, max_sides, offsets, strict=True)]
+    lows, lengths = [], []
+    for s, c, o, k in zip(spatial, max_sides, offsets, counts, strict=True):
+        first = torch.arange(k, device=device) * c
+        low = (o - first).clamp(0, c)
+        lows.append(low)
+        lengths.append((o + s - first).clamp(max=c) - low)
+    grid = torch.meshgrid(*[torch.arange(k, device=device) for k in counts], indexing="ij")
+    return _CellLayout(
+        low=torch.stack([lows[a][grid[a]] for a in range(3)], -1),
+        length=torch.stack([lengths[a][grid[a]] for a in range(3)], -1),
+        positions=tuple(torch.arange(c, device=device) for c in max_sides),
+        own=tuple(torch.arange(k * c, device=device) - o
+                  for c, o, k in zip(max_sides, offsets, counts, strict=True)),
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int, device: str) -> Tensor:
+    """``torch.arange(n)`` on ``device``, made once (never written to)."""
+    return torch.arange(n, device=device)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: str) -> Tensor:
+    """``torch.tensor(values)`` on ``device``, made once (never written to)."""
+    return torch.tensor(values, device=device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -408,25 +467,37 @@ def paper_cutout_boxes(
     volume inside ``window_fraction``: the first box alone covers a fraction in the range,
     and each further box is kept only while the boxes' summed volume stays under the upper
     bound (the union never exceeds the sum). Returns starts, sides ``(B, K, 3)`` and used
-    flags ``(B, K)``."""
+    flags ``(B, K)``.
+
+    The further boxes' random numbers are drawn box by box (the order of the generator's
+    stream, which results depend on), their sides computed for all boxes at once, and only
+    the budget (a running sum) is kept box by box: on a GPU every small operation is a kernel
+    launch, and this function was most of genesis3d's batch construction."""
     low, high = window_fraction
     total = math.prod(spatial)
     dims = torch.tensor(spatial, device=device, dtype=torch.float32)
     first = boxes_with_volume(batch, spatial, low, high, generator, device)
     count = 1 + (rand((batch,), generator, device) * max_windows).long().clamp(max=max_windows - 1)
-    sides, used = [first], [torch.ones(batch, dtype=torch.bool, device=device)]
-    budget = high * total - first.prod(-1).double()
-    for k in range(1, max_windows):
-        target = rand((batch, 1), generator, device) * (high - low)
-        weights = dirichlet3(batch, 1, generator, device)
-        side = torch.minimum((dims * target.pow(weights)).round().long().clamp_min(1), dims.long())
+    sides, used = [first[:, None]], [torch.ones(batch, 1, dtype=torch.bool, device=device)]
+    if max_windows > 1:
+        draws = [(rand((batch, 1), generator, device), rand((batch, 3, 1), generator, device))
+                 for _ in range(1, max_windows)]
+        target = torch.stack([t for t, _ in draws], 1) * (high - low)  # (B, K-1, 1)
+        weights = dirichlet_weights(torch.stack([u for _, u in draws], 1))  # (B, K-1, 3)
+        side = torch.minimum((dims * target.pow(weights)).round().long().clamp_min(1),
+                             dims.long())
         volume = side.prod(-1).double()
-        keep = (k < count) & (volume <= budget)
-        budget = budget - torch.where(keep, volume, torch.zeros_like(volume))
+        allowed = torch.arange(1, max_windows, device=device) < count[:, None]
+        budget = high * total - first.prod(-1).double()
+        keeps = []
+        for k in range(max_windows - 1):
+            keep = allowed[:, k] & (volume[:, k] <= budget)
+            budget = torch.where(keep, budget - volume[:, k], budget)
+            keeps.append(keep)
         sides.append(side)
-        used.append(keep)
-    sides_t = torch.stack(sides, 1)
-    return place(sides_t, spatial, 0, generator), sides_t, torch.stack(used, 1)
+        used.append(torch.stack(keeps, 1))
+    sides_t = torch.cat(sides, 1)
+    return place(sides_t, spatial, 0, generator), sides_t, torch.cat(used, 1)
 
 
 def code_cutout_boxes(
