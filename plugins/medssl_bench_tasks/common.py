@@ -56,8 +56,9 @@ def gather_with_grad(z: Tensor) -> tuple[Tensor, int]:
     this rank's rows. The gather is differentiable both ways
     (:func:`medssl_bench.distributed.gather_rows`): the gradient a rank's loss sends into
     another rank's rows goes back to that rank, so after DDP averages the gradients, N
-    processes step exactly as one process at the global batch would (keeping only the local rows' gradient, as many SimCLR ports do, loses every
-    "other rank's anchor -> my key" term: ~12 % of the gradient at 2 ranks, measured).
+    processes step exactly as one process at the global batch would (keeping only the local
+    rows' gradient, as many SimCLR ports do, loses every "other rank's anchor -> my key"
+    term: ~12 % of the gradient at 2 ranks, measured).
     Without an initialised process group (or with one rank) ``z`` itself and 0. Every
     rank's rows must have the same shape."""
     rank, world = process_group()
