@@ -395,17 +395,18 @@ def _takes_encoder(module: nn.Module) -> bool:
 
 
 class DataSource:
-    """A run's DataLoader over a real dataset split (the engine's EpochLoader settings)."""
+    """A run's loader over a real dataset split (the engine's EpochLoader settings: its
+    DataLoader, or the cases held on the device as the config's ``data_placement`` says;
+    ``--set pretrain.data_placement=loader`` measures the DataLoader on a GPU)."""
 
     def __init__(self, dataset: Any, batch_size: int, batches: int, num_workers: int,
                  device: torch.device, seed: int,
-                 transform: Callable[[Any], Any]) -> None:
-        try:
-            from medssl_bench.engine import EpochLoader
-        except ImportError:  # moved to the runtime by the loop restructuring
-            from medssl_bench.runtime import EpochLoader  # type: ignore[no-redef]
+                 transform: Callable[[Any], Any], data_placement: str = "loader") -> None:
+        from medssl_bench.runtime import EpochLoader, stack_on_device
+
         self.loaders = EpochLoader(dataset, batch_size, batches, num_workers,
-                                   device.type == "cuda")
+                                   device.type == "cuda",
+                                   resident=stack_on_device(dataset, device, data_placement))
         self.batch_size, self.batches, self.seed = batch_size, batches, seed
         self.transform, self.device = transform, device
         self.num_workers = num_workers
@@ -532,7 +533,8 @@ def pretrain_workload(settings: Settings, name: str) -> Workload:
     if settings.data is not None:
         source = DataSource(settings.data.unlabeled, cfg.batch_size,
                             args.warmup + args.steps + 2, cfg.num_workers, device, args.seed,
-                            lambda images: images.to(device, non_blocking=True))
+                            lambda images: images.to(device, non_blocking=True),
+                            cfg.data_placement)
         fetch = source.next
     else:
         images = torch.rand((cfg.batch_size, channels, *size), device=device,
@@ -585,7 +587,7 @@ def finetune_workload(settings: Settings, name: str) -> Workload:
             return (images.to(device, non_blocking=True), targets.to(device, non_blocking=True))
 
         source = DataSource(settings.data.train, cfg.batch_size, args.warmup + args.steps + 2,
-                            cfg.num_workers, device, args.seed, transform)
+                            cfg.num_workers, device, args.seed, transform, cfg.data_placement)
         fetch = source.next
     else:
         # --size is raised to the backbone's smallest input (Swin UNETR, ResEnc-L: 64)

@@ -69,6 +69,13 @@ class TrainingConfig(PluginConfig):
                             "process, so the global batch is world_size x batch_size (x "
                             "grad_accumulation). Part of the run key above 1, since it "
                             "changes the result.")
+    data_placement: Literal["auto", "device", "loader"] = Field(
+        default="auto", json_schema_extra=NEUTRAL,
+        description="Where training batches come from. device: the training cases stacked "
+        "once on the device and every batch drawn there by index (no DataLoader, no "
+        "host-to-device copy per step); loader: the DataLoader (num_workers); auto: device "
+        "on CUDA when the cases take at most a quarter of the free GPU memory, else loader. "
+        "The same batches in the same order either way.")
 
 
 class PretrainConfig(TrainingConfig):

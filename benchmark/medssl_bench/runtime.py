@@ -5,7 +5,8 @@ asks a :class:`Runtime` to place tensors and modules, for the autocast context o
 pass, how many micro-batches make one optimizer step, to wrap the trained module, and to
 combine values across processes. Today's runtime is one process on one device:
 
-- placement: ``device`` (CPU or one CUDA GPU), pinned host memory for CUDA;
+- placement: ``device`` (CPU or one CUDA GPU), pinned host memory for CUDA, the training
+  cases held on the device when they fit (``data_placement``);
 - precision: bf16 autocast on CUDA when ``amp`` (as 0.1), fp32 on the CPU;
 - ``compile``: ``torch.compile`` of the modules the engine hands to :meth:`compiled`
   (off by default);
@@ -30,13 +31,15 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, RandomSampler, Sampler
+from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.data import DataLoader, RandomSampler, Sampler, default_collate
 from torch.utils.data import Dataset as TorchDataset
 
 from medssl_bench.device import make_generator, worker_init
@@ -76,31 +79,94 @@ class ShardedBatches(Sampler[list[int]]):
             yield chunk[self.rank * share:(self.rank + 1) * share]
 
 
+class DeviceBatches:
+    """Batches drawn by index from cases stacked once on the device (``data``: what
+    ``default_collate`` makes of all of them), in ``batch_sampler``'s order: what a DataLoader
+    over the same sampler yields, without worker processes, per-step collation or
+    host-to-device copies. The epoch's indices go to the device in one asynchronous copy, so
+    a step never waits for the host."""
+
+    def __init__(self, data: Any, batch_sampler: Sampler[list[int]]) -> None:
+        self.data, self.batch_sampler = data, batch_sampler
+        self.device = tree_leaves(data)[0].device
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = list(self.batch_sampler)
+        flat = torch.tensor([i for batch in batches for i in batch], dtype=torch.long)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(self.device, non_blocking=True)
+        start = 0
+        for batch in batches:
+            index = flat[start:start + len(batch)]
+            start += len(batch)
+            yield tree_map(lambda t, i=index: t.index_select(0, i), self.data)
+
+
 class EpochLoader:
-    """One DataLoader for a whole training run, reseeded every epoch.
+    """One loader for a whole training run, reseeded every epoch.
 
     Building a loader per epoch would re-fork its workers (and drop whatever they cached);
     reseeding the sampler's generator instead keeps workers alive while epoch ``e`` still
     draws the same batches whatever ran before it (which resuming relies on). With ``world``
     processes the draws are those of one process at batch ``world * batch_size``, and this
-    process (``rank``) reads its share of each batch (:class:`ShardedBatches`).
+    process (``rank``) reads its share of each batch (:class:`ShardedBatches`). With
+    ``resident`` (the cases stacked on the device) the batches are :class:`DeviceBatches` of
+    the same draws instead of a DataLoader's.
     """
 
     def __init__(self, dataset: TorchDataset, batch_size: int, iterations: int | None,
-                 num_workers: int, pin_memory: bool, rank: int = 0, world: int = 1) -> None:
+                 num_workers: int, pin_memory: bool, rank: int = 0, world: int = 1,
+                 resident: Any = None) -> None:
         self.generator = torch.Generator()
         count = None if iterations is None else iterations * batch_size * world
         sampler = RandomSampler(dataset, replacement=iterations is not None, num_samples=count,
                                 generator=self.generator)
-        self.loader = DataLoader(
-            dataset, batch_sampler=ShardedBatches(sampler, batch_size, rank, world),
-            num_workers=num_workers, worker_init_fn=worker_init, pin_memory=pin_memory,
-            persistent_workers=num_workers > 0,
-        )
+        batches = ShardedBatches(sampler, batch_size, rank, world)
+        self.loader: DataLoader | DeviceBatches
+        if resident is not None:
+            self.loader = DeviceBatches(resident, batches)
+        else:
+            self.loader = DataLoader(
+                dataset, batch_sampler=batches, num_workers=num_workers,
+                worker_init_fn=worker_init, pin_memory=pin_memory,
+                persistent_workers=num_workers > 0,
+            )
 
-    def epoch(self, seed: int) -> DataLoader:
+    def epoch(self, seed: int) -> DataLoader | DeviceBatches:
         self.generator.manual_seed(seed)
         return self.loader
+
+
+def stack_on_device(dataset: TorchDataset, device: torch.device, placement: str) -> Any:
+    """Every case of ``dataset`` collated into one batch on ``device`` (see
+    ``TrainingConfig.data_placement``), or None where the DataLoader serves instead:
+    ``loader``; ``auto`` off CUDA or when the cases would take more than a quarter of the
+    free GPU memory; cases whose shapes differ (they cannot be stacked; with ``device`` a
+    warning says so)."""
+    if placement == "loader" or (placement == "auto" and device.type != "cuda"):
+        return None
+    count = len(dataset)  # type: ignore[arg-type]
+    if count == 0:
+        return None
+    first = dataset[0]
+    if placement == "auto":
+        need = sum(t.numel() * t.element_size() for t in tree_leaves(default_collate([first]))
+                   if isinstance(t, Tensor)) * count
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > free // 4:
+            return None
+    try:
+        stacked = default_collate([first, *(dataset[i] for i in range(1, count))])
+    except RuntimeError as error:  # cases of different shapes
+        if placement == "device":
+            warnings.warn(f"data_placement=device: the training cases cannot be stacked "
+                          f"({error}); the DataLoader serves them", stacklevel=2)
+        return None
+    return tree_map(lambda t: t.to(device) if isinstance(t, Tensor) else t, stacked)
 
 
 @dataclass(frozen=True)
@@ -122,6 +188,8 @@ class Runtime:
     #: are on CUDA), ``channels_last`` or ``contiguous``. Results differ only in the last
     #: bits (the convolutions sum in another order).
     memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
+    #: Training cases stacked on the device (``TrainingConfig.data_placement``).
+    data_placement: Literal["auto", "device", "loader"] = "auto"
 
     @classmethod
     def local(cls, device: torch.device | str, cfg: Any = None) -> Runtime:
@@ -131,9 +199,11 @@ class Runtime:
         return runtime.configured(cfg) if cfg is not None else runtime
 
     def configured(self, cfg: Any) -> Runtime:
-        """This runtime with a training config's precision, compile and accumulation."""
+        """This runtime with a training config's precision, compile, accumulation and data
+        placement."""
         return replace(self, amp=bool(cfg.amp), compile=bool(cfg.compile),
-                       grad_accumulation=int(cfg.grad_accumulation))
+                       grad_accumulation=int(cfg.grad_accumulation),
+                       data_placement=cfg.data_placement)
 
     # ------------------------------------------------------------------ placement
     @property
@@ -174,9 +244,11 @@ class Runtime:
 
     def loader(self, dataset: TorchDataset, batch_size: int, iterations: int | None,
                num_workers: int) -> EpochLoader:
-        """The batches of a training (DDP: this process's share of each global batch)."""
+        """The batches of a training (DDP: this process's share of each global batch), from
+        cases held on the device where ``data_placement`` says so."""
         return EpochLoader(dataset, batch_size, iterations, num_workers, self.pin_memory,
-                           self.rank, self.world_size)
+                           self.rank, self.world_size,
+                           stack_on_device(dataset, self.device, self.data_placement))
 
     @property
     def nan_check_every_step(self) -> bool:
