@@ -43,3 +43,18 @@ def test_features_are_each_level_before_pooling():
     features = encoder(torch.rand(1, 1, 16, 16, 16))
     assert [tuple(f.shape[1:]) for f in features] == [
         (8, 16, 16, 16), (16, 8, 8, 8), (32, 4, 4, 4), (64, 2, 2, 2)]
+
+
+def test_contbatch_running_statistics_follow_batch_norm_with_any_momentum():
+    """In training ContBatchNorm3d is batch norm: the same output and running statistics as
+    ``nn.BatchNorm3d``, with a momentum or (momentum=None) the cumulative average."""
+    from medssl_bench_backbones.genesis_unet3d import ContBatchNorm3d
+
+    for momentum in (0.1, None):
+        cont, plain = ContBatchNorm3d(3, momentum=momentum), torch.nn.BatchNorm3d(3, momentum=momentum)
+        for step in range(3):
+            x = torch.randn(2, 3, 4, 4, 4, generator=torch.Generator().manual_seed(step)) + step
+            torch.testing.assert_close(cont(x), plain(x))
+        torch.testing.assert_close(cont.running_mean, plain.running_mean)
+        torch.testing.assert_close(cont.running_var, plain.running_var)
+        assert int(cont.num_batches_tracked) == int(plain.num_batches_tracked) == 3

@@ -63,11 +63,14 @@ class ContBatchNorm3d(nn.BatchNorm3d):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         track = self.training and self.track_running_stats
+        momentum = 0.0 if self.momentum is None else self.momentum
         if track:  # counted as nn.BatchNorm3d counts
             self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # nn.BatchNorm3d's cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
         return F.batch_norm(input, self.running_mean if track else None,
                             self.running_var if track else None, self.weight, self.bias,
-                            True, self.momentum, self.eps)
+                            True, momentum, self.eps)
 
 
 def _activation(kind: str, channels: int) -> nn.Module:
