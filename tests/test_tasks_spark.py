@@ -195,3 +195,31 @@ def test_scales_coarser_than_the_mask_grid_are_visible_where_any_patch_is():
     assert coarse[0, 0, 0] and not coarse[1, 1, 1] and coarse.sum() == 1
     fine = expand_to(mask, (8, 8, 8))[0, 0]
     assert torch.equal(fine[::2, ::2, ::2], mask[0]) and fine.sum() == 8 * mask.sum()
+
+
+def test_under_ddp_each_batch_norm_gathers_once_per_step(monkeypatch):
+    """With batch norm synchronised across processes (simulated: 2 ranks holding the same
+    batch), each layer gathers its masked statistics once; the dense pass whose output SparK
+    replaces does not gather too. Identical ranks leave the loss unchanged."""
+    from medssl_bench import distributed
+    from medssl_bench.sync_norm import synchronise
+
+    task = SparK3D(SparK3D.Config(mask_patch_size=4))
+    backbone = _backbone((4, 8), "batch")
+    torch.manual_seed(0)
+    encoder = backbone.build_encoder(1)
+    heads = task.build_heads(backbone, encoder)
+    batch = task.make_batch(torch.rand(2, 1, 16, 16, 16, generator=_gen(20)), _gen(21))
+    alone, _ = task.compute_loss(copy.deepcopy(encoder), copy.deepcopy(heads), batch)
+    layers = synchronise(encoder) + synchronise(heads)
+    assert layers > 0
+    gathers = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(distributed, "gather_rows",
+                        lambda t: gathers.append(t.shape) or torch.cat([t, t]))
+    loss, _ = task.compute_loss(encoder, heads, batch)
+    # one gather per synchronised layer: the encoder's for their masked statistics, the
+    # decoder's for their (dense) own; before, the encoder's dense pass gathered as well
+    assert len(gathers) == layers
+    torch.testing.assert_close(loss, alone)

@@ -35,8 +35,14 @@ class SyncedBatchNorm(_BatchNorm):
     """Mixin put in front of a batch-norm layer's own class by :func:`synchronise`: in
     training, the global batch's statistics; in evaluation, the layer's own ``forward``."""
 
+    #: Set (by a forward pre-hook) when a forward hook will replace this call's output with
+    #: a normalisation of its own (SparK's masked batch norm, which gathers the statistics
+    #: it needs itself): the call then takes this process's statistics, sparing a collective
+    #: whose result would be thrown away. Cleared by the hook that replaces the output.
+    output_replaced: bool = False
+
     def forward(self, input: Tensor) -> Tensor:
-        if not self.training:
+        if not self.training or self.output_replaced:
             return super().forward(input)
         self._check_input_dim(input)
         dims = (0, *range(2, input.dim()))

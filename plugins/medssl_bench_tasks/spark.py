@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from medssl_bench.config import PluginConfig
 from medssl_bench.errors import ConfigError
 from medssl_bench.interfaces import Backbone, Encoder
+from medssl_bench.sync_norm import SyncedBatchNorm
 from medssl_bench_tasks.masking import (
     SUPPORTED_NORMS,
     PatchMaskingTask,
@@ -149,14 +150,20 @@ def sparsify(encoder: Encoder, state: SparseMask) -> list:
         return out * state.active(tuple(out.shape[2:])).to(out.dtype)
 
     def stash(module, args):
-        if state.mask is not None and getattr(module, "running_mean", None) is not None:
+        if state.mask is None:
+            return
+        if getattr(module, "running_mean", None) is not None:
             module._spark_stash = (module.running_mean.clone(), module.running_var.clone())
+        if isinstance(module, SyncedBatchNorm):  # DDP: no all-gather for the dense output
+            module.output_replaced = True
 
     def renormalise(module, args, out):
         if state.mask is None:
             return None
         stashed = getattr(module, "_spark_stash", None)
         module._spark_stash = None
+        if isinstance(module, SyncedBatchNorm):
+            module.output_replaced = False
         return masked_norm(module, args[0], state.active(tuple(out.shape[2:])), stashed)
 
     handles = [encoder.register_forward_pre_hook(zero_input)]
