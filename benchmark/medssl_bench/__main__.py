@@ -3,7 +3,7 @@ process of a distributed run (``torchrun --nproc-per-node N -m medssl_bench run 
 
 import sys
 
-from medssl_bench.cli import main
+from medssl_bench.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

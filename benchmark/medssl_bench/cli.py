@@ -712,5 +712,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def entry() -> int:
+    """The ``bench`` command's entry (console scripts, ``python -m medssl_bench``): :func:`main`,
+    then SIGINT and SIGTERM ignored while the process exits. An interrupt still pending when
+    ``main`` has decided its exit code (a deferred one is delivered at the next bytecode)
+    would otherwise turn exit 130 into a death by SIGINT (seen once in CI)."""
+    try:
+        code = main()
+    except KeyboardInterrupt:  # landed after main's own handler
+        code = 130
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())
